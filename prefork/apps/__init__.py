@@ -1,0 +1,1 @@
+"""Built-in WSGI apps: the status endpoint and the demo site."""

@@ -1,0 +1,328 @@
+"""bin/prefork: argv -> start | stop | reload | restart | status | check | scale | reopen.
+
+Owns: argument parsing, daemonizing, the pidfile checks, and the words printed
+to the operator. Exit status: 0 done, 1 failed, 2 bad configuration or usage.
+Must not: serve requests or supervise (master.py does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+import psutil
+
+from . import __version__, config as configmod, control
+from .master import Master
+
+DEFAULT_CONFIG = "conf/prefork.toml"
+
+
+class ForegroundReporter:
+    def ready(self, pid, urls, workers):
+        print(ready_line(pid, urls, workers), flush=True)
+
+    def failed(self, message):
+        print(f"prefork: start failed: {message}", file=sys.stderr, flush=True)
+
+
+class PipeReporter:
+    """Tells the waiting `start` process (our grandparent) how boot went."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def _send(self, text):
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, text.encode("utf-8", "replace"))
+            os.close(self.fd)
+        except OSError:
+            pass   # `start` was interrupted; nobody is waiting
+        self.fd = None
+
+    def ready(self, pid, urls, workers):
+        self._send("READY " + ready_line(pid, urls, workers))
+
+    def failed(self, message):
+        self._send("FAIL " + message)
+
+
+def ready_line(pid, urls, workers):
+    return f"prefork: ready: master pid {pid}, {workers} workers, listening on {' '.join(urls)}"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="prefork", description="A preforking WSGI server.")
+    parser.add_argument("--version", action="version", version=f"prefork {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("-c", "--config", default=None,
+                       help=f"config file (default {DEFAULT_CONFIG} when it exists)")
+        return p
+
+    for name, text in (("start", "start the server"), ("restart", "stop, then start")):
+        p = command(name, text)
+        p.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
+        p.add_argument("--bind", action="append", help="address to listen on (repeatable)")
+        p.add_argument("--workers", type=int)
+        p.add_argument("--app", help='WSGI app as "module:callable"')
+        p.add_argument("--pidfile")
+    p = command("stop", "stop the server (graceful)")
+    p.add_argument("--fast", action="store_true", help="do not wait for in-flight requests")
+    command("reload", "reload config and app with no downtime")
+    p = command("status", "what the server and each worker is doing")
+    p.add_argument("--json", action="store_true")
+    command("check", "validate the config and import the app")
+    p = command("scale", "set the number of workers")
+    p.add_argument("workers", type=int)
+    command("reopen", "reopen log files (after logrotate)")
+    return parser.parse_args(argv)
+
+
+def overrides_from(args) -> dict:
+    server = {}
+    if getattr(args, "bind", None):
+        server["bind"] = [b if not b.startswith("unix:") else "unix:" + os.path.abspath(b[5:])
+                          for b in args.bind]
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
+    if getattr(args, "app", None):
+        server["app"] = args.app
+    if getattr(args, "pidfile", None):
+        server["pidfile"] = os.path.abspath(args.pidfile)
+    return {"server": server} if server else {}
+
+
+def load_config(args):
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    return configmod.load(path, overrides_from(args))
+
+
+def running_pid(config) -> int | None:
+    """The live master's pid from the pidfile; a stale pidfile is removed."""
+    path = config.server.pidfile
+    try:
+        with open(path) as fh:
+            pid = int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and "prefork" in " ".join(proc.cmdline()):
+            return pid
+    except psutil.Error:
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return None
+
+
+def wait_gone(pid, timeout) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cmd_start(args, config) -> int:
+    pid = running_pid(config)
+    if pid is not None:
+        print(f"prefork: already running (master pid {pid}, pidfile {config.server.pidfile})",
+              file=sys.stderr)
+        return 1
+    os.chdir(config.server.base)
+    overrides = overrides_from(args)
+    if args.foreground:
+        return run_master(Master(config, overrides, ForegroundReporter(), foreground=True))
+    return daemonize(config, overrides)
+
+
+def run_master(master) -> int:
+    try:
+        return master.run()
+    except Exception as exc:  # a bug of ours: say so in one place, then exit
+        logging.getLogger("prefork.master").exception("master crashed")
+        master.reporter.failed(f"master crashed: {exc!r}")
+        return 1
+
+
+def daemonize(config, overrides) -> int:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os._exit(run_master(Master(config, overrides, PipeReporter(write_fd))))
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    report = read_report(read_fd, config.workers.boot_timeout + 15)
+    if report.startswith("READY "):
+        print(report[6:])
+        return 0
+    if report.startswith("FAIL "):
+        print(f"prefork: start failed: {report[5:]}", file=sys.stderr)
+    else:
+        print(f"prefork: the master exited without reporting; see {config.logging.error_log}",
+              file=sys.stderr)
+    return 1
+
+
+def read_report(fd, timeout) -> str:
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            chunks.append("FAIL no report from the master within %.0fs" % timeout)
+            break
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        chunks.append(data.decode("utf-8", "replace"))
+    os.close(fd)
+    return "".join(chunks)
+
+
+def cmd_stop(args, config) -> int:
+    pid = running_pid(config)
+    if pid is None:
+        print(f"prefork: not running (no live master in {config.server.pidfile})")
+        return 0
+    os.kill(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
+    timeout = (0 if args.fast else config.workers.graceful_timeout) + 10
+    if wait_gone(pid, timeout):
+        print(f"prefork: stopped (master pid {pid})")
+        return 0
+    print(f"prefork: master pid {pid} still running after {timeout:g}s", file=sys.stderr)
+    return 1
+
+
+def cmd_restart(args, config) -> int:
+    args.fast = False
+    code = cmd_stop(args, config)
+    return code if code else cmd_start(args, config)
+
+
+def ask_master(config, command, timeout=5.0):
+    try:
+        return control.request(config.control_socket, command, timeout)
+    except control.ControlError as exc:
+        print(f"prefork: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_reload(args, config) -> int:
+    answer = ask_master(config, {"cmd": "reload"},
+                        config.workers.boot_timeout + config.workers.graceful_timeout + 10)
+    if answer is None:
+        return 1
+    if answer.get("ok"):
+        print(f"prefork: reloaded: generation {answer['generation']} serving on "
+              f"{' '.join(answer['urls'])}")
+        return 0
+    print(f"prefork: reload failed (generation {answer.get('generation')} keeps serving): "
+          f"{answer.get('error')}", file=sys.stderr)
+    return 1
+
+
+def cmd_status(args, config) -> int:
+    answer = ask_master(config, {"cmd": "status"})
+    if answer is None:
+        return 1
+    status = answer["status"]
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def _ms(seconds):
+    return f"{seconds * 1000:.1f}ms"
+
+
+def render_status(s) -> str:
+    server, pool, totals = s["server"], s["pool"], s["totals"]
+    classes = ", ".join(f"{k} {v}" for k, v in totals["responses"].items() if v)
+    lines = [
+        f"prefork {server['version']}  master {server['pid']}  up {server['uptime']:.0f}s  "
+        f"generation {server['generation']}  {server['state']}",
+        f"pool: {pool['alive']}/{pool['target']} alive, {pool['busy']} busy, {pool['idle']} idle; "
+        f"requests {totals['requests']} ({classes or 'none'}); {s['rates']['10s']:.1f} req/s (10s)",
+        f"latency p50 {_ms(s['latency']['p50'])} p90 {_ms(s['latency']['p90'])} "
+        f"p99 {_ms(s['latency']['p99'])}; listen queue {s['listen_queue']['depth']} "
+        f"(max {s['listen_queue']['max']})",
+    ]
+    if pool["boot_failures"]:
+        lines.append(f"DEGRADED: {pool['boot_failures']} boot failure(s) in a row; last error: "
+                     f"{pool['last_boot_error'].splitlines()[-1] if pool['last_boot_error'] else '?'}")
+    lines.append(f"  {'slot':>4} {'pid':>7} {'gen':>3} {'state':<8} {'reqs':>8} {'rss':>8} "
+                 f"{'cpu%':>5}  current")
+    for w in s["workers"]:
+        current = (f"{w['current']['method']} {w['current']['path']} ({w['current']['elapsed']:.1f}s)"
+                   if w["current"] else "-")
+        lines.append(f"  {w['slot']:>4} {w['pid']:>7} {w['generation']:>3} {w['state']:<8} "
+                     f"{w['requests']:>8} {w['rss'] / 1048576:>7.1f}M {w['cpu']:>5.1f}  {current}")
+    return "\n".join(lines)
+
+
+def cmd_check(args, config) -> int:
+    from .worker import load_app
+    try:
+        load_app(config.server.app, config.server.pythonpath + (config.server.base,))
+    except Exception as exc:
+        print(f"prefork: check failed: cannot load app {config.server.app}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"prefork: config {config.source or '(built-in defaults)'} is valid; "
+          f"app {config.server.app} loads")
+    return 0
+
+
+def cmd_scale(args, config) -> int:
+    answer = ask_master(config, {"cmd": "scale", "workers": args.workers})
+    if answer is None or not answer.get("ok"):
+        return 1
+    print(f"prefork: pool size set to {answer['workers']}")
+    return 0
+
+
+def cmd_reopen(args, config) -> int:
+    answer = ask_master(config, {"cmd": "reopen"})
+    return 0 if answer and answer.get("ok") else 1
+
+
+COMMANDS = {
+    "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart, "reload": cmd_reload,
+    "status": cmd_status, "check": cmd_check, "scale": cmd_scale, "reopen": cmd_reopen,
+}
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args)
+    except configmod.ConfigError as exc:
+        print(f"prefork: config error: {exc}", file=sys.stderr)
+        return 1 if args.command == "check" else 2
+    return COMMANDS[args.command](args, config)

@@ -1,0 +1,97 @@
+"""The master's control channel: a unix socket (mode 0600) beside the pidfile.
+
+Owns: the wire format (one JSON object per line each way) and both ends. The
+master answers `status` itself, so it works while every worker is busy or hung;
+`reload` is answered once the new generation serves (or failed).
+Must not: block the master for long: a client gets CLIENT_TIMEOUT to send its line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+CLIENT_TIMEOUT = 1.0
+MAX_LINE = 65536
+
+
+class ControlError(Exception):
+    pass
+
+
+class ControlServer:
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)   # 0600: only the owner may steer the master
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def accept(self):
+        """-> (connection, request dict), or None when the client misbehaved."""
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return None
+        conn.settimeout(CLIENT_TIMEOUT)
+        try:
+            line = conn.makefile("rb").readline(MAX_LINE)
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError) as exc:
+            reply(conn, {"ok": False, "error": f"bad control request: {exc}"})
+            return None
+        return conn, request
+
+    def close(self, unlink=True):
+        self.sock.close()
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def reply(conn, answer: dict) -> None:
+    try:
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+    except OSError:
+        pass  # the client went away; nothing to tell
+    finally:
+        conn.close()
+
+
+def request(path: str, command: dict, timeout: float) -> dict:
+    """Client side: send one command, wait (bounded) for the answer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps(command).encode() + b"\n")
+        line = sock.makefile("rb").readline()
+    except FileNotFoundError:
+        raise ControlError(f"no control socket at {path} (is prefork running?)") from None
+    except ConnectionRefusedError:
+        raise ControlError(f"nothing listens on {path} (stale socket?)") from None
+    except socket.timeout:
+        raise ControlError(f"the master did not answer within {timeout:g}s") from None
+    finally:
+        sock.close()
+    if not line:
+        raise ControlError("the master closed the control connection without answering")
+    return json.loads(line)

@@ -1,0 +1,49 @@
+"""One error hierarchy for everything that ends in an HTTP error response.
+
+Each class carries the status it answers with; the worker turns any HttpError
+into that response (and closes the connection when `close` is set).
+"""
+
+
+class HttpError(Exception):
+    status = 500
+    close = True
+
+    def __init__(self, detail: str = ""):
+        super().__init__(detail or self.__class__.__doc__)
+        self.detail = detail or (self.__class__.__doc__ or "").strip()
+
+
+class BadRequest(HttpError):
+    """Malformed request."""
+    status = 400
+
+
+class RequestTimeout(HttpError):
+    """The request was not complete in time."""
+    status = 408
+
+
+class BodyTooLarge(HttpError):
+    """Request body larger than max_body."""
+    status = 413
+
+
+class RequestLineTooLong(HttpError):
+    """Request line longer than max_request_line."""
+    status = 414
+
+
+class HeadersTooLarge(HttpError):
+    """Too many request headers, or too large."""
+    status = 431
+
+
+class NotImplementedMethod(HttpError):
+    """The server does not support this method or transfer coding."""
+    status = 501
+
+
+class AppError(HttpError):
+    """The application failed."""
+    status = 500

@@ -1,0 +1,84 @@
+"""Scoreboard: one shared-memory slot per worker, in the manner of Apache's.
+
+Owns: the slot layout. Each worker writes only its own slot (cheap enough to do
+on every request: one struct.pack_into); the master reads all slots to detect
+hung workers and to show what each one is doing. Reads may be torn; every field
+is display or heartbeat data where that is harmless.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+
+EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
+STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
+
+# pid, generation, booted, heartbeat | state, request_start, method, path |
+# requests, last_status, last_duration
+_SLOT = struct.Struct("=iidd" "Bd8s120s" "QHd")
+_IDENTITY = struct.Struct("=iidd")
+_BEGIN = struct.Struct("=Bd8s120s")
+_END = struct.Struct("=QHd")
+_HEARTBEAT_AT = struct.calcsize("=iid")
+_BEGIN_AT = _IDENTITY.size
+_STATE_AT = _BEGIN_AT
+_END_AT = _BEGIN_AT + _BEGIN.size
+SLOT_SIZE = _SLOT.size
+
+
+@dataclass(frozen=True)
+class SlotView:
+    slot: int
+    pid: int
+    generation: int
+    booted: float
+    heartbeat: float
+    state: str
+    request_start: float
+    method: str
+    path: str
+    requests: int
+    last_status: int
+    last_duration: float
+
+
+class Scoreboard:
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._mem = mmap.mmap(-1, SLOT_SIZE * slots)   # MAP_SHARED: survives fork
+
+    # -- worker side (own slot only) -----------------------------------------
+    def claim(self, slot: int, pid: int, generation: int, now: float) -> None:
+        self._mem[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
+        _IDENTITY.pack_into(self._mem, slot * SLOT_SIZE, pid, generation, now, now)
+        self.set_state(slot, BOOTING)
+
+    def heartbeat(self, slot: int, now: float) -> None:
+        struct.pack_into("=d", self._mem, slot * SLOT_SIZE + _HEARTBEAT_AT, now)
+
+    def set_state(self, slot: int, state: int) -> None:
+        self._mem[slot * SLOT_SIZE + _STATE_AT] = state
+
+    def begin(self, slot: int, now: float, method: str, path: str) -> None:
+        _BEGIN.pack_into(self._mem, slot * SLOT_SIZE + _BEGIN_AT, BUSY, now,
+                         method.encode("latin-1", "replace")[:8],
+                         path.encode("latin-1", "replace")[:120])
+
+    def end(self, slot: int, requests: int, status: int, duration: float) -> None:
+        self._mem[slot * SLOT_SIZE + _STATE_AT] = IDLE
+        _END.pack_into(self._mem, slot * SLOT_SIZE + _END_AT,
+                         requests, status, duration)
+
+    # -- master side -------------------------------------------------------------
+    def release(self, slot: int) -> None:
+        self._mem[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
+
+    def read(self, slot: int) -> SlotView:
+        (pid, generation, booted, heartbeat, state, request_start, method, path,
+         requests, last_status, last_duration) = _SLOT.unpack_from(self._mem, slot * SLOT_SIZE)
+        return SlotView(slot, pid, generation, booted, heartbeat,
+                        STATE_NAMES[state] if state < len(STATE_NAMES) else "unknown",
+                        request_start, method.rstrip(b"\0").decode("latin-1"),
+                        path.rstrip(b"\0").decode("latin-1"), requests, last_status,
+                        last_duration)

@@ -1,0 +1,70 @@
+"""Listening sockets: created by the master before any fork, shared by workers.
+
+Owns: turning `bind` entries into bound, listening, non-blocking sockets, and
+describing them as URLs. Must not: accept connections (workers do).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from .config import parse_bind
+
+
+class BindError(Exception):
+    pass
+
+
+def create_listener(text: str, backlog: int) -> socket.socket:
+    family, address = parse_bind(text)
+    try:
+        if family == "unix":
+            return _unix_listener(address, backlog)
+        sock = socket.socket(socket.AF_INET6 if family == "inet6" else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == "inet6":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise BindError(f"cannot listen on {text}: {exc.strerror or exc}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def _unix_listener(path: str, backlog: int) -> socket.socket:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)   # a stale socket from an earlier run
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)   # 0660: the front proxy's group may connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def describe(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + sock.getsockname()
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def close_listener(sock: socket.socket, unlink: bool) -> None:
+    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    sock.close()
+    if unlink and path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,120 @@
+"""Statistics: worker-side counters, the deltas they ship, the master's fold.
+
+Pure: no I/O and no IPC here. Workers count locally (a few attribute bumps per
+request) and hand a frozen StatsDelta to their sink once per interval; the
+master folds deltas into Totals that survive worker restarts and reloads.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+# Latency histogram upper bounds, seconds (Prometheus-style, +Inf implied).
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+           1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class StatsDelta:
+    """What one worker counted since its last shipment."""
+    pid: int
+    slot: int
+    generation: int
+    at: float
+    requests: int
+    statuses: dict
+    bytes_in: int
+    bytes_out: int
+    connections_accepted: int
+    app_exceptions: int
+    rejected: int
+    timeouts: int
+    histogram: tuple
+    duration_sum: float
+    open_connections: int = 0     # a gauge: the worker's count at `at`
+    final: bool = False
+
+
+class WorkerStats:
+    """Per-worker counters since the last delta."""
+
+    def __init__(self, pid=0, slot=0, generation=0):
+        self.pid, self.slot, self.generation = pid, slot, generation
+        self._last_ship = 0.0
+        self._reset()
+
+    def _reset(self):
+        self.requests = 0
+        self.statuses = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connections_accepted = 0
+        self.app_exceptions = 0
+        self.rejected = 0
+        self.timeouts = 0
+        self.histogram = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
+
+    def record(self, status: int, body_bytes: int, duration: float) -> None:
+        self.requests += 1
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        self.bytes_out += body_bytes
+        self.duration_sum += duration
+        self.histogram[bisect.bisect_left(BUCKETS, duration)] += 1
+
+    def record_rejected(self, status: int) -> None:
+        """A request the parser refused: counted as a response, not a request."""
+        self.rejected += 1
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def due(self, now: float, interval: float) -> bool:
+        return now - self._last_ship >= interval
+
+    def take_delta(self, now: float, open_connections: int = 0,
+                   final: bool = False) -> StatsDelta:
+        delta = StatsDelta(self.pid, self.slot, self.generation, now, self.requests,
+                           self.statuses, self.bytes_in, self.bytes_out,
+                           self.connections_accepted, self.app_exceptions, self.rejected,
+                           self.timeouts, tuple(self.histogram), self.duration_sum,
+                           open_connections, final)
+        self._last_ship = now
+        self._reset()
+        return delta
+
+
+@dataclass
+class Totals:
+    """Master side: everything since the master started (one writer: the master)."""
+    requests: int = 0
+    statuses: dict = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    connections_accepted: int = 0
+    app_exceptions: int = 0
+    rejected: int = 0
+    timeouts: int = 0
+    histogram: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    duration_sum: float = 0.0
+
+    def fold(self, delta: StatsDelta) -> None:
+        self.requests += delta.requests
+        for status, count in delta.statuses.items():
+            self.statuses[status] = self.statuses.get(status, 0) + count
+        self.bytes_in += delta.bytes_in
+        self.bytes_out += delta.bytes_out
+        self.connections_accepted += delta.connections_accepted
+        self.app_exceptions += delta.app_exceptions
+        self.rejected += delta.rejected
+        self.timeouts += delta.timeouts
+        for i, count in enumerate(delta.histogram):
+            self.histogram[i] += count
+        self.duration_sum += delta.duration_sum
+
+    def responses_by_class(self) -> dict:
+        classes = {f"{n}xx": 0 for n in range(1, 6)}
+        for status, count in self.statuses.items():
+            key = f"{status // 100}xx"
+            if key in classes:
+                classes[key] += count
+        return classes

@@ -1,0 +1,275 @@
+"""One worker process: boots the app, then serves connections with epoll.
+
+Owns: its connections, its scoreboard slot, its local counters and access-log
+batch. Runs after fork and never returns into the master's stack (os._exit).
+Must not: write files other than through its log batch, or touch other slots.
+
+Boot protocol: the worker writes b"OK\n" to its boot pipe once the app is
+imported and it is ready to accept, or b"FAIL\n" + the traceback, then exits
+with BOOT_FAILED. The master reads the pipe.
+
+Signals: TERM = graceful (stop accepting, finish in-flight requests, answer
+keep-alive clients with Connection: close); INT, QUIT = exit now.
+"""
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from setproctitle import setproctitle
+
+from . import scoreboard as sb
+from .connection import Connection
+from .http.errors import AppError
+from .http.request import Limits
+from .http.response import http_date
+from .logs import AccessLog, install_worker_logging
+from .signals import SignalInbox
+from .stats import WorkerStats
+from .wsgi import ErrorStream
+
+BOOT_FAILED = 3
+ACCEPT_BATCH = 1
+TICK_SECONDS = 0.5
+log = logging.getLogger("prefork.worker")
+
+
+class AppLoadError(Exception):
+    pass
+
+
+def load_app(spec: str, pythonpath=()):
+    """'pkg.module:attr' (attr may be dotted) -> the WSGI callable."""
+    for entry in reversed(pythonpath):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    module_name, _, attr_path = spec.partition(":")
+    module = importlib.import_module(module_name)
+    target = module
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise AppLoadError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise AppLoadError(f"{spec} is not callable")
+    return target
+
+
+class Worker:
+    def __init__(self, config, listeners, scoreboard, slot, generation, master_pid, sink):
+        self.config = config
+        self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.scoreboard = scoreboard
+        self.slot = slot
+        self.generation = generation
+        self.master_pid = master_pid
+        self.sink = sink                 # where stats deltas and log batches go
+        self.limits = Limits.from_config(config.http)
+        self.server_name = config.http.server_header
+        self.conns = {}
+        self.stopping = False
+        self.now = time.monotonic()
+        self.stats = WorkerStats(os.getpid(), slot, generation)
+        self.access_log = AccessLog(config.logging, sink)
+        self.log_handler = None
+        self.wsgi_errors = ErrorStream(logging.getLogger("prefork.app"))
+        self.requests = 0
+        self.app = None
+        self.poller = None
+        self.inbox = None
+        self._second = 0
+        self.date = ""
+        self.fixed_headers = ""
+        self._refresh_date(time.time())
+
+    # -- boot -----------------------------------------------------------------
+    def boot(self, boot_fd):
+        setproctitle(f"prefork: worker {self.slot}")
+        self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.scoreboard.claim(self.slot, os.getpid(), self.generation, time.monotonic())
+        try:
+            self.sink.connect()
+            self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
+            self.app = load_app(self.config.server.app,
+                                self.config.server.pythonpath + (self.config.server.base,))
+        except BaseException:
+            os.write(boot_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
+            os._exit(BOOT_FAILED)
+        self.poller = select.epoll()
+        self.poller.register(self.inbox.wakeup_fd, select.EPOLLIN)
+        for fd in self.listeners:
+            self.poller.register(fd, select.EPOLLIN)
+        self.scoreboard.set_state(self.slot, sb.IDLE)
+        os.write(boot_fd, b"OK\n")
+        os.close(boot_fd)
+
+    # -- the loop -------------------------------------------------------------
+    def serve(self):
+        poll = self.poller.poll
+        conns = self.conns
+        listeners = self.listeners
+        wakeup_fd = self.inbox.wakeup_fd
+        next_tick = 0.0
+        while True:
+            events = poll(TICK_SECONDS)
+            self.now = now = time.monotonic()
+            wall = time.time()
+            if wall >= self._second:
+                self._refresh_date(wall)
+            for fd, event in events:
+                conn = conns.get(fd)
+                if conn is not None:
+                    if conn.events == select.EPOLLIN:
+                        conn.on_readable()
+                    else:
+                        conn.on_writable()
+                elif fd in listeners:
+                    self.accept(listeners[fd])
+                elif fd == wakeup_fd:
+                    self.on_signals(self.inbox.drain())
+            if now >= next_tick:
+                next_tick = now + TICK_SECONDS
+                self.tick(now)
+            if self.stopping and not conns:
+                return
+
+    def _refresh_date(self, wall):
+        self._second = int(wall) + 1
+        self.date = http_date(wall)
+        self.fixed_headers = f"Server: {self.server_name}\r\nDate: {self.date}\r\n"
+        self.access_log.set_time(wall)
+
+    def accept(self, listener):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, addr, listener.getsockname())
+            self.conns[conn.fd] = conn
+            self.poller.register(conn.fd, select.EPOLLIN)
+            self.stats.connections_accepted += 1
+            conn.on_readable()   # the request is often there already
+
+    def tick(self, now):
+        self.scoreboard.heartbeat(self.slot, now)
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            conn.on_deadline()
+        if self.stats.due(now, self.config.status.interval):
+            self.flush_logs()
+            self.sink.ship_stats(self.stats.take_delta(now, len(self.conns)))
+        if os.getppid() != self.master_pid:
+            log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
+            self.exit(1)
+
+    def on_signals(self, signums):
+        for signum in signums:
+            if signum == signal.SIGTERM:
+                self.begin_graceful_stop()
+            else:
+                self.exit(0)
+
+    def begin_graceful_stop(self):
+        if self.stopping:
+            return
+        self.stopping = True
+        self.scoreboard.set_state(self.slot, sb.STOPPING)
+        # Connections already in the listen queue were accepted by the kernel
+        # on our behalf: serve them rather than let them be reset.
+        for sock in self.listeners.values():
+            self.accept(sock)
+            self.poller.unregister(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        for conn in list(self.conns.values()):
+            if conn.state == "reading" and not conn.reader.in_message \
+                    and not conn.reader.ready and conn.exchange is None:
+                conn.close()   # idle keep-alive: nothing in flight
+
+    def flush_logs(self):
+        self.access_log.flush()
+        if self.log_handler is not None:
+            self.log_handler.flush()
+
+    def exit(self, code):
+        self.flush_logs()
+        self.sink.ship_stats(self.stats.take_delta(time.monotonic(), 0, final=True))
+        self.sink.close()
+        os._exit(code)
+
+    # -- called by connections ---------------------------------------------------
+    def modify(self, fd, events):
+        self.poller.modify(fd, events)
+
+    def forget(self, conn):
+        if self.conns.pop(conn.fd, None) is not None:
+            self.poller.unregister(conn.fd)
+
+    def stats_bytes_in(self, count):
+        self.stats.bytes_in += count
+
+    def begin_request(self, request):
+        self.scoreboard.begin(self.slot, self.now, request.method,
+                              request.target.decode("latin-1"))
+        return self.now
+
+    def end_request(self, exchange, status):
+        now = time.monotonic()
+        duration = now - exchange.started
+        self.requests += 1
+        self.scoreboard.end(self.slot, self.requests, status, duration)
+        self.stats.record(status, exchange.sent, duration)
+        if exchange.environ is not None:
+            self.access_log.record(exchange.environ, status, exchange.sent, duration)
+
+    def app_failed(self, exchange):
+        """Log the app's exception (we are inside an except block)."""
+        self.stats.app_exceptions += 1
+        environ = exchange.environ or {}
+        log.error("app error on %s %s:\n%s", environ.get("REQUEST_METHOD", "?"),
+                  environ.get("RAW_URI", "?"), traceback.format_exc().rstrip())
+        return AppError()
+
+    def on_rejected(self, status):
+        self.stats.record_rejected(status)
+
+    def on_timeout(self):
+        self.stats.timeouts += 1
+
+    def error_page(self, status):
+        return None   # the built-in page; the templates issue adds custom ones
+
+
+def run(config, listeners, scoreboard, slot, generation, master_pid, boot_fd, sink):
+    """Entry point in the forked child. Never returns."""
+    code = 0
+    try:
+        worker = Worker(config, listeners, scoreboard, slot, generation, master_pid, sink)
+        worker.boot(boot_fd)
+        worker.serve()
+        worker.exit(0)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.critical("worker %d crashed:\n%s", os.getpid(), traceback.format_exc())
+        code = 1
+    finally:
+        os._exit(code)

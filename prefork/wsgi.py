@@ -1,0 +1,202 @@
+"""PEP 3333 glue: environ from a Request, start_response, wsgi.file_wrapper.
+
+Owns: the environ's contents and the start_response state machine (status and
+headers checked before anything is sent; exc_info rules). Must not: do socket
+I/O (the connection sends what this module prepares).
+"""
+from __future__ import annotations
+
+import io
+import sys
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+from .http.errors import AppError, BadRequest
+
+# Request header name (bytes, as received) -> environ key. Bounded: names are
+# attacker-chosen, so only the first few hundred distinct ones are cached.
+_ENVIRON_KEYS = {b"Content-Type": "CONTENT_TYPE", b"Content-Length": "CONTENT_LENGTH",
+                 b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
+_ENVIRON_KEYS_MAX = 512
+_FORBIDDEN_IN_HEADER = ("\r", "\n", "\0")
+_HOP_BY_HOP = frozenset(["connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "te", "trailers", "transfer-encoding", "upgrade"])
+
+
+def environ_key(name: bytes) -> str | None:
+    key = _ENVIRON_KEYS.get(name)
+    if key is None:
+        if b"_" in name:
+            # X_Foo would collide with X-Foo after translation: refuse such
+            # names, as nginx and gunicorn do, rather than let one spoof the other.
+            return None
+        text = name.decode("latin-1").upper().replace("-", "_")
+        key = text if text in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + text
+        if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
+            _ENVIRON_KEYS[name] = key
+    return key
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Request-target -> (path, query), both still percent-encoded."""
+    if target[:1] == b"/":
+        path, _, query = target.partition(b"?")
+        return path.partition(b"#")[0], query.partition(b"#")[0]
+    if target == b"*":
+        return b"*", b""
+    if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        url = httptools.parse_url(target)
+        return url.path or b"/", url.query or b""
+    raise BadRequest("request target must be a path or an absolute URL")
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: the connection sends it with os.sendfile when the
+    file has a real descriptor; otherwise it iterates blocks."""
+
+    def __init__(self, filelike, blksize: int = 65536):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        read = self.filelike.read
+        while True:
+            data = read(self.blksize)
+            if not data:
+                return
+            yield data
+
+    def fileno(self):
+        return self.filelike.fileno()
+
+
+def base_environ(server_name: str, server_port: str, remote_addr: str,
+                 remote_port: str, errors) -> dict:
+    """The part of the environ that is the same for every request on a
+    connection; copied per request."""
+    return {
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port,
+        "REMOTE_ADDR": remote_addr,
+        "REMOTE_PORT": remote_port,
+        "SCRIPT_NAME": "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": errors,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+    }
+
+
+def build_environ(request, base: dict) -> dict:
+    environ = base.copy()
+    path, query = split_target(request.target)
+    if b"%" in path:
+        path = unquote_to_bytes(path)
+    environ["REQUEST_METHOD"] = request.method
+    environ["PATH_INFO"] = path.decode("latin-1")
+    environ["QUERY_STRING"] = query.decode("latin-1")
+    environ["RAW_URI"] = request.target.decode("latin-1")
+    environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
+    environ["wsgi.input"] = request.body_file or io.BytesIO(request.body)
+    for name, value in request.headers:
+        key = environ_key(name)
+        if key is None:
+            continue
+        text = value.decode("latin-1")
+        if key in environ:
+            text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
+        environ[key] = text
+    return environ
+
+
+class StartResponse:
+    """The start_response callable for one request, and what it recorded."""
+    __slots__ = ("status", "status_code", "headers", "content_length", "close",
+                 "headers_sent", "write")
+
+    def __init__(self, write):
+        self.status = None
+        self.status_code = 0
+        self.headers = None
+        self.content_length = None   # from the app's Content-Length, if any
+        self.close = False           # the app asked for Connection: close
+        self.headers_sent = False
+        self.write = write           # the PEP 3333 write() callable
+
+    def __call__(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # no reference cycle through the frame
+        elif self.status is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        self._set(status, headers)
+        return self.write
+
+    def _set(self, status, headers):
+        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() \
+                or status[3] != " ":
+            raise AppError(f"invalid status {status!r}")
+        kept = []
+        content_length = None
+        close = False
+        for item in headers:
+            name, value = item
+            if type(name) is not str or type(value) is not str:
+                raise AppError(f"header {item!r} is not a pair of str")
+            for bad in _FORBIDDEN_IN_HEADER:
+                if bad in name or bad in value:
+                    raise AppError(f"header {name!r} contains CR, LF or NUL")
+            lname = name.lower()
+            if lname == "content-length":
+                if not value.isdigit():
+                    raise AppError(f"invalid Content-Length {value!r}")
+                content_length = int(value)
+            elif lname in _HOP_BY_HOP:
+                # Framing and connection management are the server's job.
+                if lname == "connection" and "close" in value.lower():
+                    close = True
+                continue
+            kept.append(item)
+        self.status = status
+        self.status_code = int(status[:3])
+        self.headers = kept
+        self.content_length = content_length
+        self.close = close
+
+
+class ErrorStream:
+    """wsgi.errors: text written here reaches the error log, line by line."""
+
+    def __init__(self, logger):
+        self._logger = logger
+        self._partial = ""
+
+    def write(self, text):
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._logger.error("%s", line)
+        return len(text)
+
+    def writelines(self, seq):
+        for text in seq:
+            self.write(text)
+
+    def flush(self):
+        if self._partial:
+            self._logger.error("%s", self._partial)
+            self._partial = ""
+
+
+def current_exc_text() -> str:
+    import traceback
+    return "".join(traceback.format_exception(*sys.exc_info()))
