@@ -24,6 +24,9 @@ DEFAULT_CONFIG = "conf/prefork.toml"
 
 
 class ForegroundReporter:
+    def forget(self):
+        pass
+
     def ready(self, pid, urls, workers):
         print(ready_line(pid, urls, workers), flush=True)
 
@@ -37,11 +40,19 @@ class PipeReporter:
     def __init__(self, fd):
         self.fd = fd
 
+    def forget(self):
+        """In a forked worker: the report is the master's to send."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def _send(self, text):
         if self.fd is None:
             return
         try:
-            os.write(self.fd, text.encode("utf-8", "replace"))
+            # NUL ends the report: children forked before it was sent may
+            # still hold the pipe open, so EOF cannot be the terminator.
+            os.write(self.fd, text.encode("utf-8", "replace") + b"\0")
             os.close(self.fd)
         except OSError:
             pass   # `start` was interrupted; nobody is waiting
@@ -102,11 +113,15 @@ def overrides_from(args) -> dict:
     return {"server": server} if server else {}
 
 
+CONTROL_COMMANDS = ("stop", "reload", "status", "scale", "reopen")
+
+
 def load_config(args):
     path = args.config
     if path is None and os.path.exists(DEFAULT_CONFIG):
         path = DEFAULT_CONFIG
-    return configmod.load(path, overrides_from(args))
+    loader = configmod.load_for_control if args.command in CONTROL_COMMANDS else configmod.load
+    return loader(path, overrides_from(args))
 
 
 def running_pid(config) -> int | None:
@@ -199,11 +214,11 @@ def read_report(fd, timeout) -> str:
             chunks.append("FAIL no report from the master within %.0fs" % timeout)
             break
         data = os.read(fd, 65536)
-        if not data:
-            break
         chunks.append(data.decode("utf-8", "replace"))
+        if not data or b"\0" in data:
+            break
     os.close(fd)
-    return "".join(chunks)
+    return "".join(chunks).split("\0")[0]
 
 
 def cmd_stop(args, config) -> int:

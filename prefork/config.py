@@ -231,21 +231,43 @@ def _resolve_binds(server, base):
     return dataclasses.replace(server, bind=tuple(binds))
 
 
+def _read(path):
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
 def load(path: str | None, overrides: dict | None = None) -> Config:
     """Read the TOML file at path (None: defaults only), apply overrides
     ({"server": {"workers": 4}}, same checks as the file), resolve paths."""
-    data = {}
-    source = os.path.abspath(path) if path else ""
-    if path:
+    return _build(_read(path) if path else {}, path, overrides)
+
+
+def load_for_control(path: str | None, overrides: dict | None = None) -> Config:
+    """For commands that only talk to a running master (stop, status, reload):
+    a Config whose pidfile and control socket are right even when other
+    settings in the file are not, so a half-edited file never locks the
+    operator out. The master itself still validates the whole file."""
+    try:
+        return load(path, overrides)
+    except ConfigError:
         try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+            server = _read(path).get("server", {}) if path else {}
+        except ConfigError:
+            server = {}
+        kept = {k: server[k] for k in ("base", "pidfile")
+                if isinstance(server, dict) and isinstance(server.get(k), str)}
+        return _build({"server": kept}, path, None)
+
+
+def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
+    source = os.path.abspath(path) if path else ""
     for name, table in (overrides or {}).items():
         data.setdefault(name, {}).update(table)
 

@@ -182,6 +182,7 @@ class Master:
         self.selector.close()
         self.control.close(unlink=False)
         self.files.close()
+        self.reporter.forget()
         for rec in self.workers.values():
             if rec.boot_fd is not None:
                 os.close(rec.boot_fd)

@@ -39,6 +39,7 @@ from .wsgi import ErrorStream
 BOOT_FAILED = 3
 ACCEPT_BATCH = 1
 TICK_SECONDS = 0.5
+IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
 
 
@@ -199,10 +200,12 @@ class Worker:
             self.poller.unregister(sock.fileno())
             sock.close()
         self.listeners.clear()
-        for conn in list(self.conns.values()):
-            if conn.state == "reading" and not conn.reader.in_message \
-                    and not conn.reader.ready and conn.exchange is None:
-                conn.close()   # idle keep-alive: nothing in flight
+        # Idle keep-alive connections are not closed at once: under load their
+        # client is about to send the next request, which would meet a reset.
+        # A request arriving within the grace is answered with Connection: close.
+        for conn in self.conns.values():
+            if conn.state == "reading" and not conn.reader.in_message:
+                conn.deadline = min(conn.deadline, self.now + IDLE_GRACE)
 
     def flush_logs(self):
         self.access_log.flush()

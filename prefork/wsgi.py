@@ -160,7 +160,8 @@ class StartResponse:
                 if not value.isdigit():
                     raise AppError(f"invalid Content-Length {value!r}")
                 content_length = int(value)
-            elif lname in _HOP_BY_HOP:
+                continue   # the connection writes it, once, with the framing
+            if lname in _HOP_BY_HOP:
                 # Framing and connection management are the server's job.
                 if lname == "connection" and "close" in value.lower():
                     close = True

@@ -94,7 +94,8 @@ class RequestReader:
             raise BadRequest(f"invalid method: {exc}") from None
         except httptools.HttpParserError as exc:
             text = str(exc)
-            if "Transfer-Encoding" in text and "chunked" not in text:
+            if "invalid `Transfer-Encoding`" in text:
+                # A transfer coding we cannot decode (RFC 9112 6.1: 501).
                 raise NotImplementedMethod(text) from None
             raise BadRequest(text) from None
         if self.in_head:

@@ -1,0 +1,1 @@
+"""WSGI apps the integration tests serve (imported by the real workers)."""

@@ -1,0 +1,154 @@
+"""One app with a route per behaviour the tests need."""
+import os
+import sys
+import time
+
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    handler = ROUTES.get(path)
+    if handler is None:
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found"]
+    return handler(environ, start_response)
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+def pid(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+
+
+def echo(environ, start_response):
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("X-Method", environ["REQUEST_METHOD"]),
+                              ("X-Path", environ["PATH_INFO"]),
+                              ("X-Query", environ["QUERY_STRING"])])
+    return [body]
+
+
+def environ_dump(environ, start_response):
+    keys = sorted(k for k, v in environ.items() if isinstance(v, str))
+    body = "\n".join(f"{k}={environ[k]}" for k in keys).encode("latin-1")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+
+
+def slow(environ, start_response):
+    seconds = float(environ["QUERY_STRING"] or "1")
+    time.sleep(seconds)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"slow done"]
+
+
+def stream(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    for i in range(5):
+        yield b"chunk%d\n" % i
+
+
+def big(environ, start_response):
+    size = int(environ["QUERY_STRING"] or "1000000")
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+    def gen():
+        block = b"x" * 65536
+        left = size
+        while left > 0:
+            yield block[:left]
+            left -= len(block)
+    return gen()
+
+
+def crash(environ, start_response):
+    raise RuntimeError("boom from the app")
+
+
+def crash_midway(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"first part"
+    raise RuntimeError("boom after the headers")
+
+
+def bad_header(environ, start_response):
+    start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: injected=1")])
+    return [b"never"]
+
+
+def no_content(environ, start_response):
+    start_response("204 No Content", [("Content-Length", "0")])
+    return [b""]
+
+
+def not_modified(environ, start_response):
+    start_response("304 Not Modified", [("ETag", '"x"')])
+    return [b"must not be sent"]
+
+
+def legacy_write(environ, start_response):
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    write(b"written ")
+    write(b"directly ")
+    return [b"and returned"]
+
+
+def exc_info_retry(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    try:
+        raise ValueError("changed my mind")
+    except ValueError:
+        start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
+    return [b"retry later"]
+
+
+def app_close(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+    return [b"bye"]
+
+
+def file(environ, start_response):
+    path = environ["QUERY_STRING"]
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return environ["wsgi.file_wrapper"](open(path, "rb"))
+
+
+CLOSED_MARKER = "/tmp/prefork-test-closed"
+
+
+class ClosingBody:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __iter__(self):
+        yield b"body"
+        raise RuntimeError("fails while iterating")
+
+    def close(self):
+        with open(self.marker, "w") as fh:
+            fh.write("closed")
+
+
+def close_called(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return ClosingBody(environ["QUERY_STRING"])
+
+
+def errors_stream(environ, start_response):
+    environ["wsgi.errors"].write("a line written to wsgi.errors\n")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"logged"]
+
+
+ROUTES = {
+    "/": hello, "/pid": pid, "/echo": echo, "/environ": environ_dump, "/slow": slow,
+    "/stream": stream, "/big": big, "/crash": crash, "/crash-midway": crash_midway,
+    "/bad-header": bad_header, "/204": no_content, "/304": not_modified,
+    "/write": legacy_write, "/exc-info": exc_info_retry, "/app-close": app_close,
+    "/file": file, "/close-called": close_called, "/errors": errors_stream,
+}

@@ -1,0 +1,195 @@
+"""Fixtures that run the real bin/prefork on port 0 in a temporary directory."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFORK = os.path.join(ROOT, "bin", "prefork")
+READY = re.compile(r"listening on (\S+)")
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Poll until predicate() is truthy; return its value or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def write_config(directory, app="tests.apps.basic:app", workers=2, extra=""):
+    # [server] base is the temp directory; the tests' apps import from ROOT.
+    text = f"""
+[server]
+bind = ["127.0.0.1:0"]
+workers = {workers}
+app = "{app}"
+pythonpath = ["{ROOT}"]
+pidfile = "prefork.pid"
+[logging]
+access_log = "logs/access.log"
+error_log = "logs/error.log"
+level = "info"
+{extra}
+"""
+    path = os.path.join(directory, "prefork.toml")
+    with open(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
+
+
+class Server:
+    """A real prefork master in the foreground, as a child of the test."""
+
+    def __init__(self, directory, config_path, args=()):
+        self.dir = directory
+        self.config = config_path
+        self.stdout_path = os.path.join(directory, "stdout.txt")
+        self.stderr_path = os.path.join(directory, "stderr.txt")
+        self.proc = subprocess.Popen(
+            [sys.executable, PREFORK, "start", "--foreground", "-c", config_path, *args],
+            stdout=open(self.stdout_path, "w"), stderr=open(self.stderr_path, "w"),
+            cwd=directory, start_new_session=True)
+        self.url = None
+
+    def wait_ready(self, timeout=15.0):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prefork exited with {self.proc.returncode}: "
+                                     f"{self.stderr()}")
+            match = READY.search(self.stdout())
+            return match.group(1) if match else None
+        self.url = wait_for(ready, timeout, message="the ready line")
+        host, port = self.url.split("//")[1].rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        return self
+
+    def stdout(self):
+        with open(self.stdout_path) as fh:
+            return fh.read()
+
+    def stderr(self):
+        with open(self.stderr_path) as fh:
+            return fh.read()
+
+    def log(self, name="error"):
+        try:
+            with open(os.path.join(self.dir, "logs", f"{name}.log")) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def signal(self, signum):
+        os.kill(self.proc.pid, signum)
+
+    def cli(self, *args, timeout=60):
+        return subprocess.run([sys.executable, PREFORK, *args, "-c", self.config],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.dir)
+
+    def status(self):
+        result = self.cli("status", "--json", timeout=10)
+        assert result.returncode == 0, result.stderr
+        import json
+        return json.loads(result.stdout)
+
+    def worker_pids(self):
+        return {w["pid"] for w in self.status()["workers"] if w["state"] in ("idle", "busy")}
+
+    def get(self, path, **kwargs):
+        kwargs.setdefault("timeout", 10)
+        return requests.get(self.url + path, **kwargs)
+
+    def connect(self, timeout=10):
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def raw(self, data: bytes, timeout=5.0) -> bytes:
+        """Send bytes, read until the server closes (or timeout)."""
+        with self.connect(timeout) as sock:
+            sock.sendall(data)
+            return read_until_close(sock, timeout)
+
+    def stop(self, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill_all(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def read_until_close(sock, timeout=5.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            break
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def tmpdir_short():
+    # Unix socket paths are limited to 108 bytes: keep the directory short.
+    directory = tempfile.mkdtemp(prefix="pf", dir="/tmp")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def make_server(tmpdir_short):
+    """make_server(app=..., workers=..., extra="[http]\\n...") -> ready Server."""
+    servers = []
+
+    def make(app="tests.apps.basic:app", workers=2, extra="", args=(), wait=True):
+        config = write_config(tmpdir_short, app, workers, extra)
+        server = Server(tmpdir_short, config, args)
+        servers.append(server)
+        return server.wait_ready() if wait else server
+
+    yield make
+    for server in servers:
+        server.stop(timeout=20)
+        server.kill_all()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()

@@ -1,0 +1,84 @@
+"""Config loading: defaults, paths, overrides, and one-line errors."""
+import os
+
+import pytest
+
+from prefork import config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "prefork.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_a_file():
+    cfg = config.load(None)
+    assert cfg.server.bind == ("127.0.0.1:8000",)
+    assert cfg.http.max_body > 0 and cfg.http.max_request_line > 0
+    assert cfg.status.allow == ("127.0.0.0/8", "::1/128")
+
+
+def test_shipped_config_is_valid_and_resolves_against_the_project_root():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = config.load(os.path.join(root, "conf", "prefork.toml"))
+    assert cfg.server.base == root
+    assert cfg.logging.access_log == os.path.join(root, "logs", "access.log")
+    assert cfg.control_socket == os.path.join(root, "logs", "prefork.sock")
+
+
+def test_relative_paths_resolve_against_base(tmp_path):
+    cfg = config.load(write(tmp_path, '[server]\nbase = "sub"\npidfile = "run/p.pid"\n'
+                                      'bind = ["unix:run/s.sock"]\n'))
+    assert cfg.server.pidfile == str(tmp_path / "sub" / "run" / "p.pid")
+    assert cfg.server.bind == (f"unix:{tmp_path}/sub/run/s.sock",)
+
+
+def test_overrides_win_and_are_checked(tmp_path):
+    path = write(tmp_path, "[server]\nworkers = 3\n")
+    assert config.load(path, {"server": {"workers": 5}}).server.workers == 5
+    with pytest.raises(config.ConfigError):
+        config.load(path, {"server": {"workers": 0}})
+
+
+def test_workers_auto():
+    assert config.load(None, {"server": {"workers": "auto"}}).server.workers == os.cpu_count()
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[server]\nworkers = 'many'\n", ["[server] workers", "integer"]),
+    ("[server]\nworkers = 0\n", ["[server] workers", "greater than 0"]),
+    ("[server]\nbogus = 1\n", ["[server] bogus", "unknown setting"]),
+    ("[nope]\nx = 1\n", ["[nope]", "unknown section"]),
+    ("[server]\napp = 'no_colon'\n", ["[server] app", "module:callable"]),
+    ("[server]\nbind = ['localhost']\n", ["[server] bind", "host:port"]),
+    ("[http]\nmax_body = -1\n", ["[http] max_body", "0 or more"]),
+    ("[http]\nkeepalive_timeout = 'soon'\n", ["[http] keepalive_timeout", "number"]),
+    ("[logging]\nlevel = 'loud'\n", ["[logging] level", "one of"]),
+    ("[status]\nallow = ['not-a-net']\n", ["[status] allow", "CIDR"]),
+    ("[status]\nenabled = 'yes'\n", ["[status] enabled", "true or false"]),
+    ("[server\n", ["invalid TOML"]),
+])
+def test_errors_name_file_key_and_problem_on_one_line(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert "\n" not in message and path in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match="no such config file"):
+        config.load("/nonexistent/prefork.toml")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:80", ("inet", ("127.0.0.1", 80))),
+    ("[::1]:8080", ("inet6", ("::1", 8080))),
+    (":9000", ("inet", ("0.0.0.0", 9000))),
+    ("unix:/tmp/x.sock", ("unix", "/tmp/x.sock")),
+])
+def test_parse_bind(text, expected):
+    assert config.parse_bind(text) == expected

@@ -1,0 +1,145 @@
+"""The HTTP reader fed bytes whole, line by line and byte by byte."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from prefork.http.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError,
+                                 NotImplementedMethod, RequestLineTooLong)
+from prefork.http.request import Limits, RequestReader
+
+PIPELINED = (b"POST /upload?x=1 HTTP/1.1\r\nHost: example\r\nContent-Length: 5\r\n"
+             b"X-Two: a\r\n\r\nhello"
+             b"GET /next HTTP/1.1\r\nHost: example\r\n\r\n"
+             b"GET /old HTTP/1.0\r\n\r\n")
+
+
+def splits(data):
+    yield "whole", [data]
+    yield "lines", [line + b"\n" for line in data.split(b"\n")[:-1]] + [data.split(b"\n")[-1]]
+    yield "bytes", [data[i:i + 1] for i in range(len(data))]
+
+
+def feed_all(pieces, limits=Limits()):
+    reader = RequestReader(limits)
+    for piece in pieces:
+        if piece:
+            reader.feed(piece)
+    return reader
+
+
+@pytest.mark.parametrize("how,pieces", list(splits(PIPELINED)))
+def test_pipelined_requests_parse_the_same_however_split(how, pieces):
+    reader = feed_all(pieces)
+    first, second, third = reader.ready
+    assert (first.method, first.target, first.version) == ("POST", b"/upload?x=1", "1.1")
+    assert first.body == b"hello"
+    assert (b"X-Two", b"a") in first.headers
+    assert first.keep_alive
+    assert (second.method, second.target, second.body) == ("GET", b"/next", b"")
+    assert (third.target, third.version, third.keep_alive) == (b"/old", "1.0", False)
+    assert not reader.in_message
+
+
+@pytest.mark.parametrize("how,pieces", list(splits(
+    b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"4;name=value\r\nWiki\r\n5\r\npedia\r\n0\r\nX-Trailer: yes\r\n\r\n")))
+def test_chunked_body_with_extensions_and_trailers(how, pieces):
+    (request,) = feed_all(pieces).ready
+    assert request.body == b"Wikipedia"
+    assert all(name != b"X-Trailer" for name, _ in request.headers)
+
+
+def test_http10_keep_alive_on_request():
+    (request,) = feed_all([b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"]).ready
+    assert request.keep_alive
+
+
+def test_connection_close_honoured():
+    (request,) = feed_all([b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"]).ready
+    assert not request.keep_alive
+
+
+def test_expect_continue_is_flagged_until_the_body_arrives():
+    reader = RequestReader(Limits())
+    reader.feed(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    assert reader.continue_pending and not reader.ready
+    reader.continue_pending = False
+    reader.feed(b"abc")
+    assert reader.ready[0].body == b"abc"
+
+
+def test_expect_continue_without_body_needs_no_interim_response():
+    reader = feed_all([b"GET /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n"])
+    assert not reader.continue_pending and len(reader.ready) == 1
+
+
+def test_body_above_spool_threshold_goes_to_a_file():
+    limits = Limits(spool_threshold=10)
+    body = b"0123456789" * 10
+    reader = feed_all([b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n", body[:50],
+                       body[50:]], limits)
+    request = reader.ready[0]
+    assert request.body == b"" and request.body_file.read() == body
+
+
+@pytest.mark.parametrize("data,error", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", RequestLineTooLong),
+    (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+     HeadersTooLarge),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"v" * 40000 + b"\r\n\r\n", HeadersTooLarge),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999\r\n\r\n", BodyTooLarge),
+    (b"GET / HTTP/1.1\r\n\r\n", BadRequest),                       # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", BadRequest),  # two Hosts
+    (b"GARBAGE\r\n\r\n", BadRequest),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", BadRequest),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+     BadRequest),
+    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", BadRequest),
+])
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_limits_and_malformed_requests(data, error, bytewise):
+    reader = RequestReader(Limits())
+    with pytest.raises(error):
+        for piece in ([data[i:i + 1] for i in range(len(data))] if bytewise else [data]):
+            reader.feed(piece)
+
+
+def test_chunked_body_over_the_limit():
+    reader = RequestReader(Limits(max_body=10))
+    reader.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with pytest.raises(BodyTooLarge):
+        reader.feed(b"20\r\n" + b"x" * 32 + b"\r\n0\r\n\r\n")
+
+
+def test_unknown_transfer_coding_is_refused():
+    with pytest.raises(NotImplementedMethod):
+        feed_all([b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n"])
+
+
+def test_head_bytes_are_bounded_even_inside_one_header_line():
+    reader = RequestReader(Limits(max_header_size=1000, max_request_line=100))
+    reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Slow: ")
+    with pytest.raises(HeadersTooLarge):
+        for _ in range(20):
+            reader.feed(b"v" * 100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_give_an_http_error(data):
+    reader = RequestReader(Limits(max_request_line=64, max_header_size=256, max_body=64))
+    try:
+        reader.feed(data)
+    except HttpError as exc:
+        assert 400 <= exc.status < 600
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"GET", b" ", b"/", b"a", b"%", b"HTTP/1.1", b"\r\n", b":",
+                                 b"Host", b"Content-Length", b"1", b"Transfer-Encoding",
+                                 b"chunked", b"\x00", b"0"]), max_size=40))
+def test_http_shaped_bytes_parse_or_give_an_http_error(tokens):
+    reader = RequestReader(Limits())
+    try:
+        reader.feed(b"".join(tokens))
+    except HttpError as exc:
+        assert 400 <= exc.status < 600

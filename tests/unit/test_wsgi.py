@@ -1,0 +1,114 @@
+"""environ construction and the start_response state machine."""
+import io
+import sys
+
+import pytest
+
+from prefork.http.errors import AppError, BadRequest
+from prefork.http.request import Limits, RequestReader
+from prefork.wsgi import StartResponse, base_environ, build_environ, split_target
+
+
+def environ_for(raw: bytes) -> dict:
+    reader = RequestReader(Limits())
+    reader.feed(raw)
+    base = base_environ("127.0.0.1", "8000", "10.1.2.3", "5555", sys.stderr)
+    return build_environ(reader.ready[0], base)
+
+
+def test_full_environ():
+    env = environ_for(b"POST /a%20b/%C3%A9?x=1&y=%20 HTTP/1.1\r\nHost: example.com\r\n"
+                      b"Content-Type: text/plain\r\nContent-Length: 3\r\nX-Multi: 1\r\n"
+                      b"X-Multi: 2\r\nCookie: a=1\r\nCookie: b=2\r\n\r\nabc")
+    assert env["REQUEST_METHOD"] == "POST"
+    assert env["PATH_INFO"] == "/a b/\xc3\xa9"          # percent-decoded, latin-1
+    assert env["QUERY_STRING"] == "x=1&y=%20"            # left encoded
+    assert env["RAW_URI"] == "/a%20b/%C3%A9?x=1&y=%20"
+    assert env["SCRIPT_NAME"] == ""
+    assert env["CONTENT_TYPE"] == "text/plain" and env["CONTENT_LENGTH"] == "3"
+    assert "HTTP_CONTENT_TYPE" not in env
+    assert env["HTTP_HOST"] == "example.com"
+    assert env["HTTP_X_MULTI"] == "1,2"
+    assert env["HTTP_COOKIE"] == "a=1; b=2"
+    assert env["SERVER_NAME"] == "127.0.0.1" and env["SERVER_PORT"] == "8000"
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert env["REMOTE_ADDR"] == "10.1.2.3" and env["REMOTE_PORT"] == "5555"
+    assert env["wsgi.version"] == (1, 0) and env["wsgi.url_scheme"] == "http"
+    assert env["wsgi.multiprocess"] is True and env["wsgi.multithread"] is False
+    assert env["wsgi.run_once"] is False
+    assert env["wsgi.input"].read() == b"abc"
+    assert callable(env["wsgi.file_wrapper"])
+
+
+def test_underscore_headers_are_dropped_so_they_cannot_spoof_dashed_ones():
+    env = environ_for(b"GET / HTTP/1.1\r\nHost: h\r\nX-User: real\r\nX_User: spoof\r\n\r\n")
+    assert env["HTTP_X_USER"] == "real"
+
+
+@pytest.mark.parametrize("target,expected", [
+    (b"/p?q#frag", (b"/p", b"q")),
+    (b"http://example.com/abs?x=1", (b"/abs", b"x=1")),
+    (b"*", (b"*", b"")),
+])
+def test_split_target(target, expected):
+    assert split_target(target) == expected
+
+
+def test_authority_form_is_refused():
+    with pytest.raises(BadRequest):
+        split_target(b"example.com:443")
+
+
+def writer(data):
+    raise AssertionError("not used")
+
+
+def test_start_response_records_and_strips_hop_by_hop():
+    sr = StartResponse(writer)
+    write = sr("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5"),
+                          ("Connection", "close"), ("Transfer-Encoding", "chunked")])
+    assert write is writer
+    assert sr.status_code == 200 and sr.content_length == 5 and sr.close
+    assert sr.headers == [("Content-Type", "text/plain")]
+
+
+def test_start_response_twice_without_exc_info_is_an_error():
+    sr = StartResponse(writer)
+    sr("200 OK", [])
+    with pytest.raises(AssertionError):
+        sr("500 Oops", [])
+
+
+def test_exc_info_replaces_status_before_headers_are_sent():
+    sr = StartResponse(writer)
+    sr("200 OK", [])
+    try:
+        raise ValueError("x")
+    except ValueError:
+        sr("500 Internal Server Error", [], sys.exc_info())
+    assert sr.status_code == 500
+
+
+def test_exc_info_after_headers_sent_reraises():
+    sr = StartResponse(writer)
+    sr("200 OK", [])
+    sr.headers_sent = True
+    with pytest.raises(ValueError):
+        try:
+            raise ValueError("x")
+        except ValueError:
+            sr("500 Internal Server Error", [], sys.exc_info())
+
+
+@pytest.mark.parametrize("status,headers", [
+    ("200 OK", [("X-Evil", "a\r\nSet-Cookie: x")]),
+    ("200 OK", [("X-Evil\n", "a")]),
+    ("200 OK", [("X-Nul", "a\0b")]),
+    ("200 OK", [("X-Bytes", b"v")]),
+    ("200 OK", [("Content-Length", "ten")]),
+    ("OK", []),
+    (b"200 OK", []),
+])
+def test_bad_status_or_headers_are_refused(status, headers):
+    with pytest.raises(AppError):
+        StartResponse(writer)(status, headers)
