@@ -1,0 +1,240 @@
+"""make bench: prefork and its peers side by side on the same app under wrk.
+
+Each server gets the same worker count, the same app and the same wrk load;
+each figure is the median of --runs runs. Ratios are prefork / peer (above 1:
+prefork is faster). This machine is small and noisy: read medians, not runs.
+Usage: tests/bench/run.py [--runs 3] [--duration 5] [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PEERS = os.path.join(ROOT, ".bench-venv", "bin")
+WORKERS = 2
+CONNECTIONS = 50
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefork_command(app, port, workdir, extra=""):
+    config = os.path.join(workdir, "prefork.toml")
+    with open(config, "w") as fh:
+        fh.write(f"""[server]
+bind = ["127.0.0.1:{port}"]
+workers = {WORKERS}
+app = "{app}"
+pythonpath = ["{ROOT}", "{ROOT}/tests/bench"]
+pidfile = "{workdir}/prefork.pid"
+{extra}
+""")
+    return [sys.executable, os.path.join(ROOT, "bin", "prefork"), "start", "--foreground",
+            "-c", config]
+
+
+def log_section(workdir, access=True):
+    return (f'[logging]\naccess_log = "{workdir + "/access.log" if access else ""}"\n'
+            f'error_log = "{workdir}/error.log"\n')
+
+
+SERVERS = {
+    "prefork": lambda app, port, wd: prefork_command(app, port, wd, log_section(wd)),
+    "gunicorn-sync": lambda app, port, wd: [
+        f"{PEERS}/gunicorn", "-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--chdir", ROOT,
+        "--pythonpath", f"{ROOT}/tests/bench", "--log-level", "warning", app],
+    "gunicorn-gthread": lambda app, port, wd: [
+        f"{PEERS}/gunicorn", "-w", str(WORKERS), "-k", "gthread", "--threads", "4",
+        "-b", f"127.0.0.1:{port}", "--chdir", ROOT, "--pythonpath", f"{ROOT}/tests/bench",
+        "--log-level", "warning", app],
+    "uwsgi": lambda app, port, wd: [
+        f"{PEERS}/uwsgi", "--http11-socket", f"127.0.0.1:{port}", "--processes", str(WORKERS),
+        "--master", "--module", app, "--chdir", ROOT, "--pythonpath", f"{ROOT}/tests/bench",
+        "--disable-logging", "--die-on-term", "--lazy-apps", "--need-app"],
+    "granian": lambda app, port, wd: [
+        f"{PEERS}/granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(WORKERS), "--log-level", "warning", app],
+}
+
+APPS = {
+    "hello": "prefork.apps.hello:app",
+    "flask": "flask_app:app",
+}
+
+
+def wait_answering(url, proc, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def run_wrk(url, duration, connections=CONNECTIONS):
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+                         capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+
+    def pct(p):
+        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * UNITS[unit]
+    return {"rps": rps, "p50": pct(50), "p99": pct(99),
+            "errors": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def worker_rss(root_pid) -> float:
+    """Median RSS (MiB) of the server's worker processes: the children of the
+    process we started (itself the master), less prefork's Manager."""
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    sizes = []
+    for child in children:
+        try:
+            if " ".join(child.cmdline()).strip() == "prefork: manager":
+                continue
+            sizes.append(child.memory_info().rss / 1048576)
+        except psutil.Error:
+            continue
+    return statistics.median(sizes) if sizes else 0.0
+
+
+def measure(name, command, url, args, path="/"):
+    workdir = tempfile.mkdtemp(prefix="pfbench")
+    stderr_path = os.path.join(workdir, "stderr")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT}/tests/bench")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
+                            stderr=open(stderr_path, "w"), start_new_session=True)
+    try:
+        try:
+            wait_answering(url + path, proc)
+        except RuntimeError as exc:
+            with open(stderr_path) as fh:
+                raise RuntimeError(f"{exc}: {fh.read()[-600:]}") from None
+        idle_rss = worker_rss(proc.pid)
+        run_wrk(url + path, 1)   # warm-up
+        runs = [run_wrk(url + path, args.duration) for _ in range(args.runs)]
+        result = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99")}
+        result["errors"] = sum(r["errors"] for r in runs)
+        result["socket_errors"] = "; ".join(r["socket_errors"] for r in runs if r["socket_errors"])
+        result["idle_rss"] = idle_rss
+        result["runs"] = [round(r["rps"]) for r in runs]
+        return result
+    finally:
+        stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def fmt_ms(seconds):
+    return f"{seconds * 1000:.2f}ms"
+
+
+def print_table(title, results, reference="prefork"):
+    print(f"\n{title}")
+    print(f"{'server':<22}{'req/s':>10}{'p50':>10}{'p99':>10}{'idle RSS':>10}"
+          f"{'prefork x':>11}  runs")
+    ref = results.get(reference)
+    for name, r in results.items():
+        ratio = f"{ref['rps'] / r['rps']:.2f}x" if ref and r["rps"] else "-"
+        note = f"  ({r['errors']} non-2xx)" if r["errors"] else ""
+        print(f"{name:<22}{r['rps']:>10.0f}{fmt_ms(r['p50']):>10}{fmt_ms(r['p99']):>10}"
+              f"{r['idle_rss']:>9.1f}M{ratio:>11}  {r['runs']}{note}")
+
+
+def compare_servers(args):
+    for app_name in args.apps:
+        results = {}
+        for server in args.servers:
+            if server != "prefork" and not os.path.exists(SERVERS[server]("", 0, "")[0]):
+                print(f"  (skipping {server}: not installed; run tests/bench/setup.sh)")
+                continue
+            port = free_port()
+            workdir = tempfile.mkdtemp(prefix="pfcfg")
+            try:
+                command = SERVERS[server](APPS[app_name], port, workdir)
+                results[server] = measure(server, command, f"http://127.0.0.1:{port}", args)
+            except (RuntimeError, AttributeError) as exc:
+                print(f"  ({server} failed: {exc})")
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+        print_table(f"app: {app_name}  ({WORKERS} workers, wrk -t1 -c{CONNECTIONS} "
+                    f"-d{args.duration}s, median of {args.runs})", results)
+
+
+def compare_prefork_variants(args, title, variants):
+    """Same app, prefork only, with one setting changed."""
+    results = {}
+    for name, extra in variants.items():
+        port = free_port()
+        workdir = tempfile.mkdtemp(prefix="pfcfg")
+        try:
+            command = prefork_command(APPS["hello"], port, workdir, extra(workdir))
+            results[name] = measure(name, command, f"http://127.0.0.1:{port}", args)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    names = list(results)
+    print_table(title, results, reference=names[0])
+    first, second = results[names[0]], results[names[1]]
+    print(f"  {names[0]} / {names[1]} throughput: {first['rps'] / second['rps'] * 100:.1f}%")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--servers", nargs="*", default=list(SERVERS))
+    parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
+    parser.add_argument("--sections", nargs="*", default=["servers", "access-log"])
+    args = parser.parse_args()
+    print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    if "servers" in args.sections:
+        compare_servers(args)
+    if "access-log" in args.sections:
+        compare_prefork_variants(args, "access log on vs off (prefork, hello)", {
+            "access-log-on": lambda wd: log_section(wd, access=True),
+            "access-log-off": lambda wd: log_section(wd, access=False),
+        })
+
+
+if __name__ == "__main__":
+    main()

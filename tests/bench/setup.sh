@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what `make bench` needs beyond .venv: wrk (system package) and the
+# peer servers in their own virtualenv, so they never mix with our dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if ! command -v wrk >/dev/null; then
+  echo "bench: installing wrk"
+  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+fi
+if ! command -v nginx >/dev/null; then
+  echo "bench: installing nginx"
+  (apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx) >/dev/null
+fi
+if [ ! -f .bench-venv/.installed-stamp ]; then
+  echo "bench: installing peers (gunicorn, uWSGI, granian) into .bench-venv"
+  python3 -m venv .bench-venv
+  .bench-venv/bin/pip install --quiet --upgrade pip
+  .bench-venv/bin/pip install --quiet gunicorn uwsgi granian flask
+  touch .bench-venv/.installed-stamp
+fi

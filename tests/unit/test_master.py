@@ -1,0 +1,186 @@
+"""The master's decisions, with injected signals and exits: no processes."""
+import heapq
+import itertools
+import signal
+
+import pytest
+
+from prefork import config as configmod
+from prefork.master import SIGNAL_ACTIONS, MAX_SLOTS, Master, WorkerRecord
+from prefork.scoreboard import Scoreboard
+from prefork.sockets import create_listener
+
+
+class Reporter:
+    def __init__(self):
+        self.ready_calls, self.failures = [], []
+
+    def ready(self, pid, urls, workers):
+        self.ready_calls.append(workers)
+
+    def failed(self, message):
+        self.failures.append(message)
+
+    def forget(self):
+        pass
+
+
+class DecisionMaster(Master):
+    """The real Master with fork and kill replaced by records."""
+
+    def __init__(self, **server):
+        overrides = {"server": dict(server, bind=["127.0.0.1:0"])}
+        super().__init__(configmod.load(None, overrides), overrides, Reporter())
+        self.scoreboard = Scoreboard(MAX_SLOTS)
+        self.listeners = {"127.0.0.1:0": create_listener("127.0.0.1:0", 16)}
+        self.last_publish = float("inf")   # no snapshot publishing in these tests
+        self.sent = []
+        self._pids = itertools.count(1000)
+
+    def spawn(self, config, generation, listeners):
+        rec = WorkerRecord(next(self._pids), heapq.heappop(self.free_slots), generation,
+                           None, self.now)
+        self.workers[rec.pid] = rec
+        return rec
+
+    def signal_worker(self, rec, signum):
+        self.sent.append((rec.pid, signum))
+
+    def boot_all(self):
+        for rec in self.workers.values():
+            if rec.state == "booting":
+                rec.state = "ready"
+                self.scoreboard.claim(rec.slot, rec.pid, rec.generation, self.now)
+
+    def fail_boot(self, rec, text="ImportError: no module"):
+        rec.boot_report = b"FAIL\n" + text.encode()
+        self.on_exit(rec, 3)
+
+    def tick(self, seconds=0.0):
+        self.now += seconds
+        self.supervise()
+
+    def inject(self, signum):
+        SIGNAL_ACTIONS[signum](self)
+
+
+def started(**server):
+    master = DecisionMaster(**server)
+    master.tick()
+    master.boot_all()
+    master.tick()
+    return master
+
+
+def test_start_spawns_the_pool_and_reports_ready_once_all_boot():
+    master = DecisionMaster(workers=3)
+    master.tick()
+    assert len(master.workers) == 3 and master.reporter.ready_calls == []
+    master.boot_all()
+    master.tick()
+    master.tick()
+    assert master.reporter.ready_calls == [3] and not master.starting
+
+
+def test_a_boot_failure_at_start_fails_the_start():
+    master = DecisionMaster()
+    master.tick()
+    master.fail_boot(next(iter(master.workers.values())))
+    assert master.exit_code == 1 and master.stopping
+    assert "ImportError" in master.reporter.failures[0]
+    assert all(signum == signal.SIGQUIT for _, signum in master.sent)
+
+
+def test_a_crashed_worker_is_respawned():
+    master = started()
+    victim = next(iter(master.workers.values()))
+    master.on_exit(victim, -signal.SIGKILL)
+    master.tick()
+    assert len(master.workers) == 2 and victim.pid not in master.workers
+    assert master.exits["killed"] == 1
+
+
+def test_boot_failures_after_start_back_off_exponentially():
+    master = started()
+    for rec in list(master.workers.values()):
+        master.on_exit(rec, -signal.SIGKILL)   # the pool dies...
+    delays = []
+    for attempt in range(5):
+        master.tick()
+        booting = [r for r in master.workers.values() if r.state == "booting"]
+        # ...every replacement fails to boot; after a failure, one at a time.
+        assert len(booting) == (2 if attempt == 0 else 1)
+        for rec in booting:
+            master.fail_boot(rec)
+        delays.append(master.next_spawn_at - master.now)
+        master.tick()
+        assert not master.workers                 # nothing spawned before the delay
+        master.now += delays[-1]
+    assert delays == sorted(delays) and delays[-1] >= delays[0] * 8
+    assert master.snapshot()["server"]["state"] == "degraded"
+
+
+def test_reload_retires_the_old_generation_only_once_the_new_one_is_ready():
+    master = started()
+    old = set(master.workers)
+    master.inject(signal.SIGHUP)
+    master.tick()
+    assert master.pending is not None and len(master.workers) == 4
+    assert master.sent == []                  # nothing retired while new ones boot
+    master.boot_all()
+    master.tick()
+    assert master.pending is None and master.generation == 2
+    assert sorted(master.sent) == sorted((pid, signal.SIGTERM) for pid in old)
+
+
+def test_reload_whose_workers_cannot_boot_keeps_the_old_generation():
+    master = started()
+    old = set(master.workers)
+    master.inject(signal.SIGHUP)
+    new = [r for r in master.workers.values() if r.generation == 2]
+    master.fail_boot(new[0])
+    master.tick()
+    assert master.pending is None and master.generation == 1
+    assert master.reloads["failed"] == 1 and "ImportError" in master.reloads["last_error"]
+    assert {pid for pid, _ in master.sent} == {new[1].pid}   # only the other new one stops
+    assert old <= set(master.workers)
+
+
+def test_ttin_and_ttou_change_the_pool():
+    master = started()
+    master.inject(signal.SIGTTIN)
+    master.tick()
+    assert len(master.generation_workers(1)) == 3
+    master.boot_all()
+    master.inject(signal.SIGTTOU)
+    master.inject(signal.SIGTTOU)
+    master.tick()
+    assert len(master.generation_workers(1)) == 1
+    assert len([s for _, s in master.sent if s == signal.SIGTERM]) == 2
+
+
+def test_graceful_stop_then_kill_at_the_deadline():
+    master = started()
+    master.inject(signal.SIGTERM)
+    assert master.stopping and {s for _, s in master.sent} == {signal.SIGTERM}
+    master.tick(master.config.workers.graceful_timeout + 1)
+    assert {s for _, s in master.sent} == {signal.SIGTERM, signal.SIGKILL}
+    for rec in list(master.workers.values()):
+        master.on_exit(rec, -signal.SIGKILL)
+    master.tick()
+    assert master.finished
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
+def test_fast_stop(signum):
+    master = started()
+    master.inject(signum)
+    assert {s for _, s in master.sent} == {signal.SIGQUIT}
+
+
+def test_a_worker_without_heartbeat_is_killed():
+    master = started()
+    rec = next(iter(master.workers.values()))
+    master.tick(master.config.workers.timeout + 1)
+    assert (rec.pid, signal.SIGKILL) in master.sent
+    assert master.totals.timeouts == 2   # both workers were silent
