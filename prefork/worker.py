@@ -30,10 +30,12 @@ from . import scoreboard as sb
 from .connection import Connection
 from .http.errors import AppError
 from .http.request import Limits
-from .http.response import http_date
+from .apps.status import StatusApp
+from .http.response import REASONS, http_date
 from .logs import AccessLog, install_worker_logging
 from .signals import SignalInbox
 from .stats import WorkerStats
+from .templates import ERROR_FALLBACK, Templates
 from .wsgi import ErrorStream
 
 BOOT_FAILED = 3
@@ -41,6 +43,19 @@ ACCEPT_BATCH = 1
 TICK_SECONDS = 0.5
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
+ERROR_DETAILS = {
+    400: "The request could not be understood.",
+    403: "You are not allowed to see this page.",
+    404: "Nothing here.",
+    405: "This method is not allowed here.",
+    408: "The request did not arrive in time.",
+    413: "The request body is too large.",
+    414: "The request line is too long.",
+    431: "The request headers are too large.",
+    500: "The application failed; the error log has the details.",
+    501: "This transfer coding is not supported.",
+    503: "The server is not ready to answer; try again shortly.",
+}
 
 
 class AppLoadError(Exception):
@@ -85,6 +100,9 @@ class Worker:
         self.wsgi_errors = ErrorStream(logging.getLogger("prefork.app"))
         self.requests = 0
         self.app = None
+        self.collect = config.status.enabled   # statistics off: count nothing
+        self.templates = Templates()
+        self._error_pages = {}
         self.poller = None
         self.inbox = None
         self._second = 0
@@ -102,8 +120,11 @@ class Worker:
         try:
             self.sink.connect()
             self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
-            self.app = load_app(self.config.server.app,
-                                self.config.server.pythonpath + (self.config.server.base,))
+            app = load_app(self.config.server.app,
+                           self.config.server.pythonpath + (self.config.server.base,))
+            self.app = (StatusApp(self.config.status, self.sink, self.scoreboard,
+                                  self.templates).mount(app)
+                        if self.config.status.enabled else app)
         except BaseException:
             os.write(boot_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
             os._exit(BOOT_FAILED)
@@ -239,7 +260,8 @@ class Worker:
         duration = now - exchange.started
         self.requests += 1
         self.scoreboard.end(self.slot, self.requests, status, duration)
-        self.stats.record(status, exchange.sent, duration)
+        if self.collect:
+            self.stats.record(status, exchange.sent, duration)
         if exchange.environ is not None:
             self.access_log.record(exchange.environ, status, exchange.sent, duration)
 
@@ -258,7 +280,15 @@ class Worker:
         self.stats.timeouts += 1
 
     def error_page(self, status):
-        return None   # the built-in page; the templates issue adds custom ones
+        """templates/error.html rendered once per status (bytes), else built in."""
+        page = self._error_pages.get(status)
+        if page is None:
+            reason = REASONS.get(status, "Error")
+            detail = ERROR_DETAILS.get(status, "")
+            page = self._error_pages[status] = self.templates.render(
+                "error.html", ERROR_FALLBACK, status=status, reason=reason,
+                detail=detail).encode()
+        return page
 
 
 def run(config, listeners, scoreboard, slot, generation, master_pid, boot_fd, sink):

@@ -219,12 +219,13 @@ def compare_prefork_variants(args, title, variants):
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)   # progress shows when piped
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--servers", nargs="*", default=list(SERVERS))
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
-    parser.add_argument("--sections", nargs="*", default=["servers", "access-log"])
+    parser.add_argument("--sections", nargs="*", default=["servers", "access-log", "stats"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -233,6 +234,11 @@ def main():
         compare_prefork_variants(args, "access log on vs off (prefork, hello)", {
             "access-log-on": lambda wd: log_section(wd, access=True),
             "access-log-off": lambda wd: log_section(wd, access=False),
+        })
+    if "stats" in args.sections:
+        compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
+            "stats-on": lambda wd: log_section(wd) + "[status]\nenabled = true\n",
+            "stats-off": lambda wd: log_section(wd) + "[status]\nenabled = false\n",
         })
 
 

@@ -1,0 +1,180 @@
+"""The status endpoint: the master's published snapshot as HTML, JSON or
+Prometheus text, answered by whichever worker takes the request.
+
+Owns: access control ([status] allow), content negotiation, and the three
+renderers. Per-worker live fields (state, current request, heartbeat) are
+refreshed from the shared scoreboard at render time, so they are not up to one
+interval stale; everything else comes from the snapshot.
+Must not: ask the master anything (it works from the published snapshot).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+
+from ..stats import BUCKETS
+from ..templates import Templates
+
+HTML_FALLBACK = "<!doctype html><title>prefork status</title><pre>{json}</pre>"
+
+
+class StatusApp:
+    def __init__(self, status_config, sink, scoreboard, templates: Templates):
+        self.path = status_config.path
+        self.allow = [ipaddress.ip_network(net, strict=False) for net in status_config.allow]
+        self.interval = status_config.interval
+        self.sink = sink
+        self.scoreboard = scoreboard
+        self.templates = templates
+
+    def mount(self, app):
+        """Wrap the user's app: our path is ours, everything else is theirs."""
+        path = self.path
+
+        def dispatch(environ, start_response):
+            if environ["PATH_INFO"] == path:
+                return self(environ, start_response)
+            return app(environ, start_response)
+        return dispatch
+
+    def allowed(self, remote: str) -> bool:
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow)
+
+    def __call__(self, environ, start_response):
+        if not self.allowed(environ["REMOTE_ADDR"]):
+            return self.plain(start_response, "403 Forbidden", "status: your address is not allowed\n")
+        if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
+                                                      ("Content-Type", "text/plain")])
+            return [b"method not allowed\n"]
+        snapshot = self.sink.snapshot()
+        if not snapshot:
+            return self.plain(start_response, "503 Service Unavailable",
+                              "status: no snapshot published yet\n")
+        refresh_live(snapshot, self.scoreboard, time.monotonic())
+        kind = negotiate(environ)
+        if kind == "json":
+            body, ctype = json.dumps(snapshot, indent=1).encode(), "application/json"
+        elif kind == "prometheus":
+            body, ctype = prometheus(snapshot).encode(), "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            body = self.templates.render("status.html", HTML_FALLBACK, s=snapshot,
+                                         refresh=max(1, int(self.interval * 2)),
+                                         json=json.dumps(snapshot, indent=1)).encode()
+            ctype = "text/html; charset=utf-8"
+        start_response("200 OK", [("Content-Type", ctype), ("Cache-Control", "no-store")])
+        return [body]
+
+    @staticmethod
+    def plain(start_response, status, text):
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+
+
+def negotiate(environ) -> str:
+    query = environ.get("QUERY_STRING", "")
+    for part in query.split("&"):
+        if part.startswith("format="):
+            return {"json": "json", "prometheus": "prometheus", "metrics": "prometheus"}.get(
+                part[7:], "html")
+    accept = environ.get("HTTP_ACCEPT", "")
+    if "application/json" in accept:
+        return "json"
+    if "text/plain" in accept and "version=0.0.4" in accept:
+        return "prometheus"
+    return "html"
+
+
+def refresh_live(snapshot, scoreboard, now):
+    for row in snapshot["workers"]:
+        view = scoreboard.read(row["slot"])
+        if view.pid != row["pid"]:
+            continue   # the slot changed hands since the snapshot
+        if row["state"] in ("idle", "busy"):
+            row["state"] = view.state
+        row["requests"] = view.requests
+        row["heartbeat_age"] = round(now - view.heartbeat, 1)
+        row["current"] = ({"method": view.method, "path": view.path,
+                           "elapsed": round(now - view.request_start, 3)}
+                          if view.state == "busy" else None)
+    serving = [r for r in snapshot["workers"] if r["state"] in ("idle", "busy")]
+    snapshot["pool"]["busy"] = sum(1 for r in serving if r["state"] == "busy")
+    snapshot["pool"]["idle"] = len(serving) - snapshot["pool"]["busy"]
+
+
+def _metric(lines, name, kind, help_text, samples):
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+
+
+def prometheus(s) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    lines = []
+    server, pool, totals, latency = s["server"], s["pool"], s["totals"], s["latency"]
+    _metric(lines, "prefork_info", "gauge", "Server version.",
+            [({"version": server["version"], "python": server["python"]}, 1)])
+    _metric(lines, "prefork_uptime_seconds", "gauge", "Seconds since the master started.",
+            [({}, server["uptime"])])
+    _metric(lines, "prefork_generation", "gauge", "Worker generation (bumped by reload).",
+            [({}, server["generation"])])
+    _metric(lines, "prefork_requests_total", "counter", "Requests answered by the app.",
+            [({}, totals["requests"])])
+    _metric(lines, "prefork_responses_total", "counter", "Responses by status class.",
+            [({"class": k}, v) for k, v in totals["responses"].items()])
+    _metric(lines, "prefork_responses_by_code_total", "counter", "Responses by status code.",
+            [({"code": k}, v) for k, v in totals["statuses"].items()])
+    for key, help_text in (("bytes_in", "Request bytes received."),
+                           ("bytes_out", "Response body bytes sent."),
+                           ("connections_accepted", "Connections accepted."),
+                           ("app_exceptions", "Exceptions raised by the app."),
+                           ("rejected", "Requests refused by the parser (4xx)."),
+                           ("timeouts", "Requests or workers cut by a timeout.")):
+        _metric(lines, f"prefork_{key}_total", "counter", help_text, [({}, totals[key])])
+    _metric(lines, "prefork_connections_open", "gauge", "Open client connections.",
+            [({}, totals["connections_open"])])
+    cumulative = 0
+    buckets = []
+    for bound, count in zip(list(BUCKETS) + ["+Inf"], latency["counts"]):
+        cumulative += count
+        buckets.append(({"le": bound}, cumulative))
+    lines.append("# HELP prefork_request_duration_seconds Time from complete request to response end.")
+    lines.append("# TYPE prefork_request_duration_seconds histogram")
+    for labels, value in buckets:
+        lines.append(f'prefork_request_duration_seconds_bucket{{le="{labels["le"]}"}} {value}')
+    lines.append(f"prefork_request_duration_seconds_sum {latency['sum']}")
+    lines.append(f"prefork_request_duration_seconds_count {latency['count']}")
+    _metric(lines, "prefork_requests_per_second", "gauge", "Request rate over a window.",
+            [({"window": k}, v) for k, v in s["rates"].items()])
+    _metric(lines, "prefork_workers", "gauge", "Workers by state.",
+            [({"state": "busy"}, pool["busy"]), ({"state": "idle"}, pool["idle"]),
+             ({"state": "alive"}, pool["alive"]), ({"state": "target"}, pool["target"])])
+    _metric(lines, "prefork_workers_spawned_total", "counter", "Workers started.",
+            [({}, pool["spawned"])])
+    _metric(lines, "prefork_worker_exits_total", "counter", "Worker exits by reason.",
+            [({"reason": k}, v) for k, v in pool["exits"].items()])
+    _metric(lines, "prefork_listen_queue_depth", "gauge", "Connections waiting in the listen queue.",
+            [({}, s["listen_queue"]["depth"])])
+    _metric(lines, "prefork_listen_queue_max", "gauge", "Largest listen queue seen.",
+            [({}, s["listen_queue"]["max"])])
+    workers = s["workers"]
+    _metric(lines, "prefork_worker_requests_total", "counter", "Requests served by a worker.",
+            [({"slot": w["slot"]}, w["requests"]) for w in workers])
+    _metric(lines, "prefork_worker_busy", "gauge", "1 while the worker runs the app.",
+            [({"slot": w["slot"]}, int(w["state"] == "busy")) for w in workers])
+    _metric(lines, "prefork_worker_rss_bytes", "gauge", "Worker resident memory.",
+            [({"slot": w["slot"]}, w["rss"]) for w in workers])
+    _metric(lines, "prefork_worker_cpu_percent", "gauge", "Worker CPU use since the last snapshot.",
+            [({"slot": w["slot"]}, w["cpu"]) for w in workers])
+    _metric(lines, "prefork_worker_age_seconds", "gauge", "Seconds since the worker started.",
+            [({"slot": w["slot"]}, w["age"]) for w in workers])
+    return "\n".join(lines) + "\n"

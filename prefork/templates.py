@@ -1,0 +1,41 @@
+"""Jinja2 templates: error pages, the status dashboard, the demo site.
+
+Owns: the one Environment (autoescape on) over the templates directory, and
+the fallback rule: a missing or broken template never breaks a response; it
+falls back to a plain built-in page and the reason is logged once.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import os
+
+import jinja2
+
+log = logging.getLogger("prefork.templates")
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
+
+
+class Templates:
+    def __init__(self, directory: str = ""):
+        self.directory = directory or DEFAULT_DIR
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(self.directory),
+                                      autoescape=True, auto_reload=False)
+        self._warned = set()
+
+    def render(self, name: str, fallback: str, **context) -> str:
+        """Render `name`; on any template problem log it once and return the
+        plain `fallback` text formatted with the same context (escaped)."""
+        try:
+            return self.env.get_template(name).render(**context)
+        except jinja2.TemplateError as exc:
+            if name not in self._warned:
+                self._warned.add(name)
+                log.error("template %s failed (%s: %s); using the built-in page",
+                          name, type(exc).__name__, exc)
+            safe = {k: html.escape(str(v)) for k, v in context.items()}
+            return fallback.format(**safe)
+
+
+ERROR_FALLBACK = ("<!doctype html><title>{status} {reason}</title>"
+                  "<h1>{status} {reason}</h1><p>{detail}</p>\n")

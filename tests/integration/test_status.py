@@ -1,0 +1,127 @@
+"""Statistics through the Manager queues, the status endpoint and `prefork status`."""
+import os
+import signal
+import threading
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import wait_for
+
+MIX = {"/": 200, "/missing": 404, "/crash": 500}
+
+
+def send_mix(server, rounds):
+    for _ in range(rounds):
+        for path, status in MIX.items():
+            assert server.get(path).status_code == status
+
+
+def totals_reach(server, requests_count):
+    return wait_for(lambda: (lambda s: s if s["totals"]["requests"] == requests_count else None)(
+        server.status()), timeout=15, message=f"{requests_count} requests in the totals")
+
+
+def test_totals_match_a_known_mix_class_by_class(server):
+    send_mix(server, 7)
+    status = totals_reach(server, 21)
+    assert status["totals"]["responses"] == {"1xx": 0, "2xx": 7, "3xx": 0, "4xx": 7, "5xx": 7}
+    assert status["totals"]["statuses"] == {"200": 7, "404": 7, "500": 7}
+    assert status["totals"]["app_exceptions"] == 7
+    assert status["totals"]["bytes_out"] > 0 and status["totals"]["bytes_in"] > 0
+    assert status["totals"]["connections_accepted"] >= 21
+    assert status["latency"]["count"] == 21 and status["latency"]["p99"] > 0
+    # The endpoint serves the same snapshot shape.
+    body = server.get("/_status?format=json").json()
+    for key in ("server", "pool", "totals", "rates", "latency", "listen_queue", "workers"):
+        assert key in body
+    assert body["totals"]["requests"] >= 21
+    assert set(body["workers"][0]) >= {"slot", "pid", "generation", "state", "requests",
+                                       "current", "rss", "cpu", "age", "heartbeat_age"}
+    assert body["workers"][0]["rss"] > 1_000_000
+
+
+def test_rejected_requests_are_counted(server):
+    server.raw(b"GET / HTTP/1.1\r\n\r\n")   # no Host: 400 from the parser
+    wait_for(lambda: server.status()["totals"]["rejected"] == 1, message="a rejected request")
+    assert server.status()["totals"]["responses"]["4xx"] == 1
+
+
+def test_totals_survive_a_killed_worker_and_a_reload(server):
+    send_mix(server, 5)
+    totals_reach(server, 15)
+    victim = next(iter(server.worker_pids()))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(server.worker_pids() - {victim}) == 2, message="a replacement")
+    assert server.status()["totals"]["requests"] == 15
+    assert server.status()["pool"]["exits"]["killed"] == 1
+    assert server.cli("reload").returncode == 0
+    send_mix(server, 1)
+    status = totals_reach(server, 18)
+    assert status["server"]["generation"] == 2
+    assert status["totals"]["statuses"] == {"200": 6, "404": 6, "500": 6}
+
+
+def test_prometheus_output_parses_and_matches_the_json(server):
+    send_mix(server, 3)
+    totals_reach(server, 9)
+    text = server.get("/_status?format=prometheus").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    status = server.status()   # via the master; /_status requests are counted too
+    assert families["prefork_requests"].type == "counter"
+    assert families["prefork_requests"].samples[0].value >= 9
+    classes = {s.labels["class"]: s.value for s in families["prefork_responses"].samples}
+    assert classes["4xx"] == status["totals"]["responses"]["4xx"] == 3
+    assert classes["5xx"] == status["totals"]["responses"]["5xx"] == 3
+    histogram = families["prefork_request_duration_seconds"]
+    assert histogram.type == "histogram"
+    counts = {s.labels.get("le"): s.value for s in histogram.samples if s.name.endswith("_bucket")}
+    count = [s.value for s in histogram.samples if s.name.endswith("_count")][0]
+    assert counts["+Inf"] == count >= 9
+    busy = {s.labels["state"]: s.value for s in families["prefork_workers"].samples}
+    assert busy["alive"] == 2
+    slots = {s.labels["slot"] for s in families["prefork_worker_requests"].samples}
+    assert slots == {str(w["slot"]) for w in status["workers"]}
+
+
+def test_a_slow_request_shows_busy_and_status_answers_when_all_are_stuck(server):
+    threads = [threading.Thread(target=lambda: requests.get(server.url + "/slow?3", timeout=20))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+
+    def all_busy():
+        workers = server.status()["workers"]
+        return workers if all(w["current"] for w in workers) else None
+    workers = wait_for(all_busy, message="both workers busy")
+    assert {w["current"]["path"] for w in workers} == {"/slow?3"}
+    assert all(w["state"] == "busy" and w["current"]["method"] == "GET" for w in workers)
+    result = server.cli("status", timeout=5)   # the master answers; no worker is free
+    assert result.returncode == 0 and result.stdout.count("GET /slow?3") == 2
+    elapsed = wait_for(lambda: [w for w in server.status()["workers"]
+                                if w["current"] and w["current"]["elapsed"] > 1.0],
+                       message="elapsed time to grow")
+    assert elapsed
+    for thread in threads:
+        thread.join(20)
+
+
+def test_html_dashboard(server):
+    page = server.get("/_status")
+    assert page.headers["Content-Type"].startswith("text/html")
+    pids = server.worker_pids()
+    for pid in pids:
+        assert str(pid) in page.text
+    assert "http-equiv=\"refresh\"" in page.text
+    assert server.get("/_status", headers={"Accept": "application/json"}).json()["pool"]
+
+
+def test_clients_outside_allow_get_403(make_server):
+    server = make_server(extra='[status]\nallow = ["10.0.0.0/8"]\n')
+    assert server.get("/_status").status_code == 403
+    assert server.get("/").status_code == 200
+
+
+def test_status_disabled_leaves_the_path_to_the_app(make_server):
+    server = make_server(extra="[status]\nenabled = false\n")
+    assert server.get("/_status").status_code == 404   # the test app's own 404
