@@ -291,6 +291,10 @@ def render_status(s) -> str:
     if pool["boot_failures"]:
         lines.append(f"DEGRADED: {pool['boot_failures']} boot failure(s) in a row; last error: "
                      f"{pool['last_boot_error'].splitlines()[-1] if pool['last_boot_error'] else '?'}")
+    for kind, state in s.get("logs", {}).items():
+        if state["error"]:
+            lines.append(f"log problem ({kind}): {state['error']}; "
+                         f"{state['lost_lines']} line(s) lost so far")
     lines.append(f"  {'slot':>4} {'pid':>7} {'gen':>3} {'state':<8} {'reqs':>8} {'rss':>8} "
                  f"{'cpu%':>5}  current")
     for w in s["workers"]:

@@ -103,11 +103,29 @@ class WorkersConfig:
     boot_timeout: float = _setting(60.0, _check_positive)
 
 
+def _check_access_format(value):
+    if value in ("combined", "json"):
+        return None
+    if "%(" not in value:
+        return 'must be "combined", "json" or a format string with %(atom)s atoms'
+    from .logs import check_format   # late: logs imports nothing from config
+    return check_format(value)
+
+
+def _check_when(value):
+    return None if value in ("", "midnight", "H") else 'must be "", "midnight" or "H"'
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     access_log: str = _setting("logs/access.log", path=True)
     error_log: str = _setting("logs/error.log", path=True)
     level: str = _setting("info", _check_level)
+    access_format: str = _setting("combined", _check_access_format)
+    max_bytes: int = _setting(100 * 1024 * 1024, _check_non_negative)
+    backups: int = _setting(10, _check_non_negative)
+    when: str = _setting("", _check_when)
+    compress: bool = _setting(False)
 
 
 @dataclass(frozen=True)

@@ -443,14 +443,19 @@ class Master:
         log.info("log files reopened")
 
     # -- channels, control, snapshot -----------------------------------------------------
-    def drain_channels(self):
-        for delta in self.channels.drain_stats():
+    def drain_channels(self) -> int:
+        """Fold stats deltas and write log batches (bounded per call);
+        returns how many messages were taken."""
+        deltas = self.channels.drain_stats()
+        for delta in deltas:
             self.totals.fold(delta)
             if delta.pid in self.workers:
                 self.open_connections[delta.pid] = delta.open_connections
-        for kind, text in self.channels.drain_logs():
+        batches = self.channels.drain_logs()
+        for kind, text in batches:
             self.files.write(kind, text)
         self.rates.observe(self.now, self.totals.requests)
+        return len(deltas) + len(batches)
 
     def on_control(self, key):
         accepted = self.control.accept()
@@ -475,7 +480,8 @@ class Master:
         return snapshot.build(self)
 
     def cleanup(self):
-        self.drain_channels()
+        while self.drain_channels():   # every worker has exited: take all they sent
+            pass
         self.channels.shutdown()
         for sock in self.listeners.values():
             close_listener(sock, unlink=True)

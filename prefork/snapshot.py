@@ -166,4 +166,5 @@ def build(master) -> dict:
         "listen_queue": {"depth": queue["depth"], "max": master.listen_queue_max,
                          "limit": queue["limit"]},
         "workers": rows,
+        "logs": master.files.describe() if master.files else {},
     }

@@ -142,9 +142,10 @@ class Worker:
         conns = self.conns
         listeners = self.listeners
         wakeup_fd = self.inbox.wakeup_fd
+        tick_seconds = min(TICK_SECONDS, self.config.status.interval)
         next_tick = 0.0
         while True:
-            events = poll(TICK_SECONDS)
+            events = poll(tick_seconds)
             self.now = now = time.monotonic()
             wall = time.time()
             if wall >= self._second:
@@ -161,7 +162,7 @@ class Worker:
                 elif fd == wakeup_fd:
                     self.on_signals(self.inbox.drain())
             if now >= next_tick:
-                next_tick = now + TICK_SECONDS
+                next_tick = now + tick_seconds
                 self.tick(now)
             if self.stopping and not conns:
                 return

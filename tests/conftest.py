@@ -31,7 +31,7 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
-def write_config(directory, app="tests.apps.basic:app", workers=2, extra=""):
+def write_config(directory, app="tests.apps.basic:app", workers=2, extra="", logging=""):
     # [server] base is the temp directory; the tests' apps import from ROOT.
     text = f"""
 [server]
@@ -44,6 +44,7 @@ pidfile = "prefork.pid"
 access_log = "logs/access.log"
 error_log = "logs/error.log"
 level = "info"
+{logging}
 {extra}
 """
     path = os.path.join(directory, "prefork.toml")
@@ -178,8 +179,8 @@ def make_server(tmpdir_short):
     """make_server(app=..., workers=..., extra="[http]\\n...") -> ready Server."""
     servers = []
 
-    def make(app="tests.apps.basic:app", workers=2, extra="", args=(), wait=True):
-        config = write_config(tmpdir_short, app, workers, extra)
+    def make(app="tests.apps.basic:app", workers=2, extra="", args=(), wait=True, logging=""):
+        config = write_config(tmpdir_short, app, workers, extra, logging)
         server = Server(tmpdir_short, config, args)
         servers.append(server)
         return server.wait_ready() if wait else server
