@@ -66,6 +66,10 @@ def _check_url_path(value):
     return None if value.startswith("/") else "must start with /"
 
 
+def _check_url_prefix(value):
+    return None if value.startswith("/") and value.endswith("/") else "must start and end with /"
+
+
 def _setting(default, check=None, kind=None, path=False):
     """A setting: its default, an optional check, and whether it is a path."""
     return field(default=default, metadata={"check": check, "kind": kind, "path": path})
@@ -75,7 +79,7 @@ def _setting(default, check=None, kind=None, path=False):
 class ServerConfig:
     bind: tuple = _setting(("127.0.0.1:8000",), _check_bind, kind="strlist")
     workers: int = _setting(2, _check_positive, kind="workers")
-    app: str = _setting("prefork.apps.hello:app", _check_app)
+    app: str = _setting("prefork.apps.site:app", _check_app)
     pythonpath: tuple = _setting((), kind="strlist", path=True)
     pidfile: str = _setting("logs/prefork.pid", path=True)
     backlog: int = _setting(2048, _check_positive)
@@ -136,12 +140,28 @@ class StatusConfig:
     interval: float = _setting(1.0, _check_positive)
 
 
+@dataclass(frozen=True)
+class StaticConfig:
+    enabled: bool = _setting(True)
+    url: str = _setting("/static/", _check_url_prefix)
+    root: str = _setting("", path=True)   # "": the static/ shipped with prefork
+    index: str = _setting("index.html")
+    cache_control: str = _setting("public, max-age=3600")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    templates: str = _setting("", path=True)   # "": the templates/ shipped with prefork
+
+
 SECTIONS = {
     "server": ServerConfig,
     "http": HttpConfig,
     "workers": WorkersConfig,
     "logging": LoggingConfig,
     "status": StatusConfig,
+    "static": StaticConfig,
+    "site": SiteConfig,
 }
 
 
@@ -152,6 +172,8 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    static: StaticConfig = field(default_factory=StaticConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
     source: str = ""  # the config file this came from ("" = built-in defaults)
 
     @property

@@ -23,18 +23,33 @@ class Templates:
                                       autoescape=True, auto_reload=False)
         self._warned = set()
 
-    def render(self, name: str, fallback: str, **context) -> str:
-        """Render `name`; on any template problem log it once and return the
-        plain `fallback` text formatted with the same context (escaped)."""
+    def render(self, template: str, fallback: str, /, **context) -> str:
+        """Render `template`; on any template problem log it once and return
+        the plain `fallback` text formatted with the same context (escaped)."""
         try:
-            return self.env.get_template(name).render(**context)
+            return self.env.get_template(template).render(**context)
         except jinja2.TemplateError as exc:
-            if name not in self._warned:
-                self._warned.add(name)
+            if template not in self._warned:
+                self._warned.add(template)
                 log.error("template %s failed (%s: %s); using the built-in page",
-                          name, type(exc).__name__, exc)
+                          template, type(exc).__name__, exc)
             safe = {k: html.escape(str(v)) for k, v in context.items()}
             return fallback.format(**safe)
+
+
+_shared = None
+
+
+def use(directory: str) -> "Templates":
+    """Set the process-wide Templates (the worker does, from [site] templates)."""
+    global _shared
+    _shared = Templates(directory)
+    return _shared
+
+
+def shared() -> "Templates":
+    """The process-wide Templates, for built-in apps rendering pages."""
+    return _shared or use("")
 
 
 ERROR_FALLBACK = ("<!doctype html><title>{status} {reason}</title>"

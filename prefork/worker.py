@@ -34,8 +34,10 @@ from .apps.status import StatusApp
 from .http.response import REASONS, http_date
 from .logs import AccessLog, install_worker_logging
 from .signals import SignalInbox
+from .static import StaticFiles
 from .stats import WorkerStats
-from .templates import ERROR_FALLBACK, Templates
+from . import templates
+from .templates import ERROR_FALLBACK
 from .wsgi import ErrorStream
 
 BOOT_FAILED = 3
@@ -101,7 +103,7 @@ class Worker:
         self.requests = 0
         self.app = None
         self.collect = config.status.enabled   # statistics off: count nothing
-        self.templates = Templates()
+        self.templates = templates.use(config.site.templates)
         self._error_pages = {}
         self.poller = None
         self.inbox = None
@@ -122,9 +124,12 @@ class Worker:
             self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
             app = load_app(self.config.server.app,
                            self.config.server.pythonpath + (self.config.server.base,))
-            self.app = (StatusApp(self.config.status, self.sink, self.scoreboard,
-                                  self.templates).mount(app)
-                        if self.config.status.enabled else app)
+            if self.config.static.enabled:
+                app = StaticFiles(self.config.static).mount(app)
+            if self.config.status.enabled:
+                app = StatusApp(self.config.status, self.sink, self.scoreboard,
+                                self.templates).mount(app)
+            self.app = app
         except BaseException:
             os.write(boot_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
             os._exit(BOOT_FAILED)

@@ -1,0 +1,210 @@
+"""Static files under [static] url, from [static] root.
+
+Owns: mapping a URL path to a file that is provably inside the root, the
+validators (strong ETag, Last-Modified, 304), single byte ranges (206/416),
+precompressed .br/.gz siblings, and Cache-Control. The body goes out as a
+wsgi.file_wrapper, which the connection sends with os.sendfile without
+blocking its other connections.
+
+Order with the app: paths under `url` never reach the app. For `/`, the app
+is asked first; if it answers 404, static/index.html is served instead.
+Must not: follow a path or symlink outside the root (404), or read a file
+into memory.
+"""
+from __future__ import annotations
+
+import email.utils
+import mimetypes
+import os
+import stat
+
+from .http.response import http_date
+
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+TEXT_TYPES = ("application/javascript", "application/json", "image/svg+xml", "application/xml")
+ENCODINGS = (("br", ".br"), ("gzip", ".gz"))   # preferred first
+
+
+class NotServable(Exception):
+    """Not a file we may serve: the status says how to answer."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+class StaticFiles:
+    def __init__(self, static_config):
+        self.prefix = static_config.url
+        self.root = os.path.realpath(static_config.root or DEFAULT_ROOT)
+        self.index = static_config.index
+        self.cache_control = static_config.cache_control
+
+    def mount(self, app):
+        prefix = self.prefix
+        index = os.path.join(self.root, self.index)
+
+        def dispatch(environ, start_response):
+            path = environ["PATH_INFO"]
+            if path.startswith(prefix):
+                return self.serve(environ, start_response, path[len(prefix):])
+            if path == "/" and os.path.isfile(index):
+                return self.app_or_index(app, environ, start_response)
+            return app(environ, start_response)
+        return dispatch
+
+    def app_or_index(self, app, environ, start_response):
+        """Ask the app first; a 404 it gives for / while it is being called
+        becomes static/index.html (a generator that starts its response later
+        keeps its own 404: by then the answer is under way)."""
+        held = []
+
+        def hold_404(status, headers, exc_info=None):
+            if deciding and status.startswith("404"):
+                held.append(status)
+                return lambda data: None   # discarded: the index page answers
+            return start_response(status, headers, exc_info)
+        deciding = True
+        result = app(environ, hold_404)
+        deciding = False
+        if not held:
+            return result
+        if hasattr(result, "close"):
+            result.close()
+        return self.serve(environ, start_response, "")
+
+    # -- path safety -------------------------------------------------------------
+    def resolve(self, environ, relative: str) -> str:
+        raw = environ.get("RAW_URI", "").split("?", 1)[0].lower()
+        if "%2f" in raw or "%5c" in raw or "\\" in relative or "\0" in relative:
+            raise NotServable(404)   # encoded separators and NUL: never a real file
+        parts = [p for p in relative.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise NotServable(404)
+        candidate = os.path.join(self.root, *parts)
+        real = os.path.realpath(candidate)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            raise NotServable(404)   # a symlink pointing outside the root
+        if os.path.isdir(real):
+            real = os.path.join(real, self.index)
+        return real
+
+    # -- serving ---------------------------------------------------------------
+    def serve(self, environ, start_response, relative):
+        method = environ["REQUEST_METHOD"]
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
+                                                      ("Content-Type", "text/plain")])
+            return [b"method not allowed\n"]
+        try:
+            path = self.resolve(environ, relative)
+            encoding, served_path, fh, st = self.open_variant(environ, path)
+        except NotServable as exc:
+            return self.not_found(start_response, exc.status)
+        headers = self.base_headers(path, encoding, st, variant=os.path.exists(path + ".gz")
+                                    or os.path.exists(path + ".br"))
+        etag = dict(headers)["ETag"]
+        if self.not_modified(environ, etag, st.st_mtime):
+            fh.close()
+            start_response("304 Not Modified", [h for h in headers
+                                                if h[0] in ("ETag", "Last-Modified",
+                                                            "Cache-Control", "Vary")])
+            return []
+        size = st.st_size
+        status, start, length = "200 OK", 0, size
+        byte_range = self.range_for(environ, etag, st.st_mtime, size)
+        if byte_range == "unsatisfiable":
+            fh.close()
+            start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"),
+                                                         ("Content-Type", "text/plain")])
+            return [b"range not satisfiable\n"]
+        if byte_range is not None:
+            start, end = byte_range
+            status, length = "206 Partial Content", end - start + 1
+            headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+        headers.append(("Content-Length", str(length)))
+        start_response(status, headers)
+        if method == "HEAD":
+            fh.close()
+            return []
+        fh.seek(start)
+        return environ["wsgi.file_wrapper"](fh)
+
+    def open_variant(self, environ, path):
+        """(encoding or None, path, open file, stat) for the best representation."""
+        accepted = environ.get("HTTP_ACCEPT_ENCODING", "")
+        candidates = [(name, path + ext) for name, ext in ENCODINGS if name in accepted]
+        for encoding, candidate in candidates + [(None, path)]:
+            try:
+                fh = open(candidate, "rb")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            except PermissionError:
+                raise NotServable(403) from None
+            st = os.fstat(fh.fileno())
+            if stat.S_ISREG(st.st_mode):
+                return encoding, candidate, fh, st
+            fh.close()
+        raise NotServable(404)
+
+    def base_headers(self, path, encoding, st, variant):
+        ctype, _ = mimetypes.guess_type(path)
+        ctype = ctype or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in TEXT_TYPES:
+            ctype += "; charset=utf-8"
+        suffix = f"-{encoding}" if encoding else ""
+        headers = [("Content-Type", ctype),
+                   ("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}{suffix}"'),
+                   ("Last-Modified", http_date(st.st_mtime)),
+                   ("Accept-Ranges", "bytes")]
+        if self.cache_control:
+            headers.append(("Cache-Control", self.cache_control))
+        if encoding:
+            headers.append(("Content-Encoding", encoding))
+        if variant:
+            headers.append(("Vary", "Accept-Encoding"))
+        return headers
+
+    @staticmethod
+    def not_modified(environ, etag, mtime) -> bool:
+        if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+        if if_none_match is not None:   # takes precedence over If-Modified-Since
+            tags = [t.strip() for t in if_none_match.split(",")]
+            return "*" in tags or etag in tags or f"W/{etag}" in tags
+        since = environ.get("HTTP_IF_MODIFIED_SINCE")
+        if since:
+            try:
+                return int(mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
+            except (TypeError, ValueError):
+                return False
+        return False
+
+    @staticmethod
+    def range_for(environ, etag, mtime, size):
+        """(start, end) for one satisfiable range, "unsatisfiable", or None
+        (no Range, several ranges, or an If-Range that does not match)."""
+        header = environ.get("HTTP_RANGE", "")
+        if not header.startswith("bytes=") or "," in header:
+            return None
+        if_range = environ.get("HTTP_IF_RANGE")
+        if if_range and if_range != etag and if_range != http_date(mtime):
+            return None
+        first, sep, last = header[6:].strip().partition("-")
+        if not sep or not (first.isdigit() or last.isdigit()):
+            return None
+        if not first:                       # suffix: the last N bytes
+            length = int(last)
+            if length == 0:
+                return "unsatisfiable"
+            return max(0, size - length), size - 1
+        start = int(first)
+        end = min(int(last), size - 1) if last.isdigit() else size - 1
+        if start >= size or (last.isdigit() and int(last) < start):
+            return "unsatisfiable"
+        return start, end
+
+    @staticmethod
+    def not_found(start_response, status):
+        reason = {403: "Forbidden", 404: "Not Found", 400: "Bad Request"}[status]
+        start_response(f"{status} {reason}", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"{status} {reason}\n".encode()]
