@@ -235,6 +235,7 @@ class Connection:
             raise ClientGone()
         ex.sendfile[1] += sent
         ex.sendfile[2] -= sent
+        ex.remaining -= sent
         ex.sent += sent
         self.deadline = self.worker.now + self.worker.config.http.send_timeout
         return True

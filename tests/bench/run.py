@@ -218,6 +218,62 @@ def compare_prefork_variants(args, title, variants):
     print(f"  {names[0]} / {names[1]} throughput: {first['rps'] / second['rps'] * 100:.1f}%")
 
 
+NGINX_CONF = """worker_processes {workers};
+daemon off;
+user root;
+pid {wd}/nginx.pid;
+error_log {wd}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log {wd}/nginx-access.log;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  client_body_temp_path {wd}/tmp; proxy_temp_path {wd}/tmp; fastcgi_temp_path {wd}/tmp;
+  uwsgi_temp_path {wd}/tmp; scgi_temp_path {wd}/tmp;
+  server {{
+    listen 127.0.0.1:{port};
+    location /static/ {{ alias {files}/; }}
+  }}
+}}
+"""
+
+
+def compare_static(args):
+    """The same files from prefork's static handler and from nginx."""
+    files = tempfile.mkdtemp(prefix="pffiles")
+    for name, size in (("1k.bin", 1024), ("1m.bin", 1024 * 1024)):
+        with open(os.path.join(files, name), "wb") as fh:
+            fh.write(os.urandom(size))
+    try:
+        for name in ("1k.bin", "1m.bin"):
+            results = {}
+            port = free_port()
+            workdir = tempfile.mkdtemp(prefix="pfcfg")
+            try:
+                extra = log_section(workdir) + f'[static]\nroot = "{files}"\n'
+                command = prefork_command(APPS["hello"], port, workdir, extra)
+                results["prefork"] = measure("prefork", command, f"http://127.0.0.1:{port}",
+                                             args, path=f"/static/{name}")
+                port = free_port()
+                os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
+                conf = os.path.join(workdir, "nginx.conf")
+                with open(conf, "w") as fh:
+                    fh.write(NGINX_CONF.format(workers=WORKERS, wd=workdir, port=port, files=files))
+                results["nginx"] = measure("nginx", ["nginx", "-c", conf, "-p", workdir],
+                                           f"http://127.0.0.1:{port}", args,
+                                           path=f"/static/{name}")
+            except RuntimeError as exc:
+                print(f"  (static {name} failed: {exc})")
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            print_table(f"static file {name} ({WORKERS} workers, sendfile, access log on)",
+                        results)
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # progress shows when piped
     parser = argparse.ArgumentParser()
@@ -225,7 +281,8 @@ def main():
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--servers", nargs="*", default=list(SERVERS))
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
-    parser.add_argument("--sections", nargs="*", default=["servers", "access-log", "stats"])
+    parser.add_argument("--sections", nargs="*",
+                        default=["servers", "access-log", "stats", "static"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -235,6 +292,8 @@ def main():
             "access-log-on": lambda wd: log_section(wd, access=True),
             "access-log-off": lambda wd: log_section(wd, access=False),
         })
+    if "static" in args.sections:
+        compare_static(args)
     if "stats" in args.sections:
         compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
             "stats-on": lambda wd: log_section(wd) + "[status]\nenabled = true\n",

@@ -63,6 +63,18 @@ def test_ranges(static_server):
     assert multi.status_code == 200 and len(multi.content) == len(data)
 
 
+def test_keep_alive_survives_a_sendfile_response(static_server):
+    with static_server.connect() as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /static/hello.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b"hello static\n"):
+                data = sock.recv(65536)
+                assert data, "the server closed a keep-alive connection"
+                reply += data
+            assert b"Connection: close" not in reply
+
+
 def test_whole_large_file_via_sendfile(static_server):
     assert static_server.get("/static/data.bin").content == bytes(range(256)) * 4096
 
