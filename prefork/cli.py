@@ -96,6 +96,7 @@ def parse_args(argv):
     p = command("scale", "set the number of workers")
     p.add_argument("workers", type=int)
     command("reopen", "reopen log files (after logrotate)")
+    command("upgrade", "re-exec the master on the same sockets (zero downtime)")
     return parser.parse_args(argv)
 
 
@@ -113,7 +114,7 @@ def overrides_from(args) -> dict:
     return {"server": server} if server else {}
 
 
-CONTROL_COMMANDS = ("stop", "reload", "status", "scale", "reopen")
+CONTROL_COMMANDS = ("stop", "reload", "status", "scale", "reopen", "upgrade")
 
 
 def load_config(args):
@@ -159,7 +160,7 @@ def wait_gone(pid, timeout) -> bool:
 
 def cmd_start(args, config) -> int:
     pid = running_pid(config)
-    if pid is not None:
+    if pid is not None and str(pid) != os.environ.get("PREFORK_UPGRADE_FROM"):
         print(f"prefork: already running (master pid {pid}, pidfile {config.server.pidfile})",
               file=sys.stderr)
         return 1
@@ -326,6 +327,27 @@ def cmd_scale(args, config) -> int:
     return 0
 
 
+def cmd_upgrade(args, config) -> int:
+    old = running_pid(config)
+    if old is None:
+        print(f"prefork: not running (no live master in {config.server.pidfile})", file=sys.stderr)
+        return 1
+    os.kill(old, signal.SIGUSR2)
+    timeout = config.workers.boot_timeout + config.workers.graceful_timeout + 15
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = running_pid(config)
+        if new not in (None, old):
+            if wait_gone(old, max(1.0, deadline - time.monotonic())):
+                print(f"prefork: upgraded: master pid {new} replaced {old}")
+                return 0
+            break
+        time.sleep(0.1)
+    print(f"prefork: upgrade did not complete within {timeout:g}s; see {config.logging.error_log}",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_reopen(args, config) -> int:
     answer = ask_master(config, {"cmd": "reopen"})
     return 0 if answer and answer.get("ok") else 1
@@ -334,6 +356,7 @@ def cmd_reopen(args, config) -> int:
 COMMANDS = {
     "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart, "reload": cmd_reload,
     "status": cmd_status, "check": cmd_check, "scale": cmd_scale, "reopen": cmd_reopen,
+    "upgrade": cmd_upgrade,
 }
 
 

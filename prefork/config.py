@@ -84,6 +84,8 @@ class ServerConfig:
     pidfile: str = _setting("logs/prefork.pid", path=True)
     backlog: int = _setting(2048, _check_positive)
     base: str = _setting(".")
+    user: str = _setting("")
+    group: str = _setting("")
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,16 @@ class HttpConfig:
 @dataclass(frozen=True)
 class WorkersConfig:
     timeout: float = _setting(30.0, _check_positive)
+    request_timeout: float = _setting(0.0, _check_non_negative)
+    slow_request_log: float = _setting(0.0, _check_non_negative)
     graceful_timeout: float = _setting(30.0, _check_non_negative)
     boot_timeout: float = _setting(60.0, _check_positive)
+    kill_grace: float = _setting(2.0, _check_non_negative)
+    max_requests: int = _setting(0, _check_non_negative)
+    max_requests_jitter: int = _setting(0, _check_non_negative)
+    max_rss: int = _setting(0, _check_non_negative)
+    max_age: float = _setting(0.0, _check_non_negative)
+    max_recycling: int = _setting(1, _check_positive)
 
 
 def _check_access_format(value):

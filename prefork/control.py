@@ -37,6 +37,7 @@ class ControlServer:
             os.umask(old_umask)
         self.sock.listen(16)
         self.sock.setblocking(False)
+        self.inode = os.stat(path).st_ino
 
     def fileno(self):
         return self.sock.fileno()
@@ -60,11 +61,12 @@ class ControlServer:
 
     def close(self, unlink=True):
         self.sock.close()
-        if unlink:
-            try:
+        try:
+            # After an upgrade the path is the new master's socket: leave it.
+            if unlink and os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
-            except OSError:
-                pass
+        except OSError:
+            pass
 
 
 def reply(conn, answer: dict) -> None:

@@ -15,12 +15,13 @@ import logging
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import time
 
 from setproctitle import setproctitle
 
-from . import __version__, config as configmod, control, snapshot, worker
+from . import __version__, config as configmod, control, snapshot, sockets, systemd, watchdog, worker
 from .ipc import MasterChannels
 from .logs import LogFiles, install_master_logging
 from .scoreboard import Scoreboard
@@ -34,7 +35,9 @@ TICK_SECONDS = 0.25
 FAST_STOP_GRACE = 1.0
 BACKOFF_CAP = 10.0
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN,
-           signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1)
+           signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
+UPGRADE_ENV = "PREFORK_UPGRADE_FROM"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -49,7 +52,17 @@ class WorkerRecord:
     boot_report: bytes = b""
     stop_deadline: float = 0.0
     killed: bool = False
-    exit_reason: str = ""           # why we stopped it: retired, scaled, timeout
+    exit_reason: str = ""           # why we stopped it: retired, scaled, timeout, recycled
+    term_at: float = 0.0            # SIGTERM due (after a stack dump)
+    dump: bytes = b""               # stack dump text arriving on the boot pipe
+    dump_at: float = 0.0
+    slow_logged: float = 0.0        # request_start of the slow request already dumped
+    max_requests: int = 0           # jittered recycling limit (0: none)
+    recycle_reason: str = ""
+    replaces: int = 0               # pid of the worker this one is replacing
+    replaced_by: int = 0            # pid of this worker's replacement
+    rss_sampled: float = 0.0
+    rss_over: int = 0
 
 
 @dataclasses.dataclass
@@ -92,6 +105,7 @@ class Master:
         self.listen_queue_max = 0
         self.last_publish = 0.0
         self.files = self.channels = self.inbox = self.control = self.selector = None
+        self.upgrade = None             # the new master's Popen during a USR2 upgrade
         self.scoreboard = None
 
     # -- start ------------------------------------------------------------------
@@ -100,8 +114,7 @@ class Master:
         self.files = LogFiles(self.config.logging, mirror_stderr=self.foreground and sys.stderr.isatty())
         install_master_logging(self.files, self.config.logging.level)
         try:
-            for bind in self.config.server.bind:
-                self.listeners[bind] = create_listener(bind, self.config.server.backlog)
+            self.open_listeners()
         except BindError as exc:
             log.error("%s", exc)
             self.reporter.failed(str(exc))
@@ -127,6 +140,21 @@ class Master:
         finally:
             self.cleanup()
         return self.exit_code
+
+    def open_listeners(self):
+        """Adopt sockets from systemd (LISTEN_FDS) or from the master we
+        replace (USR2); bind the rest."""
+        activated = systemd.activated_sockets()
+        if activated:
+            self.listeners = {describe(sock): sock for sock in activated}
+            log.info("using %d socket(s) from the service manager", len(activated))
+            return
+        adopted = sockets.inherited()
+        for bind in self.config.server.bind:
+            self.listeners[bind] = adopted.pop(bind, None) or create_listener(
+                bind, self.config.server.backlog)
+        for sock in adopted.values():
+            sock.close()   # a bind the new config dropped
 
     def urls(self, listeners=None):
         return [describe(sock) for sock in (listeners or self.listeners).values()]
@@ -169,7 +197,8 @@ class Master:
                        self.pid, write_fd, sink)   # never returns
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        rec = WorkerRecord(pid, slot, generation, read_fd, self.now)
+        rec = WorkerRecord(pid, slot, generation, read_fd, self.now,
+                           max_requests=watchdog.recycle_limit(config.workers))
         self.workers[pid] = rec
         self.spawned += 1
         self.selector.register(read_fd, selectors.EVENT_READ, lambda key, rec=rec: self.read_boot(rec))
@@ -188,16 +217,28 @@ class Master:
                 os.close(rec.boot_fd)
 
     def read_boot(self, rec):
+        """The boot pipe carries the boot report, then (faulthandler) stack dumps."""
         try:
             data = os.read(rec.boot_fd, 65536)
         except BlockingIOError:
             return
-        rec.boot_report += data
-        if rec.state == "booting" and rec.boot_report.startswith(b"OK\n"):
-            rec.state = "ready"
-            self.boot_failures = 0
+        if rec.state == "booting" or not rec.boot_report.startswith(b"OK\n"):
+            rec.boot_report += data
+            if rec.state == "booting" and rec.boot_report.startswith(b"OK\n"):
+                rec.state = "ready"
+                self.boot_failures = 0
+                rec.dump, rec.boot_report = rec.boot_report[3:], b"OK\n"
+        else:
+            rec.dump += data
+        rec.dump_at = self.now
         if not data:
             self.close_boot_pipe(rec)
+
+    def log_dump(self, rec):
+        if rec.dump.strip():
+            log.error("worker %d (pid %d) thread stacks:\n%s", rec.slot, rec.pid,
+                      rec.dump.decode("utf-8", "replace").rstrip())
+        rec.dump = b""
 
     def close_boot_pipe(self, rec):
         if rec.boot_fd is not None:
@@ -217,7 +258,9 @@ class Master:
     def on_exit(self, rec, code):
         while rec.boot_fd is not None:   # take the rest of a boot failure report
             self.read_boot(rec)
+        self.log_dump(rec)
         del self.workers[rec.pid]
+        watchdog.forget(self, rec)
         self.open_connections.pop(rec.pid, None)
         self.scoreboard.release(rec.slot)
         heapq.heappush(self.free_slots, rec.slot)
@@ -225,7 +268,7 @@ class Master:
         if rec.boot_report.startswith(b"FAIL\n") or (rec.state == "booting" and not rec.killed):
             return self.on_boot_failure(rec, how)
         if rec.exit_reason:
-            self.exits["recycled" if rec.exit_reason == "recycled" else "normal"] += 1
+            self.exits[EXIT_CATEGORIES.get(rec.exit_reason, "normal")] += 1
             log.info("worker %d (pid %d) stopped (%s, %s)", rec.slot, rec.pid, rec.exit_reason, how)
         elif code == -signal.SIGKILL:
             self.exits["killed"] += 1
@@ -243,6 +286,7 @@ class Master:
             rec.boot_report.startswith(b"FAIL\n") else f"exited while booting ({how})"
         self.exits["crashed"] += 1
         self.boot_failures += 1
+        repeated = report == self.last_boot_error
         self.last_boot_error = report
         delay = min(BACKOFF_CAP, 0.1 * 2 ** self.boot_failures)
         self.next_spawn_at = self.now + delay
@@ -254,15 +298,20 @@ class Master:
             self.exit_code = 1
             return self.begin_stop(graceful=False)
         if not self.stopping:
-            log.error("worker %d (pid %d) failed to boot (%s); next attempt in %.1fs:\n%s",
-                      rec.slot, rec.pid, how, delay, report)
+            # A crash loop is reported once with its traceback, then briefly.
+            log.error("worker %d (pid %d) failed to boot (%s), %d time(s) in a row; next "
+                      "attempt in %.1fs%s", rec.slot, rec.pid, how, self.boot_failures, delay,
+                      " (same error as before)" if repeated else ":\n" + report)
 
     def stop_worker(self, rec, reason, graceful=True):
         if rec.state == "stopping":
             return
         rec.state = "stopping"
         rec.exit_reason = reason
-        timeout = self.config.workers.graceful_timeout if graceful else FAST_STOP_GRACE
+        # A graceful worker cuts what is left at graceful_timeout itself (and
+        # logs it); the master's kill is the backstop for one stuck in the app.
+        timeout = (self.config.workers.graceful_timeout + self.config.workers.kill_grace
+                   if graceful else FAST_STOP_GRACE)
         rec.stop_deadline = self.now + timeout
         self.signal_worker(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
 
@@ -276,7 +325,12 @@ class Master:
     def supervise(self):
         now = self.now
         for rec in list(self.workers.values()):
+            if rec.dump and now - rec.dump_at > 0.1:
+                self.log_dump(rec)
             if rec.state == "stopping":
+                if rec.term_at and now >= rec.term_at:
+                    rec.term_at = 0.0
+                    self.signal_worker(rec, signal.SIGTERM)
                 if now >= rec.stop_deadline and not rec.killed:
                     log.warning("worker %d (pid %d) still running after its stop deadline: "
                                 "killing it", rec.slot, rec.pid)
@@ -290,34 +344,26 @@ class Master:
                     rec.boot_report = b"FAIL\nboot timeout"
                     self.signal_worker(rec, signal.SIGKILL)
             else:
-                self.check_heartbeat(rec)
+                watchdog.check(self, rec, now)
         if self.stopping:
             if not self.workers:
                 self.finished = True
             return
         if self.pending is not None:
             self.advance_reload()
+        else:
+            watchdog.run_recycling(self)
         self.keep_pool_size()
         if self.starting and self.ready_count(self.generation) >= self.target:
             self.starting = False
             log.info("ready: %d workers serving on %s", self.target, " ".join(self.urls()))
             self.reporter.ready(self.pid, self.urls(), self.target)
+            systemd.notify("READY=1", f"MAINPID={self.pid}", self.status_line())
+            self.retire_predecessor()
+        self.watch_upgrade()
         if now - self.last_publish >= self.config.status.interval:
             self.last_publish = now
             self.channels.publish(self.snapshot())
-
-    def check_heartbeat(self, rec):
-        view = self.scoreboard.read(rec.slot)
-        silent = self.now - view.heartbeat
-        if silent > self.config.workers.timeout and not rec.killed:
-            log.error("worker %d (pid %d) silent for %.1fs (timeout %gs), in %s %s: killing it",
-                      rec.slot, rec.pid, silent, self.config.workers.timeout,
-                      view.method or "-", view.path or "-")
-            self.totals.timeouts += 1
-            rec.killed = True
-            rec.state = "stopping"
-            rec.exit_reason = "timeout"
-            self.signal_worker(rec, signal.SIGKILL)
 
     def generation_workers(self, generation):
         return [r for r in self.workers.values()
@@ -327,7 +373,8 @@ class Master:
         return sum(1 for r in self.generation_workers(generation) if r.state == "ready")
 
     def keep_pool_size(self):
-        current = self.generation_workers(self.generation)
+        # A replacement booting for a recycled worker is not a member yet.
+        current = [r for r in self.generation_workers(self.generation) if not r.replaces]
         missing = self.target - len(current)
         if missing > 0 and self.now >= self.next_spawn_at:
             for _ in range(missing if self.boot_failures == 0 else 1):
@@ -359,6 +406,7 @@ class Master:
                     close_listener(sock, unlink=True)
             return self.reload_failed(str(exc), [waiter] if waiter else [])
         generation = self.generation + 1
+        systemd.notify("RELOADING=1", f"STATUS=reloading: starting generation {generation}")
         self.pending = Reload(new, generation, listeners, self.now, [waiter] if waiter else [])
         self.boot_failures = 0
         for _ in range(new.server.workers):
@@ -393,6 +441,7 @@ class Master:
         self.reloads["ok"] += 1
         log.info("reloaded: generation %d replaced generation %d; serving on %s",
                  self.generation, old_generation, " ".join(self.urls()))
+        systemd.notify("READY=1", self.status_line())
         for waiter in pending.waiters:
             control.reply(waiter, {"ok": True, "generation": self.generation,
                                    "urls": self.urls()})
@@ -413,6 +462,9 @@ class Master:
         self.reloads["failed"] += 1
         self.reloads["last_error"] = reason
         log.error("reload failed, generation %d keeps serving: %s", self.generation, reason)
+        if not self.starting:
+            systemd.notify("READY=1", f"STATUS=reload failed, generation {self.generation} "
+                                      f"keeps serving: {reason.splitlines()[-1]}")
         for waiter in waiters:
             control.reply(waiter, {"ok": False, "error": reason, "generation": self.generation})
 
@@ -422,17 +474,60 @@ class Master:
             return
         if not self.stopping:
             log.info("%s stop requested", "graceful" if graceful else "fast")
+            systemd.notify("STOPPING=1", "STATUS=stopping")
         self.stopping = True
         if self.pending is not None:
             self.abort_reload("stopping")
         # Workers keep their own copies until they have drained the queue.
         for sock in self.listeners.values():
-            close_listener(sock, unlink=True)
+            close_listener(sock, unlink=not self.handed_over())
         self.listeners = {}
         for rec in self.workers.values():
             if not graceful and rec.state == "stopping":
                 rec.state = "ready"   # escalate a graceful stop already under way
             self.stop_worker(rec, rec.exit_reason or "stop", graceful=graceful)
+
+    # -- upgrade (USR2): a new master on the same listening sockets -----------------------
+    def begin_upgrade(self):
+        if self.upgrade is not None or self.pending is not None or self.stopping:
+            log.warning("upgrade refused: %s", "one is under way" if self.upgrade is not None
+                        else "a reload or stop is under way")
+            return
+        value, fds = sockets.hand_over(self.listeners)
+        env = dict(os.environ, **{sockets.INHERIT_ENV: value, UPGRADE_ENV: str(self.pid)})
+        argv = [sys.executable, os.path.join(ROOT, "bin", "prefork"), "start", "--foreground"]
+        if self.config.source:
+            argv += ["-c", self.config.source]
+        server = self.overrides.get("server", {})
+        argv += [arg for bind in server.get("bind", []) for arg in ("--bind", bind)]
+        for key in ("workers", "app", "pidfile"):
+            if key in server:
+                argv += [f"--{key}", str(server[key])]
+        log.info("upgrade: starting a new master on the same sockets: %s", " ".join(argv))
+        self.upgrade = subprocess.Popen(argv, env=env, pass_fds=fds, cwd=self.config.server.base)
+
+    def watch_upgrade(self):
+        if self.upgrade is not None and self.upgrade.poll() is not None:
+            log.error("upgrade failed: the new master exited with code %s; this one keeps "
+                      "serving", self.upgrade.returncode)
+            self.upgrade = None
+
+    def handed_over(self) -> bool:
+        """True once a new master took over our sockets (we must not unlink them)."""
+        return self.upgrade is not None and self.upgrade.poll() is None
+
+    def retire_predecessor(self):
+        old = os.environ.pop(UPGRADE_ENV, "")
+        if old:
+            log.info("upgrade: ready; asking the old master (pid %s) to stop gracefully", old)
+            try:
+                os.kill(int(old), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def status_line(self):
+        return (f"STATUS=generation {self.generation}, {self.target} workers, "
+                f"serving on {' '.join(self.urls())}")
 
     def scale(self, delta):
         self.target = max(1, min(MAX_SLOTS // 2, self.target + delta))
@@ -484,7 +579,7 @@ class Master:
             pass
         self.channels.shutdown()
         for sock in self.listeners.values():
-            close_listener(sock, unlink=True)
+            close_listener(sock, unlink=not self.handed_over())
         self.control.close()
         try:
             with open(self.config.server.pidfile) as fh:
@@ -496,6 +591,8 @@ class Master:
         self.files.close()
 
 
+EXIT_CATEGORIES = {"recycled": "recycled", "timeout": "killed"}
+
 SIGNAL_ACTIONS = {
     signal.SIGTERM: lambda m: m.begin_stop(graceful=True),
     signal.SIGINT: lambda m: m.begin_stop(graceful=False),
@@ -504,5 +601,6 @@ SIGNAL_ACTIONS = {
     signal.SIGTTIN: lambda m: m.scale(+1),
     signal.SIGTTOU: lambda m: m.scale(-1),
     signal.SIGUSR1: lambda m: m.reopen_logs(),
+    signal.SIGUSR2: lambda m: m.begin_upgrade(),
     signal.SIGCHLD: lambda m: None,   # reap() runs on every loop turn
 }

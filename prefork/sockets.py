@@ -5,6 +5,7 @@ describing them as URLs. Must not: accept connections (workers do).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -49,6 +50,31 @@ def _unix_listener(path: str, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+INHERIT_ENV = "PREFORK_LISTENERS"   # {"bind text": fd} from the master we replace
+
+
+def inherited() -> dict:
+    """Listeners handed over by an upgrading master (USR2), by bind text."""
+    raw = os.environ.pop(INHERIT_ENV, "")
+    if not raw:
+        return {}
+    result = {}
+    for bind, fd in json.loads(raw).items():
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        result[bind] = sock
+    return result
+
+
+def hand_over(listeners: dict) -> tuple:
+    """(environment value, fds) that let an exec'd master adopt our listeners."""
+    fds = {}
+    for bind, sock in listeners.items():
+        os.set_inheritable(sock.fileno(), True)
+        fds[bind] = sock.fileno()
+    return json.dumps(fds), tuple(fds.values())
 
 
 def describe(sock: socket.socket) -> str:

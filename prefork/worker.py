@@ -14,9 +14,12 @@ keep-alive clients with Connection: close); INT, QUIT = exit now.
 from __future__ import annotations
 
 import errno
+import faulthandler
+import grp
 import importlib
 import logging
 import os
+import pwd
 import select
 import signal
 import socket
@@ -41,6 +44,7 @@ from .templates import ERROR_FALLBACK
 from .wsgi import ErrorStream
 
 BOOT_FAILED = 3
+DUMP_SIGNAL = signal.SIGUSR2   # faulthandler writes every thread's stack
 ACCEPT_BATCH = 1
 TICK_SECONDS = 0.5
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
@@ -62,6 +66,20 @@ ERROR_DETAILS = {
 
 class AppLoadError(Exception):
     pass
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Become [server] user/group (only when started as root, after binding)."""
+    if not user and not group:
+        return
+    if os.geteuid() != 0:
+        log.warning("user/group set but not running as root: keeping uid %d", os.geteuid())
+        return
+    uid = pwd.getpwnam(user).pw_uid if user else os.getuid()
+    gid = grp.getgrnam(group).gr_gid if group else (pwd.getpwnam(user).pw_gid if user else os.getgid())
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def load_app(spec: str, pythonpath=()):
@@ -95,6 +113,7 @@ class Worker:
         self.server_name = config.http.server_header
         self.conns = {}
         self.stopping = False
+        self.stop_deadline = 0.0
         self.now = time.monotonic()
         self.stats = WorkerStats(os.getpid(), slot, generation)
         self.access_log = AccessLog(config.logging, sink)
@@ -119,9 +138,12 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.scoreboard.claim(self.slot, os.getpid(), self.generation, time.monotonic())
+        # After the boot report, the same pipe carries stack dumps to the master.
+        faulthandler.register(DUMP_SIGNAL, file=boot_fd, all_threads=True, chain=False)
         try:
             self.sink.connect()
             self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
+            drop_privileges(self.config.server.user, self.config.server.group)
             app = load_app(self.config.server.app,
                            self.config.server.pythonpath + (self.config.server.base,))
             if self.config.static.enabled:
@@ -139,7 +161,6 @@ class Worker:
             self.poller.register(fd, select.EPOLLIN)
         self.scoreboard.set_state(self.slot, sb.IDLE)
         os.write(boot_fd, b"OK\n")
-        os.close(boot_fd)
 
     # -- the loop -------------------------------------------------------------
     def serve(self):
@@ -199,6 +220,8 @@ class Worker:
 
     def tick(self, now):
         self.scoreboard.heartbeat(self.slot, now)
+        if self.stopping and now >= self.stop_deadline:
+            self.cut_at_deadline()
         for conn in [c for c in self.conns.values() if c.deadline <= now]:
             conn.on_deadline()
         if self.stats.due(now, self.config.status.interval):
@@ -219,6 +242,7 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
+        self.stop_deadline = self.now + self.config.workers.graceful_timeout
         self.scoreboard.set_state(self.slot, sb.STOPPING)
         # Connections already in the listen queue were accepted by the kernel
         # on our behalf: serve them rather than let them be reset.
@@ -233,6 +257,15 @@ class Worker:
         for conn in self.conns.values():
             if conn.state == "reading" and not conn.reader.in_message:
                 conn.deadline = min(conn.deadline, self.now + IDLE_GRACE)
+
+    def cut_at_deadline(self):
+        in_flight = sum(1 for c in self.conns.values()
+                        if c.exchange is not None or c.reader.in_message or c.out)
+        log.warning("graceful stop: graceful_timeout (%gs) reached; cutting %d connection(s), "
+                    "%d with a request in flight", self.config.workers.graceful_timeout,
+                    len(self.conns), in_flight)
+        for conn in list(self.conns.values()):
+            conn.close()
 
     def flush_logs(self):
         self.access_log.flush()

@@ -1,4 +1,5 @@
 """The master's decisions, with injected signals and exits: no processes."""
+import dataclasses
 import heapq
 import itertools
 import signal
@@ -163,7 +164,10 @@ def test_graceful_stop_then_kill_at_the_deadline():
     master = started()
     master.inject(signal.SIGTERM)
     assert master.stopping and {s for _, s in master.sent} == {signal.SIGTERM}
-    master.tick(master.config.workers.graceful_timeout + 1)
+    cfg = master.config.workers
+    master.tick(cfg.graceful_timeout)   # the workers cut what is left themselves...
+    assert signal.SIGKILL not in {s for _, s in master.sent}
+    master.tick(cfg.kill_grace + 0.1)   # ...and the master kills any that did not
     assert {s for _, s in master.sent} == {signal.SIGTERM, signal.SIGKILL}
     for rec in list(master.workers.values()):
         master.on_exit(rec, -signal.SIGKILL)
@@ -178,9 +182,40 @@ def test_fast_stop(signum):
     assert {s for _, s in master.sent} == {signal.SIGQUIT}
 
 
-def test_a_worker_without_heartbeat_is_killed():
+def test_a_hung_worker_gets_a_stack_dump_then_term_then_kill():
     master = started()
     rec = next(iter(master.workers.values()))
-    master.tick(master.config.workers.timeout + 1)
-    assert (rec.pid, signal.SIGKILL) in master.sent
-    assert master.totals.timeouts == 2   # both workers were silent
+    master.tick(master.config.workers.timeout + 1)   # no heartbeat from either worker
+    assert [s for p, s in master.sent if p == rec.pid] == [signal.SIGUSR2]
+    master.tick(0.5)
+    assert [s for p, s in master.sent if p == rec.pid] == [signal.SIGUSR2, signal.SIGTERM]
+    master.tick(master.config.workers.kill_grace)
+    assert [s for p, s in master.sent if p == rec.pid][-1] == signal.SIGKILL
+    assert master.totals.timeouts == 2
+
+
+def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
+    master = started()
+    master.config = dataclasses.replace(master.config, workers=dataclasses.replace(
+        master.config.workers, request_timeout=5.0))
+    slow, fine = list(master.workers.values())
+    master.scoreboard.begin(slow.slot, master.now, "GET", "/slow")
+    master.scoreboard.begin(fine.slot, master.now + 2, "GET", "/fine")
+    master.tick(6)
+    assert (slow.pid, signal.SIGUSR2) in master.sent and slow.exit_reason == "timeout"
+    assert all(pid != fine.pid for pid, _ in master.sent)
+
+
+def test_recycling_replaces_before_retiring_one_at_a_time():
+    master = started()
+    for rec in master.workers.values():
+        rec.recycle_reason = "test"
+    master.tick()
+    replacements = [r for r in master.workers.values() if r.replaces]
+    assert len(replacements) == 1 and master.sent == []   # max_recycling = 1; nobody stopped yet
+    assert len(master.generation_workers(1)) == 3
+    old_pid = replacements[0].replaces
+    master.boot_all()
+    master.tick()
+    assert master.sent == [(old_pid, signal.SIGTERM)]   # retired once its replacement is ready
+    assert master.workers[old_pid].exit_reason == "recycled"
