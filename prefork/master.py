@@ -236,7 +236,7 @@ class Master:
 
     def log_dump(self, rec):
         if rec.dump.strip():
-            log.error("worker %d (pid %d) thread stacks:\n%s", rec.slot, rec.pid,
+            log.error("worker %d (pid %d) reports:\n%s", rec.slot, rec.pid,
                       rec.dump.decode("utf-8", "replace").rstrip())
         rec.dump = b""
 

@@ -15,8 +15,8 @@ EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
 STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 
 # pid, generation, booted, heartbeat | state, request_start, method, path |
-# requests, last_status, last_duration
-_SLOT = struct.Struct("=iidd" "Bd8s120s" "QHd")
+# requests, last_status, last_duration | connections
+_SLOT = struct.Struct("=iidd" "Bd8s120s" "QHd" "I")
 _IDENTITY = struct.Struct("=iidd")
 _BEGIN = struct.Struct("=Bd8s120s")
 _END = struct.Struct("=QHd")
@@ -24,6 +24,8 @@ _HEARTBEAT_AT = struct.calcsize("=iid")
 _BEGIN_AT = _IDENTITY.size
 _STATE_AT = _BEGIN_AT
 _END_AT = _BEGIN_AT + _BEGIN.size
+_CONNECTIONS = struct.Struct("=I")
+_CONNECTIONS_AT = _END_AT + _END.size
 SLOT_SIZE = _SLOT.size
 
 
@@ -41,6 +43,7 @@ class SlotView:
     requests: int
     last_status: int
     last_duration: float
+    connections: int
 
 
 class Scoreboard:
@@ -70,15 +73,30 @@ class Scoreboard:
         _END.pack_into(self._mem, slot * SLOT_SIZE + _END_AT,
                          requests, status, duration)
 
+    def set_connections(self, slot: int, count: int) -> None:
+        _CONNECTIONS.pack_into(self._mem, slot * SLOT_SIZE + _CONNECTIONS_AT, count)
+
+    def serving_connections(self) -> tuple:
+        """(open connections, serving workers) over every slot: what a worker
+        needs to take its fair share of new connections."""
+        total = workers = 0
+        mem = self._mem
+        for slot in range(self.slots):
+            if mem[slot * SLOT_SIZE + _STATE_AT] in (IDLE, BUSY):
+                workers += 1
+                total += _CONNECTIONS.unpack_from(mem, slot * SLOT_SIZE + _CONNECTIONS_AT)[0]
+        return total, workers
+
     # -- master side -------------------------------------------------------------
     def release(self, slot: int) -> None:
         self._mem[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
 
     def read(self, slot: int) -> SlotView:
         (pid, generation, booted, heartbeat, state, request_start, method, path,
-         requests, last_status, last_duration) = _SLOT.unpack_from(self._mem, slot * SLOT_SIZE)
+         requests, last_status, last_duration, connections) = _SLOT.unpack_from(
+             self._mem, slot * SLOT_SIZE)
         return SlotView(slot, pid, generation, booted, heartbeat,
                         STATE_NAMES[state] if state < len(STATE_NAMES) else "unknown",
                         request_start, method.rstrip(b"\0").decode("latin-1"),
                         path.rstrip(b"\0").decode("latin-1"), requests, last_status,
-                        last_duration)
+                        last_duration, connections)

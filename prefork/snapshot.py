@@ -3,22 +3,20 @@
 Owns: the snapshot's shape (documented in README, relied on by dashboards),
 request rates over sliding windows, latency percentiles from the histogram,
 the listen-queue reading, and per-worker process figures (psutil).
-Must not: change master state; it only reads it.
+Must not: change master state (it only records the deepest listen queue seen).
 """
 from __future__ import annotations
 
 import collections
 import platform
-import socket
-import struct
 import time
 
 import psutil
 
 from . import __version__
+from .sockets import queue_depth
 from .stats import BUCKETS
 
-_TCP_INFO_HEAD = struct.Struct("=8B6I")   # ... tcpi_unacked, tcpi_sacked
 _processes = {}                            # pid -> psutil.Process (cpu_percent needs history)
 
 
@@ -69,20 +67,12 @@ def percentile(histogram, fraction: float) -> float:
     return BUCKETS[-1]
 
 
-def listen_queue(sockets) -> dict:
-    """Linux TCP_INFO on a listening socket: tcpi_unacked is the accept
-    queue's current length and tcpi_sacked its limit."""
+def listen_queue(listeners) -> dict:
     depth = limit = 0
-    for sock in sockets:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.fileno() < 0:
-            continue
-        try:
-            raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
-        except OSError:
-            continue
-        fields = _TCP_INFO_HEAD.unpack(raw)
-        depth += fields[8 + 4]
-        limit += fields[8 + 5]
+    for sock in listeners:
+        waiting, most = queue_depth(sock)
+        depth += waiting
+        limit += most
     return {"depth": depth, "limit": limit}
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import stat
+import struct
 
 from .config import parse_bind
 
@@ -50,6 +51,22 @@ def _unix_listener(path: str, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+_TCP_INFO_HEAD = struct.Struct("=8B6I")   # ... tcpi_unacked, tcpi_sacked
+
+
+def queue_depth(sock) -> tuple:
+    """(waiting, limit) of a listening TCP socket's accept queue: on Linux,
+    TCP_INFO reports them as tcpi_unacked and tcpi_sacked. (0, 0) otherwise."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.fileno() < 0:
+        return 0, 0
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
+    except OSError:
+        return 0, 0
+    fields = _TCP_INFO_HEAD.unpack(raw)
+    return fields[8 + 4], fields[8 + 5]
 
 
 INHERIT_ENV = "PREFORK_LISTENERS"   # {"bind text": fd} from the master we replace

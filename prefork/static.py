@@ -42,32 +42,34 @@ class StaticFiles:
 
     def mount(self, app):
         prefix = self.prefix
-        index = os.path.join(self.root, self.index)
 
         def dispatch(environ, start_response):
             path = environ["PATH_INFO"]
             if path.startswith(prefix):
                 return self.serve(environ, start_response, path[len(prefix):])
-            if path == "/" and os.path.isfile(index):
+            if path == "/":
                 return self.app_or_index(app, environ, start_response)
             return app(environ, start_response)
         return dispatch
 
     def app_or_index(self, app, environ, start_response):
         """Ask the app first; a 404 it gives for / while it is being called
-        becomes static/index.html (a generator that starts its response later
-        keeps its own 404: by then the answer is under way)."""
+        becomes static/index.html when that file exists (a generator that
+        starts its response later keeps its own 404: it is under way)."""
         held = []
 
         def hold_404(status, headers, exc_info=None):
             if deciding and status.startswith("404"):
-                held.append(status)
-                return lambda data: None   # discarded: the index page answers
+                held[:] = [status, headers]
+                return lambda data: None   # discarded if the index page answers
             return start_response(status, headers, exc_info)
         deciding = True
         result = app(environ, hold_404)
         deciding = False
         if not held:
+            return result
+        if not os.path.isfile(os.path.join(self.root, self.index)):
+            start_response(*held)          # no index page: the app's own 404 stands
             return result
         if hasattr(result, "close"):
             result.close()

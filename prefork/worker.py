@@ -37,6 +37,7 @@ from .apps.status import StatusApp
 from .http.response import REASONS, http_date
 from .logs import AccessLog, install_worker_logging
 from .signals import SignalInbox
+from .sockets import queue_depth
 from .static import StaticFiles
 from .stats import WorkerStats
 from . import templates
@@ -45,7 +46,8 @@ from .wsgi import ErrorStream
 
 BOOT_FAILED = 3
 DUMP_SIGNAL = signal.SIGUSR2   # faulthandler writes every thread's stack
-ACCEPT_BATCH = 1
+ACCEPT_BATCH = 64
+SHARE_EVERY = 0.01   # seconds between scoreboard scans for the fair share
 TICK_SECONDS = 0.5
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
@@ -114,6 +116,10 @@ class Worker:
         self.conns = {}
         self.stopping = False
         self.stop_deadline = 0.0
+        self.declined = False
+        self._share_at = -1.0
+        self._share_open = 0
+        self._share_workers = 1
         self.now = time.monotonic()
         self.stats = WorkerStats(os.getpid(), slot, generation)
         self.access_log = AccessLog(config.logging, sink)
@@ -200,23 +206,45 @@ class Worker:
         self.access_log.set_time(wall)
 
     def accept(self, listener):
-        for _ in range(ACCEPT_BATCH):
+        """Take this worker's fair share of waiting connections: a connection
+        stays with the worker that accepts it, so a worker that grabbed a
+        whole burst would make its clients wait while its peers idle. The
+        share is (open connections everywhere + the listen queue) / workers.
+        Declining is allowed once in a row, so a busy peer never strands one."""
+        share = self.fair_share(listener)
+        fresh = []
+        while len(fresh) < ACCEPT_BATCH and (len(self.conns) < share
+                                              or (self.declined and not fresh)):
             try:
                 sock, addr = listener.accept()
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("accept failed: %s", exc)
-                return
+                break
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, sock, addr, listener.getsockname())
             self.conns[conn.fd] = conn
             self.poller.register(conn.fd, select.EPOLLIN)
-            self.stats.connections_accepted += 1
+            fresh.append(conn)
+        self.declined = not fresh
+        if fresh:
+            self.stats.connections_accepted += len(fresh)
+            self.scoreboard.set_connections(self.slot, len(self.conns))
+        for conn in fresh:
             conn.on_readable()   # the request is often there already
+
+    def fair_share(self, listener) -> int:
+        if self.now - self._share_at >= SHARE_EVERY:
+            self._share_at = self.now
+            total, workers = self.scoreboard.serving_connections()
+            self._share_open, self._share_workers = total, max(1, workers)
+        waiting = queue_depth(listener)[0] or 1
+        total = self._share_open + waiting
+        return -(-total // self._share_workers)   # ceiling division
 
     def tick(self, now):
         self.scoreboard.heartbeat(self.slot, now)
@@ -285,6 +313,7 @@ class Worker:
     def forget(self, conn):
         if self.conns.pop(conn.fd, None) is not None:
             self.poller.unregister(conn.fd)
+            self.scoreboard.set_connections(self.slot, len(self.conns))
 
     def stats_bytes_in(self, count):
         self.stats.bytes_in += count
@@ -341,7 +370,12 @@ def run(config, listeners, scoreboard, slot, generation, master_pid, boot_fd, si
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
-        log.critical("worker %d crashed:\n%s", os.getpid(), traceback.format_exc())
+        # The boot pipe reaches the master even when our log batch cannot.
+        report = f"worker crashed:\n{traceback.format_exc()}".encode("utf-8", "replace")
+        try:
+            os.write(boot_fd, report)
+        except OSError:
+            pass
         code = 1
     finally:
         os._exit(code)

@@ -98,6 +98,10 @@ UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 def run_wrk(url, duration, connections=CONNECTIONS):
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
                          capture_output=True, text=True, timeout=duration + 30).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
@@ -274,6 +278,52 @@ def compare_static(args):
         shutil.rmtree(files, ignore_errors=True)
 
 
+def reload_under_load(name, command, url, args, reloads=3, spacing=4.0):
+    """p99 at rest, then p99 and failures while the server reloads `reloads` times."""
+    workdir = tempfile.mkdtemp(prefix="pfbench")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT}/tests/bench")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
+                            stderr=open(os.path.join(workdir, "stderr"), "w"),
+                            start_new_session=True)
+    try:
+        wait_answering(url + "/", proc)
+        run_wrk(url + "/", 2, connections=20)   # warm-up
+        rest = run_wrk(url + "/", 10, connections=20)
+        duration = int(reloads * spacing + 4)
+        wrk = subprocess.Popen(["wrk", "-t1", "-c20", f"-d{duration}s", "--latency", url + "/"],
+                               stdout=subprocess.PIPE, text=True)
+        for _ in range(reloads):
+            time.sleep(spacing)
+            os.kill(proc.pid, signal.SIGHUP)
+        out = wrk.communicate(timeout=duration + 30)[0]
+        during = parse_wrk(out)
+        return {"rest_p99": rest["p99"], "reload_p99": during["p99"], "rps": during["rps"],
+                "failed": during["errors"] + sum(int(n) for n in re.findall(r"\d+", during["socket_errors"]))}
+    finally:
+        stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def compare_reload(args):
+    app = "tests.apps.slow_boot:app"
+    results = {}
+    for name in ("prefork", "gunicorn-sync"):
+        port = free_port()
+        workdir = tempfile.mkdtemp(prefix="pfcfg")
+        try:
+            command = SERVERS[name](app, port, workdir)
+            results[name] = reload_under_load(name, command, f"http://127.0.0.1:{port}", args)
+        except RuntimeError as exc:
+            print(f"  ({name} failed: {exc})")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print("\nreload under load: import takes 1.5 s, requests 20 ms, 2 workers, wrk -c20, 3 HUPs")
+    print(f"{'server':<22}{'p99 rest':>10}{'p99 reload':>12}{'ratio':>8}{'failed':>8}{'req/s':>8}")
+    for name, r in results.items():
+        print(f"{name:<22}{fmt_ms(r['rest_p99']):>10}{fmt_ms(r['reload_p99']):>12}"
+              f"{r['reload_p99'] / r['rest_p99']:>7.1f}x{r['failed']:>8}{r['rps']:>8.0f}")
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # progress shows when piped
     parser = argparse.ArgumentParser()
@@ -282,7 +332,7 @@ def main():
     parser.add_argument("--servers", nargs="*", default=list(SERVERS))
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
     parser.add_argument("--sections", nargs="*",
-                        default=["servers", "access-log", "stats", "static"])
+                        default=["servers", "access-log", "stats", "static", "reload"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -294,6 +344,8 @@ def main():
         })
     if "static" in args.sections:
         compare_static(args)
+    if "reload" in args.sections:
+        compare_reload(args)
     if "stats" in args.sections:
         compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
             "stats-on": lambda wd: log_section(wd) + "[status]\nenabled = true\n",
