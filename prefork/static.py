@@ -8,8 +8,10 @@ blocking its other connections.
 
 Order with the app: paths under `url` never reach the app. For `/`, the app
 is asked first; if it answers 404, static/index.html is served instead.
-Must not: follow a path or symlink outside the root (404), or read a file
-into memory.
+Small files (up to SMALL_FILE bytes, without precompressed siblings) are kept
+in memory and sent with the head in one send(): each hit costs one stat() to
+check the file has not changed, and the path is resolved again at least every
+REVALIDATE seconds. Must not: follow a path or symlink outside the root (404).
 """
 from __future__ import annotations
 
@@ -17,10 +19,14 @@ import email.utils
 import mimetypes
 import os
 import stat
+import time
 
 from .http.response import http_date
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+SMALL_FILE = 64 * 1024
+CACHE_ENTRIES = 1024
+REVALIDATE = 1.0
 TEXT_TYPES = ("application/javascript", "application/json", "image/svg+xml", "application/xml")
 ENCODINGS = (("br", ".br"), ("gzip", ".gz"))   # preferred first
 
@@ -33,12 +39,31 @@ class NotServable(Exception):
         self.status = status
 
 
+class CachedFile:
+    """A small file held in memory, with what validates it."""
+    __slots__ = ("path", "key", "resolved_at", "headers", "etag", "mtime", "body")
+
+    def __init__(self, path, key, resolved_at, headers, etag, mtime, body):
+        self.path, self.key, self.resolved_at = path, key, resolved_at
+        self.headers, self.etag, self.mtime, self.body = headers, etag, mtime, body
+
+
+def _close(fh):
+    if fh is not None:
+        fh.close()
+
+
+def _stat_key(st):
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class StaticFiles:
     def __init__(self, static_config):
         self.prefix = static_config.url
         self.root = os.path.realpath(static_config.root or DEFAULT_ROOT)
         self.index = static_config.index
         self.cache_control = static_config.cache_control
+        self._cache = {}   # relative URL path -> CachedFile
 
     def mount(self, app):
         prefix = self.prefix
@@ -76,10 +101,13 @@ class StaticFiles:
         return self.serve(environ, start_response, "")
 
     # -- path safety -------------------------------------------------------------
-    def resolve(self, environ, relative: str) -> str:
+    @staticmethod
+    def encoded_separators(environ, relative: str) -> bool:
+        """Encoded slashes, backslashes and NUL never name a real file."""
         raw = environ.get("RAW_URI", "").split("?", 1)[0].lower()
-        if "%2f" in raw or "%5c" in raw or "\\" in relative or "\0" in relative:
-            raise NotServable(404)   # encoded separators and NUL: never a real file
+        return "%2f" in raw or "%5c" in raw or "\\" in relative or "\0" in relative
+
+    def resolve(self, environ, relative: str) -> str:
         parts = [p for p in relative.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise NotServable(404)
@@ -98,25 +126,67 @@ class StaticFiles:
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
                                                       ("Content-Type", "text/plain")])
             return [b"method not allowed\n"]
+        if self.encoded_separators(environ, relative):
+            return self.not_found(start_response, 404)
+        entry = self.cached(relative)
+        if entry is not None:
+            return self.respond(environ, start_response, entry.headers, entry.etag,
+                                entry.mtime, len(entry.body), entry)
         try:
             path = self.resolve(environ, relative)
             encoding, served_path, fh, st = self.open_variant(environ, path)
         except NotServable as exc:
             return self.not_found(start_response, exc.status)
-        headers = self.base_headers(path, encoding, st, variant=os.path.exists(path + ".gz")
-                                    or os.path.exists(path + ".br"))
+        variant = os.path.exists(path + ".gz") or os.path.exists(path + ".br")
+        headers = self.base_headers(path, encoding, st, variant)
         etag = dict(headers)["ETag"]
-        if self.not_modified(environ, etag, st.st_mtime):
-            fh.close()
+        entry = None
+        if not variant and st.st_size <= SMALL_FILE:
+            body = fh.read()
+            if len(body) == st.st_size:
+                fh.close()
+                fh = None
+                entry = self.remember(relative, served_path, st, headers, etag, body)
+            else:
+                fh.seek(0)   # changed while we read it: send the file, keep nothing
+        return self.respond(environ, start_response, headers, etag, st.st_mtime, st.st_size,
+                            entry, fh)
+
+    def cached(self, relative):
+        entry = self._cache.get(relative)
+        if entry is None:
+            return None
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            st = None
+        if st is None or _stat_key(st) != entry.key or \
+                time.monotonic() - entry.resolved_at > REVALIDATE:
+            del self._cache[relative]   # changed, gone, or due for a fresh resolution
+            return None
+        return entry
+
+    def remember(self, relative, path, st, headers, etag, body):
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        entry = CachedFile(path, _stat_key(st), time.monotonic(), headers, etag, st.st_mtime, body)
+        self._cache[relative] = entry
+        return entry
+
+    def respond(self, environ, start_response, headers, etag, mtime, size, entry, fh=None):
+        """Validators, range, then the body: from memory (entry) or the file
+        (fh), which is closed here unless the file wrapper takes it."""
+        if self.not_modified(environ, etag, mtime):
+            _close(fh)
             start_response("304 Not Modified", [h for h in headers
                                                 if h[0] in ("ETag", "Last-Modified",
                                                             "Cache-Control", "Vary")])
             return []
-        size = st.st_size
+        headers = list(headers)
         status, start, length = "200 OK", 0, size
-        byte_range = self.range_for(environ, etag, st.st_mtime, size)
+        byte_range = self.range_for(environ, etag, mtime, size)
         if byte_range == "unsatisfiable":
-            fh.close()
+            _close(fh)
             start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"),
                                                          ("Content-Type", "text/plain")])
             return [b"range not satisfiable\n"]
@@ -126,11 +196,13 @@ class StaticFiles:
             headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
         headers.append(("Content-Length", str(length)))
         start_response(status, headers)
-        if method == "HEAD":
-            fh.close()
+        if environ["REQUEST_METHOD"] == "HEAD":
+            _close(fh)
             return []
+        if entry is not None:
+            return [entry.body[start:start + length] if length != size else entry.body]
         fh.seek(start)
-        return environ["wsgi.file_wrapper"](fh)
+        return environ["wsgi.file_wrapper"](fh)   # closed by the connection when sent
 
     def open_variant(self, environ, path):
         """(encoding or None, path, open file, stat) for the best representation."""

@@ -218,3 +218,13 @@ def test_flask_error_handlers(flask_server):
     failed = flask_server.get("/fail")
     assert failed.status_code == 500 and failed.text == "custom server error page"
     wait_for(lambda: "flask view failed" in flask_server.log("error"), message="Flask's traceback")
+
+
+def test_a_cached_small_file_is_served_fresh_after_it_changes(static_server, files):
+    assert static_server.get("/static/hello.txt").text == "hello static\n"
+    (files / "hello.txt").write_text("changed and longer\n")
+    wait_for(lambda: static_server.get("/static/hello.txt").text == "changed and longer\n",
+             timeout=5, message="the new content")
+    (files / "hello.txt").unlink()
+    wait_for(lambda: static_server.get("/static/hello.txt").status_code == 404, timeout=5,
+             message="a 404 for the removed file")
