@@ -324,6 +324,56 @@ def compare_reload(args):
               f"{r['reload_p99'] / r['rest_p99']:>7.1f}x{r['failed']:>8}{r['rps']:>8.0f}")
 
 
+def total_worker_rss(root_pid) -> float:
+    """Sum of the workers' RSS (MiB), the Manager left out."""
+    total = 0.0
+    for child in psutil.Process(root_pid).children():
+        if " ".join(child.cmdline()).strip().startswith("prefork: worker"):
+            total += child.memory_info().rss / 1048576
+    return total
+
+
+def compare_idle(args, idle=10000):
+    """Hello-world throughput on 50 active connections, alone and beside
+    `idle` idle keep-alive connections; and what an idle connection costs."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="pfcfg")
+    extra = log_section(workdir) + "[http]\nkeepalive_timeout = 600\n"
+    proc = subprocess.Popen(prefork_command(APPS["hello"], port, workdir, extra), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    held = []
+    try:
+        wait_answering(url, proc)
+        run_wrk(url, 1)
+        alone = statistics.median(run_wrk(url, args.duration)["rps"] for _ in range(args.runs))
+        before = total_worker_rss(proc.pid)
+        request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+        for _ in range(idle):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(request)
+            sock.recv(4096)   # answered: now an idle keep-alive connection
+            held.append(sock)
+        time.sleep(1.5)       # let the workers' RSS settle and the stats ship
+        after = total_worker_rss(proc.pid)
+        beside = statistics.median(run_wrk(url, args.duration)["rps"] for _ in range(args.runs))
+        print(f"\n{idle} idle keep-alive connections held by {WORKERS} workers (hello, wrk -c50)")
+        print(f"  alone {alone:.0f} req/s, beside them {beside:.0f} req/s: "
+              f"{beside / alone * 100:.1f}% of normal")
+        print(f"  worker RSS {before:.1f} -> {after:.1f} MiB: "
+              f"{(after - before) * 1048576 / idle / 1024:.1f} KiB per idle connection")
+    finally:
+        for sock in held:
+            sock.close()
+        stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # progress shows when piped
     parser = argparse.ArgumentParser()
@@ -332,7 +382,7 @@ def main():
     parser.add_argument("--servers", nargs="*", default=list(SERVERS))
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
     parser.add_argument("--sections", nargs="*",
-                        default=["servers", "access-log", "stats", "static", "reload"])
+                        default=["servers", "access-log", "stats", "static", "reload", "idle"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -346,6 +396,8 @@ def main():
         compare_static(args)
     if "reload" in args.sections:
         compare_reload(args)
+    if "idle" in args.sections:
+        compare_idle(args)
     if "stats" in args.sections:
         compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
             "stats-on": lambda wd: log_section(wd) + "[status]\nenabled = true\n",
