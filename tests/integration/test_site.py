@@ -1,6 +1,8 @@
 """Static files, templates, the built-in site and a real Flask app."""
 import gzip
 import os
+import socket
+import time
 
 import pytest
 import requests
@@ -77,6 +79,20 @@ def test_keep_alive_survives_a_sendfile_response(static_server):
 
 def test_whole_large_file_via_sendfile(static_server):
     assert static_server.get("/static/data.bin").content == bytes(range(256)) * 4096
+
+
+def test_a_large_file_to_a_slow_reader_does_not_block_the_worker(make_server, files):
+    (files / "big.bin").write_bytes(b"x" * 30 * 1024 * 1024)
+    server = make_server(workers=1, extra=f'[static]\nroot = "{files}"\n')
+    with server.connect() as lazy:
+        lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        lazy.sendall(b"GET /static/big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_for(lambda: server.status()["totals"]["connections_open"] >= 1, timeout=5,
+                 message="the lazy connection counted")
+        started = time.monotonic()
+        for _ in range(5):
+            assert server.get("/static/hello.txt").text == "hello static\n"
+        assert time.monotonic() - started < 2
 
 
 def test_precompressed_sibling(static_server):

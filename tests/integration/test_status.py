@@ -31,8 +31,9 @@ def test_totals_match_a_known_mix_class_by_class(server):
     assert status["totals"]["bytes_out"] > 0 and status["totals"]["bytes_in"] > 0
     assert status["totals"]["connections_accepted"] >= 21
     assert status["latency"]["count"] == 21 and status["latency"]["p99"] > 0
-    # The endpoint serves the same snapshot shape.
-    body = server.get("/_status?format=json").json()
+    # The endpoint serves the snapshot the master publishes each interval.
+    body = wait_for(lambda: (lambda b: b if b["totals"]["requests"] >= 21 else None)(
+        server.get("/_status?format=json").json()), message="the published snapshot")
     for key in ("server", "pool", "totals", "rates", "latency", "listen_queue", "workers"):
         assert key in body
     assert body["totals"]["requests"] >= 21

@@ -239,3 +239,23 @@ def test_user_setting_makes_workers_run_as_that_user(tmpdir_short, make_server):
     finally:
         server2.stop()
         server2.kill_all()
+
+
+def test_graceful_stop_serves_connections_already_queued(make_server):
+    """One worker busy in the app; a second client's connection waits in the
+    listen queue. TERM arrives: the queued request is still answered."""
+    server = make_server(workers=1)
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(
+        slow=requests.get(server.url + "/slow?1.5", timeout=20).text))
+    slow.start()
+    wait_for(lambda: any(w["current"] for w in server.status()["workers"]), message="busy")
+    queued = server.connect()
+    queued.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    server.signal(signal.SIGTERM)
+    reply = read_until_close(queued, timeout=10)
+    queued.close()
+    slow.join(20)
+    assert result["slow"] == "slow done"
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"hello")
+    assert server.proc.wait(20) == 0
