@@ -52,7 +52,7 @@ class Exchange:
 
 class Connection:
     __slots__ = ("worker", "sock", "fd", "reader", "base", "out", "out_size",
-                 "state", "deadline", "events", "exchange", "close_after", "requests")
+                 "state", "deadline", "events", "exchange", "close_after")
 
     def __init__(self, worker, sock, addr, server_addr):
         self.worker = worker
@@ -73,7 +73,6 @@ class Connection:
         self.deadline = worker.now + worker.config.http.header_timeout
         self.exchange = None
         self.close_after = False
-        self.requests = 0
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
@@ -135,7 +134,6 @@ class Connection:
 
     def respond(self, request):
         worker = self.worker
-        self.requests += 1
         ex = self.exchange = Exchange(request, worker.begin_request(request))
         ex.sr = StartResponse(self.write)
         try:

@@ -15,13 +15,12 @@ import logging
 import os
 import selectors
 import signal
-import subprocess
 import sys
 import time
 
 from setproctitle import setproctitle
 
-from . import __version__, config as configmod, control, snapshot, sockets, systemd, watchdog, worker
+from . import __version__, control, generations, snapshot, sockets, systemd, watchdog, worker
 from .ipc import MasterChannels
 from .logs import LogFiles, install_master_logging
 from .scoreboard import Scoreboard
@@ -36,8 +35,6 @@ FAST_STOP_GRACE = 1.0
 BACKOFF_CAP = 10.0
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
-UPGRADE_ENV = "PREFORK_UPGRADE_FROM"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -63,15 +60,6 @@ class WorkerRecord:
     replaced_by: int = 0            # pid of this worker's replacement
     rss_sampled: float = 0.0
     rss_over: int = 0
-
-
-@dataclasses.dataclass
-class Reload:
-    config: configmod.Config
-    generation: int
-    listeners: dict
-    started: float
-    waiters: list
 
 
 class Master:
@@ -291,7 +279,7 @@ class Master:
         delay = min(BACKOFF_CAP, 0.1 * 2 ** self.boot_failures)
         self.next_spawn_at = self.now + delay
         if self.pending is not None and rec.generation == self.pending.generation:
-            return self.abort_reload(f"worker failed to boot ({how}):\n{report}")
+            return generations.abort_reload(self, f"worker failed to boot ({how}):\n{report}")
         if self.starting and not self.stopping:
             log.error("worker %d failed to boot (%s):\n%s", rec.slot, how, report)
             self.reporter.failed(f"worker failed to boot ({how}):\n{report}")
@@ -350,7 +338,7 @@ class Master:
                 self.finished = True
             return
         if self.pending is not None:
-            self.advance_reload()
+            generations.advance_reload(self)
         else:
             watchdog.run_recycling(self)
         self.keep_pool_size()
@@ -359,8 +347,8 @@ class Master:
             log.info("ready: %d workers serving on %s", self.target, " ".join(self.urls()))
             self.reporter.ready(self.pid, self.urls(), self.target)
             systemd.notify("READY=1", f"MAINPID={self.pid}", self.status_line())
-            self.retire_predecessor()
-        self.watch_upgrade()
+            generations.retire_predecessor(self)
+        generations.watch_upgrade(self)
         if now - self.last_publish >= self.config.status.interval:
             self.last_publish = now
             self.channels.publish(self.snapshot())
@@ -383,91 +371,6 @@ class Master:
             for rec in sorted(current, key=lambda r: r.spawned)[:-missing]:
                 self.stop_worker(rec, "scaled down")
 
-    # -- reload -------------------------------------------------------------------
-    def begin_reload(self, waiter=None):
-        if self.stopping:
-            return control.reply(waiter, {"ok": False, "error": "stopping"}) if waiter else None
-        if self.pending is not None:
-            if waiter:
-                self.pending.waiters.append(waiter)
-            return None
-        log.info("reload requested: re-reading %s", self.config.source or "defaults")
-        try:
-            new = configmod.load(self.config.source or None, self.overrides)
-        except configmod.ConfigError as exc:
-            return self.reload_failed(str(exc), [waiter] if waiter else [])
-        listeners = {}
-        try:
-            for bind in new.server.bind:
-                listeners[bind] = self.listeners.get(bind) or create_listener(bind, new.server.backlog)
-        except BindError as exc:
-            for bind, sock in listeners.items():
-                if bind not in self.listeners:
-                    close_listener(sock, unlink=True)
-            return self.reload_failed(str(exc), [waiter] if waiter else [])
-        generation = self.generation + 1
-        systemd.notify("RELOADING=1", f"STATUS=reloading: starting generation {generation}")
-        self.pending = Reload(new, generation, listeners, self.now, [waiter] if waiter else [])
-        self.boot_failures = 0
-        for _ in range(new.server.workers):
-            self.spawn(new, generation, listeners)
-        return None
-
-    def advance_reload(self):
-        pending = self.pending
-        if self.ready_count(pending.generation) >= pending.config.server.workers:
-            return self.commit_reload()
-        if self.now - pending.started > pending.config.workers.boot_timeout:
-            self.abort_reload(f"new workers not ready within {pending.config.workers.boot_timeout:g}s")
-
-    def commit_reload(self):
-        pending, self.pending = self.pending, None
-        old_generation = self.generation
-        for rec in list(self.workers.values()):
-            if rec.generation < pending.generation:
-                self.stop_worker(rec, "retired")
-        for bind, sock in self.listeners.items():
-            if bind not in pending.listeners:
-                close_listener(sock, unlink=True)
-        self.listeners = pending.listeners
-        old_logging = self.config.logging
-        self.config = pending.config
-        self.generation = pending.generation
-        self.target = pending.config.server.workers
-        if self.config.logging != old_logging:
-            self.files.close()
-            self.files = LogFiles(self.config.logging, self.files.mirror_stderr)
-            install_master_logging(self.files, self.config.logging.level)
-        self.reloads["ok"] += 1
-        log.info("reloaded: generation %d replaced generation %d; serving on %s",
-                 self.generation, old_generation, " ".join(self.urls()))
-        systemd.notify("READY=1", self.status_line())
-        for waiter in pending.waiters:
-            control.reply(waiter, {"ok": True, "generation": self.generation,
-                                   "urls": self.urls()})
-
-    def abort_reload(self, reason):
-        pending, self.pending = self.pending, None
-        for rec in list(self.workers.values()):
-            if rec.generation == pending.generation:
-                self.stop_worker(rec, "reload aborted", graceful=False)
-        for bind, sock in pending.listeners.items():
-            if bind not in self.listeners:
-                close_listener(sock, unlink=True)
-        self.boot_failures = 0
-        self.next_spawn_at = 0.0
-        self.reload_failed(reason, pending.waiters)
-
-    def reload_failed(self, reason, waiters):
-        self.reloads["failed"] += 1
-        self.reloads["last_error"] = reason
-        log.error("reload failed, generation %d keeps serving: %s", self.generation, reason)
-        if not self.starting:
-            systemd.notify("READY=1", f"STATUS=reload failed, generation {self.generation} "
-                                      f"keeps serving: {reason.splitlines()[-1]}")
-        for waiter in waiters:
-            control.reply(waiter, {"ok": False, "error": reason, "generation": self.generation})
-
     # -- stop ------------------------------------------------------------------------
     def begin_stop(self, graceful=True):
         if self.stopping and graceful:
@@ -477,53 +380,15 @@ class Master:
             systemd.notify("STOPPING=1", "STATUS=stopping")
         self.stopping = True
         if self.pending is not None:
-            self.abort_reload("stopping")
+            generations.abort_reload(self, "stopping")
         # Workers keep their own copies until they have drained the queue.
         for sock in self.listeners.values():
-            close_listener(sock, unlink=not self.handed_over())
+            close_listener(sock, unlink=not generations.handed_over(self))
         self.listeners = {}
         for rec in self.workers.values():
             if not graceful and rec.state == "stopping":
                 rec.state = "ready"   # escalate a graceful stop already under way
             self.stop_worker(rec, rec.exit_reason or "stop", graceful=graceful)
-
-    # -- upgrade (USR2): a new master on the same listening sockets -----------------------
-    def begin_upgrade(self):
-        if self.upgrade is not None or self.pending is not None or self.stopping:
-            log.warning("upgrade refused: %s", "one is under way" if self.upgrade is not None
-                        else "a reload or stop is under way")
-            return
-        value, fds = sockets.hand_over(self.listeners)
-        env = dict(os.environ, **{sockets.INHERIT_ENV: value, UPGRADE_ENV: str(self.pid)})
-        argv = [sys.executable, os.path.join(ROOT, "bin", "prefork"), "start", "--foreground"]
-        if self.config.source:
-            argv += ["-c", self.config.source]
-        server = self.overrides.get("server", {})
-        argv += [arg for bind in server.get("bind", []) for arg in ("--bind", bind)]
-        for key in ("workers", "app", "pidfile"):
-            if key in server:
-                argv += [f"--{key}", str(server[key])]
-        log.info("upgrade: starting a new master on the same sockets: %s", " ".join(argv))
-        self.upgrade = subprocess.Popen(argv, env=env, pass_fds=fds, cwd=self.config.server.base)
-
-    def watch_upgrade(self):
-        if self.upgrade is not None and self.upgrade.poll() is not None:
-            log.error("upgrade failed: the new master exited with code %s; this one keeps "
-                      "serving", self.upgrade.returncode)
-            self.upgrade = None
-
-    def handed_over(self) -> bool:
-        """True once a new master took over our sockets (we must not unlink them)."""
-        return self.upgrade is not None and self.upgrade.poll() is None
-
-    def retire_predecessor(self):
-        old = os.environ.pop(UPGRADE_ENV, "")
-        if old:
-            log.info("upgrade: ready; asking the old master (pid %s) to stop gracefully", old)
-            try:
-                os.kill(int(old), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def status_line(self):
         return (f"STATUS=generation {self.generation}, {self.target} workers, "
@@ -561,7 +426,7 @@ class Master:
         if name == "status":
             control.reply(conn, {"ok": True, "status": self.snapshot()})
         elif name == "reload":
-            self.begin_reload(waiter=conn)
+            generations.begin_reload(self, waiter=conn)
         elif name == "reopen":
             self.reopen_logs()
             control.reply(conn, {"ok": True})
@@ -579,7 +444,7 @@ class Master:
             pass
         self.channels.shutdown()
         for sock in self.listeners.values():
-            close_listener(sock, unlink=not self.handed_over())
+            close_listener(sock, unlink=not generations.handed_over(self))
         self.control.close()
         try:
             with open(self.config.server.pidfile) as fh:
@@ -597,10 +462,10 @@ SIGNAL_ACTIONS = {
     signal.SIGTERM: lambda m: m.begin_stop(graceful=True),
     signal.SIGINT: lambda m: m.begin_stop(graceful=False),
     signal.SIGQUIT: lambda m: m.begin_stop(graceful=False),
-    signal.SIGHUP: lambda m: m.begin_reload(),
+    signal.SIGHUP: lambda m: generations.begin_reload(m),
     signal.SIGTTIN: lambda m: m.scale(+1),
     signal.SIGTTOU: lambda m: m.scale(-1),
     signal.SIGUSR1: lambda m: m.reopen_logs(),
-    signal.SIGUSR2: lambda m: m.begin_upgrade(),
+    signal.SIGUSR2: lambda m: generations.begin_upgrade(m),
     signal.SIGCHLD: lambda m: None,   # reap() runs on every loop turn
 }

@@ -7,7 +7,6 @@ I/O (the connection sends what this module prepares).
 from __future__ import annotations
 
 import io
-import sys
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -196,8 +195,3 @@ class ErrorStream:
         if self._partial:
             self._logger.error("%s", self._partial)
             self._partial = ""
-
-
-def current_exc_text() -> str:
-    import traceback
-    return "".join(traceback.format_exception(*sys.exc_info()))

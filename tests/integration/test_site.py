@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import wait_for
 
 
 @pytest.fixture

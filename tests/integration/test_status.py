@@ -66,8 +66,11 @@ def test_totals_survive_a_killed_worker_and_a_reload(server):
 def test_prometheus_output_parses_and_matches_the_json(server):
     send_mix(server, 3)
     totals_reach(server, 9)
-    text = server.get("/_status?format=prometheus").text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    def published():
+        text = server.get("/_status?format=prometheus").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return families if families["prefork_requests"].samples[0].value >= 9 else None
+    families = wait_for(published, message="the mix in the published snapshot")
     status = server.status()   # via the master; /_status requests are counted too
     assert families["prefork_requests"].type == "counter"
     assert families["prefork_requests"].samples[0].value >= 9

@@ -1,5 +1,4 @@
 """environ construction and the start_response state machine."""
-import io
 import sys
 
 import pytest
