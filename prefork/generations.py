@@ -34,7 +34,6 @@ class Reload:
     waiters: list
 
 
-
 def begin_reload(master, waiter=None):
     if master.stopping:
         return control.reply(waiter, {"ok": False, "error": "stopping"}) if waiter else None
@@ -64,12 +63,14 @@ def begin_reload(master, waiter=None):
         master.spawn(new, generation, listeners)
     return None
 
+
 def advance_reload(master):
     pending = master.pending
     if master.ready_count(pending.generation) >= pending.config.server.workers:
         return commit_reload(master)
     if master.now - pending.started > pending.config.workers.boot_timeout:
         abort_reload(master, f"new workers not ready within {pending.config.workers.boot_timeout:g}s")
+
 
 def commit_reload(master):
     pending, master.pending = master.pending, None
@@ -97,6 +98,7 @@ def commit_reload(master):
         control.reply(waiter, {"ok": True, "generation": master.generation,
                                "urls": master.urls()})
 
+
 def abort_reload(master, reason):
     pending, master.pending = master.pending, None
     for rec in list(master.workers.values()):
@@ -108,6 +110,7 @@ def abort_reload(master, reason):
     master.boot_failures = 0
     master.next_spawn_at = 0.0
     reload_failed(master, reason, pending.waiters)
+
 
 def reload_failed(master, reason, waiters):
     master.reloads["failed"] += 1
@@ -138,15 +141,18 @@ def begin_upgrade(master):
     log.info("upgrade: starting a new master on the same sockets: %s", " ".join(argv))
     master.upgrade = subprocess.Popen(argv, env=env, pass_fds=fds, cwd=master.config.server.base)
 
+
 def watch_upgrade(master):
     if master.upgrade is not None and master.upgrade.poll() is not None:
         log.error("upgrade failed: the new master exited with code %s; this one keeps "
                   "serving", master.upgrade.returncode)
         master.upgrade = None
 
+
 def handed_over(master) -> bool:
     """True once a new master took over our sockets (we must not unlink them)."""
     return master.upgrade is not None and master.upgrade.poll() is None
+
 
 def retire_predecessor(master):
     old = os.environ.pop(UPGRADE_ENV, "")

@@ -182,6 +182,11 @@ class Worker:
             wall = time.time()
             if wall >= self._second:
                 self._refresh_date(wall)
+            # Accept first: a connection waiting in the queue should not also
+            # wait behind every request of this batch (its own comes next turn).
+            for fd, event in events:
+                if fd in listeners:
+                    self.accept(listeners[fd])
             for fd, event in events:
                 conn = conns.get(fd)
                 if conn is not None:
@@ -189,8 +194,6 @@ class Worker:
                         conn.on_readable()
                     else:
                         conn.on_writable()
-                elif fd in listeners:
-                    self.accept(listeners[fd])
                 elif fd == wakeup_fd:
                     self.on_signals(self.inbox.drain())
             if now >= next_tick:
@@ -212,9 +215,9 @@ class Worker:
         share is (open connections everywhere + the listen queue) / workers.
         Declining is allowed once in a row, so a busy peer never strands one."""
         share = self.fair_share(listener)
-        fresh = []
-        while len(fresh) < ACCEPT_BATCH and (len(self.conns) < share
-                                              or (self.declined and not fresh)):
+        fresh = 0
+        while fresh < ACCEPT_BATCH and (len(self.conns) < share
+                                        or (self.declined and not fresh)):
             try:
                 sock, addr = listener.accept()
             except BlockingIOError:
@@ -228,14 +231,12 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, sock, addr, listener.getsockname())
             self.conns[conn.fd] = conn
-            self.poller.register(conn.fd, select.EPOLLIN)
-            fresh.append(conn)
+            self.poller.register(conn.fd, select.EPOLLIN)   # its request: next turn
+            fresh += 1
         self.declined = not fresh
         if fresh:
-            self.stats.connections_accepted += len(fresh)
+            self.stats.connections_accepted += fresh
             self.scoreboard.set_connections(self.slot, len(self.conns))
-        for conn in fresh:
-            conn.on_readable()   # the request is often there already
 
     def fair_share(self, listener) -> int:
         if self.now - self._share_at >= SHARE_EVERY:
