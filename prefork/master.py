@@ -10,6 +10,7 @@ every wait is bounded by the tick.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import heapq
 import logging
 import os
@@ -177,6 +178,9 @@ class Master:
         slot = heapq.heappop(self.free_slots)
         read_fd, write_fd = os.pipe()
         sink = self.channels.worker_sink()
+        # Objects the child inherits stay out of its collector's reach, so
+        # collections there do not write to (and copy) the shared pages.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)

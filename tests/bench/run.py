@@ -114,22 +114,26 @@ def parse_wrk(out):
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
-def worker_rss(root_pid) -> float:
-    """Median RSS (MiB) of the server's worker processes: the children of the
-    process we started (itself the master), less prefork's Manager."""
+def worker_memory(root_pid) -> tuple:
+    """Median (RSS, USS) in MiB of the server's worker processes: the children
+    of the process we started (itself the master), less prefork's Manager.
+    RSS counts shared library pages in every process; USS is what one worker
+    alone costs."""
     try:
         children = psutil.Process(root_pid).children(recursive=True)
     except psutil.Error:
-        return 0.0
-    sizes = []
+        return 0.0, 0.0
+    rss, uss = [], []
     for child in children:
         try:
             if " ".join(child.cmdline()).strip() == "prefork: manager":
                 continue
-            sizes.append(child.memory_info().rss / 1048576)
+            info = child.memory_full_info()
+            rss.append(info.rss / 1048576)
+            uss.append(info.uss / 1048576)
         except psutil.Error:
             continue
-    return statistics.median(sizes) if sizes else 0.0
+    return (statistics.median(rss), statistics.median(uss)) if rss else (0.0, 0.0)
 
 
 def measure(name, command, url, args, path="/"):
@@ -144,13 +148,14 @@ def measure(name, command, url, args, path="/"):
         except RuntimeError as exc:
             with open(stderr_path) as fh:
                 raise RuntimeError(f"{exc}: {fh.read()[-600:]}") from None
-        idle_rss = worker_rss(proc.pid)
+        idle_rss, idle_uss = worker_memory(proc.pid)
         run_wrk(url + path, 1)   # warm-up
         runs = [run_wrk(url + path, args.duration) for _ in range(args.runs)]
         result = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99")}
         result["errors"] = sum(r["errors"] for r in runs)
         result["socket_errors"] = "; ".join(r["socket_errors"] for r in runs if r["socket_errors"])
         result["idle_rss"] = idle_rss
+        result["idle_uss"] = idle_uss
         result["runs"] = [round(r["rps"]) for r in runs]
         return result
     finally:
@@ -175,14 +180,14 @@ def fmt_ms(seconds):
 
 def print_table(title, results, reference="prefork"):
     print(f"\n{title}")
-    print(f"{'server':<22}{'req/s':>10}{'p50':>10}{'p99':>10}{'idle RSS':>10}"
+    print(f"{'server':<22}{'req/s':>10}{'p50':>10}{'p99':>10}{'idle RSS':>10}{'USS':>8}"
           f"{'prefork x':>11}  runs")
     ref = results.get(reference)
     for name, r in results.items():
         ratio = f"{ref['rps'] / r['rps']:.2f}x" if ref and r["rps"] else "-"
         note = f"  ({r['errors']} non-2xx)" if r["errors"] else ""
         print(f"{name:<22}{r['rps']:>10.0f}{fmt_ms(r['p50']):>10}{fmt_ms(r['p99']):>10}"
-              f"{r['idle_rss']:>9.1f}M{ratio:>11}  {r['runs']}{note}")
+              f"{r['idle_rss']:>9.1f}M{r['idle_uss']:>7.1f}M{ratio:>11}  {r['runs']}{note}")
 
 
 def compare_servers(args):
