@@ -156,7 +156,10 @@ class Connection:
 
     def respond_whole(self, ex, parts):
         """Fast path: the whole body is in hand, so one send carries it all."""
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+        except TypeError:
+            return self.fail(AppError("app returned a body item that is not bytes"))
         sr = ex.sr
         if sr.status is None:
             return self.fail(AppError("app returned without calling start_response"))
@@ -249,6 +252,8 @@ class Connection:
 
     def emit(self, data):
         """Frame one body chunk (sending the head first if not sent yet)."""
+        if type(data) is not bytes and not isinstance(data, (bytearray, memoryview)):
+            raise AppError(f"app gave a body chunk of type {type(data).__name__}, not bytes")
         ex = self.exchange
         head = b""
         if not ex.sr.headers_sent:
@@ -353,6 +358,8 @@ class Connection:
     def fail(self, exc):
         """The exchange failed: an error page if nothing was sent yet, else cut."""
         ex = self.exchange
+        if isinstance(exc, AppError) and not exc.logged:
+            self.worker.app_problem(ex, exc.detail)
         if ex is None or ex.sr is None or not ex.sr.headers_sent:
             self.close_after = True
             self.state = WRITING

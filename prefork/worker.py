@@ -336,11 +336,16 @@ class Worker:
 
     def app_failed(self, exchange):
         """Log the app's exception (we are inside an except block)."""
+        self.app_problem(exchange, traceback.format_exc().rstrip())
+        error = AppError()
+        error.logged = True
+        return error
+
+    def app_problem(self, exchange, text):
         self.stats.app_exceptions += 1
-        environ = exchange.environ or {}
+        environ = (exchange.environ if exchange is not None else None) or {}
         log.error("app error on %s %s:\n%s", environ.get("REQUEST_METHOD", "?"),
-                  environ.get("RAW_URI", "?"), traceback.format_exc().rstrip())
-        return AppError()
+                  environ.get("RAW_URI", "?"), text)
 
     def on_rejected(self, status):
         self.stats.record_rejected(status)

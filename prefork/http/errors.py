@@ -47,3 +47,4 @@ class NotImplementedMethod(HttpError):
 class AppError(HttpError):
     """The application failed."""
     status = 500
+    logged = False   # set on instances whose cause (a traceback) is already logged

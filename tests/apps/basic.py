@@ -145,10 +145,21 @@ def errors_stream(environ, start_response):
     return [b"logged"]
 
 
+def returns_str(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return ["a str, not bytes"]
+
+
+def yields_str(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield "a str, not bytes"
+
+
 ROUTES = {
     "/": hello, "/pid": pid, "/echo": echo, "/environ": environ_dump, "/slow": slow,
     "/stream": stream, "/big": big, "/crash": crash, "/crash-midway": crash_midway,
     "/bad-header": bad_header, "/204": no_content, "/304": not_modified,
     "/write": legacy_write, "/exc-info": exc_info_retry, "/app-close": app_close,
     "/file": file, "/close-called": close_called, "/errors": errors_stream,
+    "/returns-str": returns_str, "/yields-str": yields_str,
 }

@@ -167,6 +167,16 @@ def test_exception_after_headers_cuts_the_connection(server):
     wait_for(lambda: "boom after the headers" in server.log("error"), message="traceback")
 
 
+@pytest.mark.parametrize("path", ["/returns-str", "/yields-str"])
+def test_a_str_body_gives_500_and_the_worker_survives(make_server, path):
+    server = make_server(workers=1)
+    before = server.worker_pids()
+    response = server.get(path)
+    assert response.status_code == 500
+    assert server.get("/").text == "hello" and server.worker_pids() == before
+    wait_for(lambda: "not bytes" in server.log("error"), message="the reason in the error log")
+
+
 def test_header_with_crlf_from_the_app_is_never_sent(server):
     reply = server.raw(b"GET /bad-header HTTP/1.1\r\nHost: t\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 500") and b"injected" not in reply
