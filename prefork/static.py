@@ -65,18 +65,6 @@ class StaticFiles:
         self.cache_control = static_config.cache_control
         self._cache = {}   # relative URL path -> CachedFile
 
-    def mount(self, app):
-        prefix = self.prefix
-
-        def dispatch(environ, start_response):
-            path = environ["PATH_INFO"]
-            if path.startswith(prefix):
-                return self.serve(environ, start_response, path[len(prefix):])
-            if path == "/":
-                return self.app_or_index(app, environ, start_response)
-            return app(environ, start_response)
-        return dispatch
-
     def app_or_index(self, app, environ, start_response):
         """Ask the app first; a 404 it gives for / while it is being called
         becomes static/index.html when that file exists (a generator that

@@ -44,7 +44,6 @@ class WorkerStats:
         self._reset()
 
     def _reset(self):
-        self.requests = 0
         self.statuses = {}
         self.bytes_in = 0
         self.bytes_out = 0
@@ -56,7 +55,6 @@ class WorkerStats:
         self.duration_sum = 0.0
 
     def record(self, status: int, body_bytes: int, duration: float) -> None:
-        self.requests += 1
         statuses = self.statuses
         statuses[status] = statuses.get(status, 0) + 1
         self.bytes_out += body_bytes
@@ -73,7 +71,8 @@ class WorkerStats:
 
     def take_delta(self, now: float, open_connections: int = 0,
                    final: bool = False) -> StatsDelta:
-        delta = StatsDelta(self.pid, self.slot, self.generation, now, self.requests,
+        requests = sum(self.statuses.values()) - self.rejected   # rejected: no request
+        delta = StatsDelta(self.pid, self.slot, self.generation, now, requests,
                            self.statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,

@@ -70,6 +70,28 @@ class AppLoadError(Exception):
     pass
 
 
+def compose(app, status, static):
+    """One dispatcher in front of the app (one call per request, not one per
+    built-in handler): the status path, then static files, then the app;
+    `/` goes to the app first and may fall back to static/index.html."""
+    if status is None and static is None:
+        return app
+    status_path = status.path if status is not None else None
+    prefix = static.prefix if static is not None else None
+
+    def dispatch(environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == status_path:
+            return status(environ, start_response)
+        if prefix is not None:
+            if path.startswith(prefix):
+                return static.serve(environ, start_response, path[len(prefix):])
+            if path == "/":
+                return static.app_or_index(app, environ, start_response)
+        return app(environ, start_response)
+    return dispatch
+
+
 def drop_privileges(user: str, group: str) -> None:
     """Become [server] user/group (only when started as root, after binding)."""
     if not user and not group:
@@ -152,12 +174,10 @@ class Worker:
             drop_privileges(self.config.server.user, self.config.server.group)
             app = load_app(self.config.server.app,
                            self.config.server.pythonpath + (self.config.server.base,))
-            if self.config.static.enabled:
-                app = StaticFiles(self.config.static).mount(app)
-            if self.config.status.enabled:
-                app = StatusApp(self.config.status, self.sink, self.scoreboard,
-                                self.templates).mount(app)
-            self.app = app
+            status = (StatusApp(self.config.status, self.sink, self.scoreboard, self.templates)
+                      if self.config.status.enabled else None)
+            static = StaticFiles(self.config.static) if self.config.static.enabled else None
+            self.app = compose(app, status, static)
         except BaseException:
             os.write(boot_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
             os._exit(BOOT_FAILED)

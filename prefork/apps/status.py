@@ -28,16 +28,6 @@ class StatusApp:
         self.scoreboard = scoreboard
         self.templates = templates
 
-    def mount(self, app):
-        """Wrap the user's app: our path is ours, everything else is theirs."""
-        path = self.path
-
-        def dispatch(environ, start_response):
-            if environ["PATH_INFO"] == path:
-                return self(environ, start_response)
-            return app(environ, start_response)
-        return dispatch
-
     def allowed(self, remote: str) -> bool:
         try:
             address = ipaddress.ip_address(remote)

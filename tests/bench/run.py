@@ -103,13 +103,14 @@ def run_wrk(url, duration, connections=CONNECTIONS):
 
 def parse_wrk(out):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
 
     def pct(p):
         value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * UNITS[unit]
-    return {"rps": rps, "p50": pct(50), "p99": pct(99),
+    return {"rps": rps, "requests": total, "p50": pct(50), "p99": pct(99),
             "errors": int(errors.group(1)) if errors else 0,
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
@@ -211,20 +212,51 @@ def compare_servers(args):
 
 
 def compare_prefork_variants(args, title, variants):
-    """Same app, prefork only, with one setting changed."""
-    results = {}
-    for name, extra in variants.items():
-        port = free_port()
-        workdir = tempfile.mkdtemp(prefix="pfcfg")
-        try:
+    """Same app, prefork only, one setting changed. Both servers run at once
+    and their wrk runs alternate in ABBA order: measured here, whichever
+    server ran first in a round lost ~10% whatever its setting, so neither
+    drift nor position may favour one side."""
+    servers = {}
+    try:
+        for name, extra in variants.items():
+            port = free_port()
+            workdir = tempfile.mkdtemp(prefix="pfcfg")
             command = prefork_command(APPS["hello"], port, workdir, extra(workdir))
-            results[name] = measure(name, command, f"http://127.0.0.1:{port}", args)
-        finally:
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            servers[name] = (proc, f"http://127.0.0.1:{port}/", workdir)
+        for proc, url, _ in servers.values():
+            wait_answering(url, proc)
+            run_wrk(url, 1)   # warm-up
+        runs = {name: [] for name in servers}
+        cpu_us = {name: [] for name in servers}
+        for round_number in range(args.runs):
+            order = list(servers) if round_number % 2 == 0 else list(reversed(servers))
+            for name in order:
+                proc, url, _ = servers[name]
+                before = workers_cpu(proc.pid)
+                measured = run_wrk(url, args.duration)
+                cpu_us[name].append((workers_cpu(proc.pid) - before) / measured["requests"] * 1e6)
+                runs[name].append(measured)
+        results = {}
+        for name, measured in runs.items():
+            results[name] = {key: statistics.median(r[key] for r in measured)
+                             for key in ("rps", "p50", "p99")}
+            results[name].update(errors=sum(r["errors"] for r in measured),
+                                 runs=[round(r["rps"]) for r in measured],
+                                 idle_rss=0.0, idle_uss=0.0,
+                                 cpu_us=statistics.median(cpu_us[name]))
+    finally:
+        for proc, _, workdir in servers.values():
+            stop(proc)
             shutil.rmtree(workdir, ignore_errors=True)
     names = list(results)
-    print_table(title, results, reference=names[0])
+    print_table(title + " (interleaved runs)", results, reference=names[0])
     first, second = results[names[0]], results[names[1]]
     print(f"  {names[0]} / {names[1]} throughput: {first['rps'] / second['rps'] * 100:.1f}%")
+    print(f"  worker CPU per request: {names[0]} {first['cpu_us']:.1f} us, {names[1]} "
+          f"{second['cpu_us']:.1f} us; as throughput at equal CPU: "
+          f"{second['cpu_us'] / first['cpu_us'] * 100:.1f}%")
 
 
 NGINX_CONF = """worker_processes {workers};
@@ -327,6 +359,19 @@ def compare_reload(args):
     for name, r in results.items():
         print(f"{name:<22}{fmt_ms(r['rest_p99']):>10}{fmt_ms(r['reload_p99']):>12}"
               f"{r['reload_p99'] / r['rest_p99']:>7.1f}x{r['failed']:>8}{r['rps']:>8.0f}")
+
+
+def workers_cpu(root_pid) -> float:
+    """CPU seconds (user + system) used so far by the master's worker children."""
+    total = 0.0
+    for child in psutil.Process(root_pid).children():
+        try:
+            if " ".join(child.cmdline()).strip().startswith("prefork: worker"):
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
 
 
 def total_worker_rss(root_pid) -> float:
