@@ -63,10 +63,9 @@ class Scoreboard:
     def set_state(self, slot: int, state: int) -> None:
         self._mem[slot * SLOT_SIZE + _STATE_AT] = state
 
-    def begin(self, slot: int, now: float, method: str, path: str) -> None:
-        _BEGIN.pack_into(self._mem, slot * SLOT_SIZE + _BEGIN_AT, BUSY, now,
-                         method.encode("latin-1", "replace")[:8],
-                         path.encode("latin-1", "replace")[:120])
+    def begin(self, slot: int, now: float, method: bytes, target: bytes) -> None:
+        """The request as received (bytes: nothing to encode on the hot path)."""
+        _BEGIN.pack_into(self._mem, slot * SLOT_SIZE + _BEGIN_AT, BUSY, now, method, target)
 
     def end(self, slot: int, requests: int, status: int, duration: float) -> None:
         self._mem[slot * SLOT_SIZE + _STATE_AT] = IDLE
