@@ -21,6 +21,7 @@ from . import __version__, config as configmod, control
 from .master import Master
 
 DEFAULT_CONFIG = "conf/prefork.toml"
+CONFIG_ENV = "PREFORK_CONFIG"
 
 
 class ForegroundReporter:
@@ -77,7 +78,8 @@ def parse_args(argv):
     def command(name, help_text):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", default=None,
-                       help=f"config file (default {DEFAULT_CONFIG} when it exists)")
+                       help=f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} "
+                            "when it exists)")
         return p
 
     for name, text in (("start", "start the server"), ("restart", "stop, then start")):
@@ -118,7 +120,8 @@ CONTROL_COMMANDS = ("stop", "reload", "status", "scale", "reopen", "upgrade")
 
 
 def load_config(args):
-    path = args.config
+    """-c wins, then $PREFORK_CONFIG, then conf/prefork.toml if it exists."""
+    path = args.config or os.environ.get(CONFIG_ENV) or None
     if path is None and os.path.exists(DEFAULT_CONFIG):
         path = DEFAULT_CONFIG
     loader = configmod.load_for_control if args.command in CONTROL_COMMANDS else configmod.load

@@ -234,6 +234,14 @@ def test_check_command(tmpdir_short):
     assert result.returncode == 1 and "cannot be imported" in result.stderr
 
 
+def test_config_path_from_the_environment(tmpdir_short):
+    bad = write_config(tmpdir_short, app="tests.apps.broken:app")
+    env = dict(os.environ, PREFORK_CONFIG=bad)
+    result = subprocess.run([sys.executable, PREFORK, "check"], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT, env=env)
+    assert result.returncode == 1 and "cannot be imported" in result.stderr
+
+
 def test_worker_processes_are_named(server):
     import psutil
     master = psutil.Process(server.pid)
