@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 
+import psutil
 import requests
 
 from tests.conftest import PREFORK, ROOT, wait_for, write_config
@@ -197,6 +198,35 @@ def test_daemon_start_status_stop(tmpdir_short):
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not os.path.exists(pidfile)
     assert cli("stop").stdout.startswith("prefork: not running")
+
+
+def gone(pid) -> bool:
+    """Exited (a zombie counts: a daemon's parent is init, which may not reap here)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_restart_replaces_the_master(tmpdir_short):
+    config = write_config(tmpdir_short)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, PREFORK, *args, "-c", config],
+                              capture_output=True, text=True, timeout=90)
+    pidfile = os.path.join(tmpdir_short, "prefork.pid")
+    assert cli("start").returncode == 0
+    try:
+        first = int(open(pidfile).read())
+        restarted = cli("restart")
+        assert restarted.returncode == 0, restarted.stderr
+        assert "stopped" in restarted.stdout and "ready" in restarted.stdout
+        second = int(open(pidfile).read())
+        assert second != first and gone(first)
+        url = restarted.stdout.split("listening on ")[1].split()[0]
+        assert requests.get(url + "/", timeout=5).text == "hello"
+    finally:
+        cli("stop")
 
 
 def test_stale_pidfile_is_cleaned(tmpdir_short):

@@ -219,3 +219,15 @@ def test_recycling_replaces_before_retiring_one_at_a_time():
     master.tick()
     assert master.sent == [(old_pid, signal.SIGTERM)]   # retired once its replacement is ready
     assert master.workers[old_pid].exit_reason == "recycled"
+
+
+def test_max_age_marks_a_worker_for_recycling():
+    master = started()
+    master.config = dataclasses.replace(master.config, workers=dataclasses.replace(
+        master.config.workers, max_age=60.0))
+    for rec in master.workers.values():
+        master.scoreboard.heartbeat(rec.slot, master.now + 61)
+    master.tick(61)
+    assert all("max_age" in rec.recycle_reason for rec in master.workers.values()
+               if rec.generation == 1 and not rec.replaces)
+    assert sum(1 for r in master.workers.values() if r.replaces) == 1   # one at a time
