@@ -87,8 +87,8 @@ def refresh_live(snapshot, scoreboard, now):
         view = scoreboard.read(row["slot"])
         if view.pid != row["pid"]:
             continue   # the slot changed hands since the snapshot
-        if row["state"] in ("idle", "busy"):
-            row["state"] = view.state
+        if row["state"] != "stopping" and view.state in ("idle", "busy"):
+            row["state"] = view.state   # booted since the snapshot, or changed
         row["requests"] = view.requests
         row["heartbeat_age"] = round(now - view.heartbeat, 1)
         row["current"] = ({"method": view.method, "path": view.path,

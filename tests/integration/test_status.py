@@ -129,3 +129,11 @@ def test_clients_outside_allow_get_403(make_server):
 def test_status_disabled_leaves_the_path_to_the_app(make_server):
     server = make_server(extra="[status]\nenabled = false\n")
     assert server.get("/_status").status_code == 404   # the test app's own 404
+
+
+def test_status_right_after_start_counts_every_worker(server):
+    # The first snapshot is published while workers boot; the endpoint must
+    # still show them serving (their scoreboard slots say so) right away.
+    body = server.get("/_status?format=json").json()
+    assert body["pool"]["idle"] + body["pool"]["busy"] == 2
+    assert all(w["state"] in ("idle", "busy") for w in body["workers"])
