@@ -47,28 +47,40 @@ class Atoms:
         self.duration, self.stamp = duration, stamp
 
     def __getitem__(self, key):
-        env = self.environ
+        simple = _ATOMS.get(key)
+        if simple is not None:
+            return simple(self, self.environ)
         if key.startswith("{") and len(key) > 3:
             name, kind = key[1:-2], key[-1]
             if kind == "i":
-                return env.get("HTTP_" + name.upper().replace("-", "_"), "-")
+                return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "-")
             if kind == "e":
-                return str(env.get(name, "-"))
-        simple = {
-            "h": lambda: env.get("REMOTE_ADDR", "-"), "l": lambda: "-",
-            "u": lambda: env.get("REMOTE_USER", "-"), "t": lambda: self.stamp,
-            "r": lambda: f'{env.get("REQUEST_METHOD")} {env.get("RAW_URI")} '
-                         f'{env.get("SERVER_PROTOCOL")}',
-            "m": lambda: env.get("REQUEST_METHOD", "-"), "U": lambda: env.get("PATH_INFO", "-"),
-            "q": lambda: env.get("QUERY_STRING", ""), "H": lambda: env.get("SERVER_PROTOCOL", "-"),
-            "s": lambda: self.status, "b": lambda: self.sent or "-", "B": lambda: self.sent,
-            "f": lambda: env.get("HTTP_REFERER", "-"), "a": lambda: env.get("HTTP_USER_AGENT", "-"),
-            "T": lambda: int(self.duration), "D": lambda: int(self.duration * 1e6),
-            "M": lambda: int(self.duration * 1e3), "p": lambda: f"<{os.getpid()}>",
-        }.get(key)
-        if simple is None:
-            raise KeyError(key)
-        return simple()
+                return str(self.environ.get(name, "-"))
+        raise KeyError(key)
+
+
+# Atom -> value, from (Atoms, environ); built once, looked up per atom.
+_ATOMS = {
+    "h": lambda a, env: env.get("REMOTE_ADDR", "-"),
+    "l": lambda a, env: "-",
+    "u": lambda a, env: env.get("REMOTE_USER", "-"),
+    "t": lambda a, env: a.stamp,
+    "r": lambda a, env: f'{env.get("REQUEST_METHOD")} {env.get("RAW_URI")} '
+                        f'{env.get("SERVER_PROTOCOL")}',
+    "m": lambda a, env: env.get("REQUEST_METHOD", "-"),
+    "U": lambda a, env: env.get("PATH_INFO", "-"),
+    "q": lambda a, env: env.get("QUERY_STRING", ""),
+    "H": lambda a, env: env.get("SERVER_PROTOCOL", "-"),
+    "s": lambda a, env: a.status,
+    "b": lambda a, env: a.sent or "-",
+    "B": lambda a, env: a.sent,
+    "f": lambda a, env: env.get("HTTP_REFERER", "-"),
+    "a": lambda a, env: env.get("HTTP_USER_AGENT", "-"),
+    "T": lambda a, env: int(a.duration),
+    "D": lambda a, env: int(a.duration * 1e6),
+    "M": lambda a, env: int(a.duration * 1e3),
+    "p": lambda a, env: f"<{os.getpid()}>",
+}
 
 
 def check_format(fmt: str):

@@ -89,21 +89,32 @@ def process_figures(pid: int) -> tuple:
         return 0, 0.0
 
 
-def worker_row(master, rec, now: float) -> dict:
-    view = master.scoreboard.read(rec.slot)
-    rss, cpu = process_figures(rec.pid)
+def live_fields(view, now: float) -> dict:
+    """A worker's fields that its scoreboard slot keeps current (the status
+    endpoint re-reads them at render time, so they are never an interval old)."""
     current = None
     if view.state == "busy":
         current = {"method": view.method, "path": view.path,
                    "elapsed": round(max(0.0, now - view.request_start), 3)}
+    return {"requests": view.requests, "current": current,
+            "last_status": view.last_status, "last_duration": round(view.last_duration, 6),
+            "heartbeat_age": round(now - view.heartbeat, 1) if view.heartbeat else None}
+
+
+def busy_idle(rows) -> tuple:
+    busy = sum(1 for r in rows if r["state"] == "busy")
+    return busy, sum(1 for r in rows if r["state"] == "idle")
+
+
+def worker_row(master, rec, now: float) -> dict:
+    view = master.scoreboard.read(rec.slot)
+    rss, cpu = process_figures(rec.pid)
     return {
         "slot": rec.slot, "pid": rec.pid, "generation": rec.generation,
         "state": "stopping" if rec.state == "stopping" else
                  ("booting" if rec.state == "booting" else view.state),
-        "requests": view.requests, "current": current,
-        "last_status": view.last_status, "last_duration": round(view.last_duration, 6),
         "rss": rss, "cpu": cpu, "age": round(now - rec.spawned, 1),
-        "heartbeat_age": round(now - view.heartbeat, 1) if view.heartbeat else None,
+        **live_fields(view, now),
     }
 
 
@@ -115,8 +126,7 @@ def build(master) -> dict:
     for pid in list(_processes):
         if pid not in master.workers:
             del _processes[pid]
-    serving = [r for r in rows if r["state"] in ("idle", "busy")]
-    busy = sum(1 for r in serving if r["state"] == "busy")
+    busy, idle = busy_idle(rows)
     queue = listen_queue(master.listeners.values())
     master.listen_queue_max = max(master.listen_queue_max, queue["depth"])
     degraded = master.boot_failures > 0
@@ -131,7 +141,7 @@ def build(master) -> dict:
         },
         "pool": {
             "target": master.target, "alive": len(rows), "busy": busy,
-            "idle": len(serving) - busy, "spawned": master.spawned, "exits": dict(master.exits),
+            "idle": idle, "spawned": master.spawned, "exits": dict(master.exits),
             "boot_failures": master.boot_failures, "last_boot_error": master.last_boot_error,
             "reloads": dict(master.reloads),
         },

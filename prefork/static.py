@@ -21,7 +21,8 @@ import os
 import stat
 import time
 
-from .http.response import http_date
+from . import templates
+from .http.response import REASONS, http_date
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 SMALL_FILE = 64 * 1024
@@ -267,6 +268,9 @@ class StaticFiles:
 
     @staticmethod
     def not_found(start_response, status):
-        reason = {403: "Forbidden", 404: "Not Found", 400: "Bad Request"}[status]
-        start_response(f"{status} {reason}", [("Content-Type", "text/plain; charset=utf-8")])
-        return [f"{status} {reason}\n".encode()]
+        """404 or 403 as the templated error page every other error uses."""
+        body = templates.shared().render_error(status).encode()
+        start_response(f"{status} {REASONS[status]}",
+                       [("Content-Type", "text/html; charset=utf-8"),
+                        ("Content-Length", str(len(body)))])
+        return [body]

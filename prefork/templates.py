@@ -12,6 +12,8 @@ import html
 import logging
 import os
 
+from .http.response import REASONS
+
 log = logging.getLogger("prefork.templates")
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 
@@ -44,6 +46,12 @@ class Templates:
             safe = {k: html.escape(str(v)) for k, v in context.items()}
             return fallback.format(**safe)
 
+    def render_error(self, status: int, detail: str = "") -> str:
+        """templates/error.html for any error status: the one error page."""
+        return self.render("error.html", ERROR_FALLBACK, status=status,
+                           reason=REASONS.get(status, "Error"),
+                           detail=detail or ERROR_DETAILS.get(status, ""))
+
 
 _shared = None
 
@@ -60,5 +68,18 @@ def shared() -> "Templates":
     return _shared or use("")
 
 
+ERROR_DETAILS = {
+    400: "The request could not be understood.",
+    403: "You are not allowed to see this page.",
+    404: "Nothing here.",
+    405: "This method is not allowed here.",
+    408: "The request did not arrive in time.",
+    413: "The request body is too large.",
+    414: "The request line is too long.",
+    431: "The request headers are too large.",
+    500: "The application failed; the error log has the details.",
+    501: "This transfer coding is not supported.",
+    503: "The server is not ready to answer; try again shortly.",
+}
 ERROR_FALLBACK = ("<!doctype html><title>{status} {reason}</title>"
                   "<h1>{status} {reason}</h1><p>{detail}</p>\n")

@@ -34,14 +34,13 @@ from .connection import Connection
 from .http.errors import AppError
 from .http.request import Limits
 from .apps.status import StatusApp
-from .http.response import REASONS, http_date
+from .http.response import http_date
 from .logs import AccessLog, install_worker_logging
 from .signals import SignalInbox
 from .sockets import queue_depth
 from .static import StaticFiles
 from .stats import WorkerStats
 from . import templates
-from .templates import ERROR_FALLBACK
 from .wsgi import ErrorStream
 
 BOOT_FAILED = 3
@@ -51,19 +50,6 @@ SHARE_EVERY = 0.01   # seconds between scoreboard scans for the fair share
 TICK_SECONDS = 0.5
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
-ERROR_DETAILS = {
-    400: "The request could not be understood.",
-    403: "You are not allowed to see this page.",
-    404: "Nothing here.",
-    405: "This method is not allowed here.",
-    408: "The request did not arrive in time.",
-    413: "The request body is too large.",
-    414: "The request line is too long.",
-    431: "The request headers are too large.",
-    500: "The application failed; the error log has the details.",
-    501: "This transfer coding is not supported.",
-    503: "The server is not ready to answer; try again shortly.",
-}
 
 
 class AppLoadError(Exception):
@@ -377,11 +363,7 @@ class Worker:
         """templates/error.html rendered once per status (bytes), else built in."""
         page = self._error_pages.get(status)
         if page is None:
-            reason = REASONS.get(status, "Error")
-            detail = ERROR_DETAILS.get(status, "")
-            page = self._error_pages[status] = self.templates.render(
-                "error.html", ERROR_FALLBACK, status=status, reason=reason,
-                detail=detail).encode()
+            page = self._error_pages[status] = self.templates.render_error(status).encode()
         return page
 
 

@@ -14,7 +14,6 @@ from urllib.parse import parse_qs
 
 from ..http.response import REASONS
 from .. import templates
-from ..templates import ERROR_FALLBACK
 
 _PARAM = re.compile(r"<(?:(path):)?([A-Za-z_]\w*)>")
 
@@ -39,9 +38,7 @@ def json_response(data, status=200) -> Response:
 
 
 def error_page(status, detail="") -> Response:
-    text = templates.shared().render("error.html", ERROR_FALLBACK, status=status,
-                                     reason=REASONS.get(status, "Error"), detail=detail)
-    return Response(text, status)
+    return Response(templates.shared().render_error(status, detail), status)
 
 
 class Request:

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import time
 
+from ..snapshot import busy_idle, live_fields
 from ..stats import BUCKETS
 from ..templates import Templates
 
@@ -89,14 +90,8 @@ def refresh_live(snapshot, scoreboard, now):
             continue   # the slot changed hands since the snapshot
         if row["state"] != "stopping" and view.state in ("idle", "busy"):
             row["state"] = view.state   # booted since the snapshot, or changed
-        row["requests"] = view.requests
-        row["heartbeat_age"] = round(now - view.heartbeat, 1)
-        row["current"] = ({"method": view.method, "path": view.path,
-                           "elapsed": round(now - view.request_start, 3)}
-                          if view.state == "busy" else None)
-    serving = [r for r in snapshot["workers"] if r["state"] in ("idle", "busy")]
-    snapshot["pool"]["busy"] = sum(1 for r in serving if r["state"] == "busy")
-    snapshot["pool"]["idle"] = len(serving) - snapshot["pool"]["busy"]
+        row.update(live_fields(view, now))
+    snapshot["pool"]["busy"], snapshot["pool"]["idle"] = busy_idle(snapshot["workers"])
 
 
 def _metric(lines, name, kind, help_text, samples):
