@@ -137,31 +137,72 @@ def worker_memory(root_pid) -> tuple:
     return (statistics.median(rss), statistics.median(uss)) if rss else (0.0, 0.0)
 
 
-def measure(name, command, url, args, path="/"):
-    workdir = tempfile.mkdtemp(prefix="pfbench")
-    stderr_path = os.path.join(workdir, "stderr")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT}/tests/bench")
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
-                            stderr=open(stderr_path, "w"), start_new_session=True)
+def server_cpu(root_pid) -> float:
+    """CPU seconds (user + system) used so far by a server: the process we
+    started and all its descendants (master, workers, prefork's Manager)."""
+    total = 0.0
     try:
+        root = psutil.Process(root_pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        return total
+    for proc in procs:
         try:
-            wait_answering(url + path, proc)
-        except RuntimeError as exc:
-            with open(stderr_path) as fh:
-                raise RuntimeError(f"{exc}: {fh.read()[-600:]}") from None
-        idle_rss, idle_uss = worker_memory(proc.pid)
-        run_wrk(url + path, 1)   # warm-up
-        runs = [run_wrk(url + path, args.duration) for _ in range(args.runs)]
-        result = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50", "p99")}
-        result["errors"] = sum(r["errors"] for r in runs)
-        result["socket_errors"] = "; ".join(r["socket_errors"] for r in runs if r["socket_errors"])
-        result["idle_rss"] = idle_rss
-        result["idle_uss"] = idle_uss
-        result["runs"] = [round(r["rps"]) for r in runs]
-        return result
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def side_by_side(args, commands, path="/"):
+    """commands: name -> (argv, base url). All servers are started at once
+    (an idle server costs the others nothing) and their wrk runs rotate:
+    round r starts with the r-th server. Measured here, whichever server ran
+    first in a sequence lost ~10% whatever it was, and the machine drifts over
+    minutes, so neither position nor time may favour one server. Besides
+    req/s and latency: CPU per request (the whole process tree), which
+    contention for the two cores distorts far less than throughput."""
+    servers, results = {}, {}
+    try:
+        for name, (command, url) in commands.items():
+            workdir = tempfile.mkdtemp(prefix="pfbench")
+            env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT}/tests/bench")
+            stderr_path = os.path.join(workdir, "stderr")
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
+                                    stderr=open(stderr_path, "w"), start_new_session=True)
+            servers[name] = (proc, url + path, workdir)
+        for name, (proc, url, workdir) in list(servers.items()):
+            try:
+                wait_answering(url, proc)
+            except RuntimeError as exc:
+                with open(os.path.join(workdir, "stderr")) as fh:
+                    print(f"  ({name} failed: {exc}: {fh.read()[-600:]})")
+                continue
+            results[name] = {"memory": worker_memory(proc.pid), "runs": [], "cpu_us": []}
+            run_wrk(url, 1)   # warm-up
+        names = list(results)
+        for round_number in range(args.runs):
+            for name in names[round_number % len(names):] + names[:round_number % len(names)]:
+                proc, url, _ = servers[name]
+                before = server_cpu(proc.pid)
+                measured = run_wrk(url, args.duration)
+                used = server_cpu(proc.pid) - before
+                results[name]["cpu_us"].append(used / max(1, measured["requests"]) * 1e6)
+                results[name]["runs"].append(measured)
     finally:
-        stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        for proc, _, workdir in servers.values():
+            stop(proc)
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = {}
+    for name, r in results.items():
+        runs = r["runs"]
+        table[name] = {key: statistics.median(m[key] for m in runs) for key in ("rps", "p50", "p99")}
+        table[name].update(errors=sum(m["errors"] for m in runs),
+                           runs=[round(m["rps"]) for m in runs],
+                           idle_rss=r["memory"][0], idle_uss=r["memory"][1],
+                           cpu_us=statistics.median(r["cpu_us"]))
+    return table
 
 
 def stop(proc):
@@ -180,81 +221,65 @@ def fmt_ms(seconds):
 
 
 def print_table(title, results, reference="prefork"):
+    """prefork x: prefork's req/s over the row's; CPU x: the row's CPU per
+    request over prefork's (above 1: prefork does the work for less CPU)."""
     print(f"\n{title}")
-    print(f"{'server':<22}{'req/s':>10}{'p50':>10}{'p99':>10}{'idle RSS':>10}{'USS':>8}"
-          f"{'prefork x':>11}  runs")
+    print(f"{'server':<18}{'req/s':>9}{'p50':>9}{'p99':>9}{'CPU/req':>9}{'idle RSS':>10}"
+          f"{'USS':>7}{'prefork x':>11}{'CPU x':>7}  runs")
     ref = results.get(reference)
     for name, r in results.items():
         ratio = f"{ref['rps'] / r['rps']:.2f}x" if ref and r["rps"] else "-"
+        cpu_ratio = f"{r['cpu_us'] / ref['cpu_us']:.2f}x" if ref and ref["cpu_us"] else "-"
         note = f"  ({r['errors']} non-2xx)" if r["errors"] else ""
-        print(f"{name:<22}{r['rps']:>10.0f}{fmt_ms(r['p50']):>10}{fmt_ms(r['p99']):>10}"
-              f"{r['idle_rss']:>9.1f}M{r['idle_uss']:>7.1f}M{ratio:>11}  {r['runs']}{note}")
+        print(f"{name:<18}{r['rps']:>9.0f}{fmt_ms(r['p50']):>9}{fmt_ms(r['p99']):>9}"
+              f"{r['cpu_us']:>7.1f}us{r['idle_rss']:>9.1f}M{r['idle_uss']:>6.1f}M{ratio:>11}"
+              f"{cpu_ratio:>7}  {r['runs']}{note}")
+
+
+def server_dir(parent, name) -> str:
+    path = os.path.join(parent, name)
+    os.makedirs(os.path.join(path, "tmp"), exist_ok=True)
+    return path
 
 
 def compare_servers(args):
     for app_name in args.apps:
-        results = {}
-        for server in args.servers:
-            if server != "prefork" and not os.path.exists(SERVERS[server]("", 0, "")[0]):
-                print(f"  (skipping {server}: not installed; run tests/bench/setup.sh)")
-                continue
-            port = free_port()
-            workdir = tempfile.mkdtemp(prefix="pfcfg")
-            try:
-                command = SERVERS[server](APPS[app_name], port, workdir)
-                results[server] = measure(server, command, f"http://127.0.0.1:{port}", args)
-            except (RuntimeError, AttributeError) as exc:
-                print(f"  ({server} failed: {exc})")
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
+        commands = {}
+        parent = tempfile.mkdtemp(prefix="pfcfg")
+        try:
+            for server in args.servers:
+                if server != "prefork" and not os.path.exists(SERVERS[server]("", 0, "")[0]):
+                    print(f"  (skipping {server}: not installed; run tests/bench/setup.sh)")
+                    continue
+                port = free_port()
+                commands[server] = (SERVERS[server](APPS[app_name], port,
+                                                    server_dir(parent, server)),
+                                    f"http://127.0.0.1:{port}")
+            results = side_by_side(args, commands)
+        finally:
+            shutil.rmtree(parent, ignore_errors=True)
         print_table(f"app: {app_name}  ({WORKERS} workers, wrk -t1 -c{CONNECTIONS} "
-                    f"-d{args.duration}s, median of {args.runs})", results)
+                    f"-d{args.duration}s, median of {args.runs}, runs rotated)", results)
 
 
 def compare_prefork_variants(args, title, variants):
-    """Same app, prefork only, one setting changed. Both servers run at once
-    and their wrk runs alternate in ABBA order: measured here, whichever
-    server ran first in a round lost ~10% whatever its setting, so neither
-    drift nor position may favour one side."""
-    servers = {}
+    """Same app, prefork only, one setting changed (name -> extra config)."""
+    parent = tempfile.mkdtemp(prefix="pfcfg")
     try:
+        commands = {}
         for name, extra in variants.items():
             port = free_port()
-            workdir = tempfile.mkdtemp(prefix="pfcfg")
-            command = prefork_command(APPS["hello"], port, workdir, extra(workdir))
-            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
-            servers[name] = (proc, f"http://127.0.0.1:{port}/", workdir)
-        for proc, url, _ in servers.values():
-            wait_answering(url, proc)
-            run_wrk(url, 1)   # warm-up
-        runs = {name: [] for name in servers}
-        cpu_us = {name: [] for name in servers}
-        for round_number in range(args.runs):
-            order = list(servers) if round_number % 2 == 0 else list(reversed(servers))
-            for name in order:
-                proc, url, _ = servers[name]
-                before = workers_cpu(proc.pid)
-                measured = run_wrk(url, args.duration)
-                cpu_us[name].append((workers_cpu(proc.pid) - before) / measured["requests"] * 1e6)
-                runs[name].append(measured)
-        results = {}
-        for name, measured in runs.items():
-            results[name] = {key: statistics.median(r[key] for r in measured)
-                             for key in ("rps", "p50", "p99")}
-            results[name].update(errors=sum(r["errors"] for r in measured),
-                                 runs=[round(r["rps"]) for r in measured],
-                                 idle_rss=0.0, idle_uss=0.0,
-                                 cpu_us=statistics.median(cpu_us[name]))
+            workdir = server_dir(parent, name)
+            commands[name] = (prefork_command(APPS["hello"], port, workdir, extra(workdir)),
+                              f"http://127.0.0.1:{port}")
+        results = side_by_side(args, commands)
     finally:
-        for proc, _, workdir in servers.values():
-            stop(proc)
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
     names = list(results)
-    print_table(title + " (interleaved runs)", results, reference=names[0])
+    print_table(title, results, reference=names[0])
     first, second = results[names[0]], results[names[1]]
     print(f"  {names[0]} / {names[1]} throughput: {first['rps'] / second['rps'] * 100:.1f}%")
-    print(f"  worker CPU per request: {names[0]} {first['cpu_us']:.1f} us, {names[1]} "
+    print(f"  CPU per request: {names[0]} {first['cpu_us']:.1f} us, {names[1]} "
           f"{second['cpu_us']:.1f} us; as throughput at equal CPU: "
           f"{second['cpu_us'] / first['cpu_us'] * 100:.1f}%")
 
@@ -287,32 +312,25 @@ def compare_static(args):
     for name, size in (("1k.bin", 1024), ("1m.bin", 1024 * 1024)):
         with open(os.path.join(files, name), "wb") as fh:
             fh.write(os.urandom(size))
+    parent = tempfile.mkdtemp(prefix="pfcfg")
     try:
+        port = free_port()
+        workdir = server_dir(parent, "prefork")
+        extra = log_section(workdir) + f'[static]\nroot = "{files}"\n'
+        commands = {"prefork": (prefork_command(APPS["hello"], port, workdir, extra),
+                                f"http://127.0.0.1:{port}")}
+        port = free_port()
+        workdir = server_dir(parent, "nginx")
+        conf = os.path.join(workdir, "nginx.conf")
+        with open(conf, "w") as fh:
+            fh.write(NGINX_CONF.format(workers=WORKERS, wd=workdir, port=port, files=files))
+        commands["nginx"] = (["nginx", "-c", conf, "-p", workdir], f"http://127.0.0.1:{port}")
         for name in ("1k.bin", "1m.bin"):
-            results = {}
-            port = free_port()
-            workdir = tempfile.mkdtemp(prefix="pfcfg")
-            try:
-                extra = log_section(workdir) + f'[static]\nroot = "{files}"\n'
-                command = prefork_command(APPS["hello"], port, workdir, extra)
-                results["prefork"] = measure("prefork", command, f"http://127.0.0.1:{port}",
-                                             args, path=f"/static/{name}")
-                port = free_port()
-                os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
-                conf = os.path.join(workdir, "nginx.conf")
-                with open(conf, "w") as fh:
-                    fh.write(NGINX_CONF.format(workers=WORKERS, wd=workdir, port=port, files=files))
-                results["nginx"] = measure("nginx", ["nginx", "-c", conf, "-p", workdir],
-                                           f"http://127.0.0.1:{port}", args,
-                                           path=f"/static/{name}")
-            except RuntimeError as exc:
-                print(f"  (static {name} failed: {exc})")
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
             print_table(f"static file {name} ({WORKERS} workers, sendfile, access log on)",
-                        results)
+                        side_by_side(args, commands, path=f"/static/{name}"))
     finally:
         shutil.rmtree(files, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def reload_under_load(name, command, url, args, reloads=3, spacing=4.0):
@@ -359,19 +377,6 @@ def compare_reload(args):
     for name, r in results.items():
         print(f"{name:<22}{fmt_ms(r['rest_p99']):>10}{fmt_ms(r['reload_p99']):>12}"
               f"{r['reload_p99'] / r['rest_p99']:>7.1f}x{r['failed']:>8}{r['rps']:>8.0f}")
-
-
-def workers_cpu(root_pid) -> float:
-    """CPU seconds (user + system) used so far by the master's worker children."""
-    total = 0.0
-    for child in psutil.Process(root_pid).children():
-        try:
-            if " ".join(child.cmdline()).strip().startswith("prefork: worker"):
-                times = child.cpu_times()
-                total += times.user + times.system
-        except psutil.Error:
-            continue
-    return total
 
 
 def total_worker_rss(root_pid) -> float:

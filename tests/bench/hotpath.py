@@ -1,0 +1,128 @@
+"""The worker's per-request path in one process, without wrk or a scheduler.
+
+A real Worker and Connection serve keep-alive requests written into one end of a
+socketpair; the other end reads the responses. Beside it runs the floor: the
+same recv + send of fixed bytes with no HTTP at all. The difference is what our
+Python costs per request. With --profile, cProfile's top functions are printed.
+
+Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
+Repeatable counts on a noisy machine: instructions per request are the
+difference of two `valgrind --tool=callgrind ... --only --requests N` runs
+divided by the difference of their N (tests/bench/instructions.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import select
+import socket
+import sys
+import time
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "bench")]
+
+from prefork import config as config_mod            # noqa: E402
+from prefork.connection import Connection           # noqa: E402
+from prefork.scoreboard import Scoreboard           # noqa: E402
+from prefork.worker import Worker, compose, load_app  # noqa: E402
+from prefork.static import StaticFiles              # noqa: E402
+
+APPS = {"hello": "prefork.apps.hello:app", "flask": "flask_app:app"}
+REQUEST = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
+           b"Accept: */*\r\n\r\n")
+
+
+class NullSink:
+    """Where stats and log batches would go: the Manager is not what we time."""
+    def ship_stats(self, delta):
+        pass
+
+    def ship_logs(self, batch):
+        pass
+
+
+def make_worker(app_spec, settings=()):
+    """settings: "section.key=toml-value" strings, as in conf/prefork.toml."""
+    workdir = f"/tmp/pfhot{os.getpid()}"
+    os.makedirs(workdir, exist_ok=True)
+    overrides = {
+        "server": {"app": app_spec, "base": ROOT},
+        "logging": {"access_log": f"{workdir}/access.log", "error_log": f"{workdir}/error.log"},
+    }
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        section, _, key = name.partition(".")
+        overrides.setdefault(section, {})[key] = tomllib.loads(f"v = {value}")["v"]
+    config = config_mod.load(None, overrides)
+    worker = Worker(config, [], Scoreboard(1), 0, 1, os.getppid(), NullSink())
+    static = StaticFiles(config.static) if config.static.enabled else None
+    worker.app = compose(load_app(app_spec, (ROOT, os.path.join(ROOT, "tests", "bench"))),
+                         None, static)
+    worker.poller = select.epoll()
+    return worker
+
+
+def served(worker, count):
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    conn = Connection(worker, server, ("127.0.0.1", 40000), ("127.0.0.1", 8080))
+    worker.conns[conn.fd] = conn
+    worker.poller.register(conn.fd, select.EPOLLIN)
+    started = time.perf_counter()
+    for _ in range(count):
+        client.send(REQUEST)
+        conn.on_readable()
+        client.recv(65536)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    client.close()
+    return elapsed / count
+
+
+def floor(count, response):
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    started = time.perf_counter()
+    for _ in range(count):
+        client.send(REQUEST)
+        server.recv(65536)
+        server.send(response)
+        client.recv(65536)
+    elapsed = time.perf_counter() - started
+    server.close()
+    client.close()
+    return elapsed / count
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--app", default="hello", choices=APPS)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help='a config setting, e.g. --set \'logging.access_log=""\'')
+    parser.add_argument("--only", action="store_true",
+                        help="just serve --requests requests (for valgrind's instruction counts)")
+    args = parser.parse_args()
+    worker = make_worker(APPS[args.app], args.set)
+    served(worker, 1000)   # warm caches (static's index check, templates)
+    if args.only:
+        served(worker, args.requests)
+        return
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(served, worker, args.requests)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return
+    ours = min(served(worker, args.requests) for _ in range(3))
+    base = min(floor(args.requests, b"x" * 150) for _ in range(3))
+    print(f"{args.app}: {ours * 1e6:.2f} us/request through prefork, "
+          f"{base * 1e6:.2f} us for bare recv+send, prefork's own: {(ours - base) * 1e6:.2f} us")
+
+
+if __name__ == "__main__":
+    main()
