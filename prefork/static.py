@@ -67,26 +67,18 @@ class StaticFiles:
         self._cache = {}   # relative URL path -> CachedFile
 
     def app_or_index(self, app, environ, start_response):
-        """Ask the app first; a 404 it gives for / while it is being called
-        becomes static/index.html when that file exists (a generator that
-        starts its response later keeps its own 404: it is under way)."""
-        held = []
-
-        def hold_404(status, headers, exc_info=None):
-            if deciding and status.startswith("404"):
-                held[:] = [status, headers]
-                return lambda data: None   # discarded if the index page answers
-            return start_response(status, headers, exc_info)
-        deciding = True
-        result = app(environ, hold_404)
-        deciding = False
-        if not held:
-            return result
-        if not os.path.isfile(os.path.join(self.root, self.index)):
-            start_response(*held)          # no index page: the app's own 404 stands
+        """Ask the app first; a 404 it gave for / while it was being called,
+        with nothing sent yet, becomes static/index.html when that file
+        exists (a generator that starts its response later keeps its own 404:
+        it is under way). start_response is the connection's StartResponse,
+        which records the status: no wrapper per request."""
+        result = app(environ, start_response)
+        if start_response.status_code != 404 or start_response.headers_sent \
+                or not os.path.isfile(os.path.join(self.root, self.index)):
             return result
         if hasattr(result, "close"):
             result.close()
+        start_response.forget()   # the index page's status replaces the app's 404
         return self.serve(environ, start_response, "")
 
     # -- path safety -------------------------------------------------------------

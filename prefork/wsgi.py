@@ -140,6 +140,14 @@ class StartResponse:
         self._set(status, headers)
         return self.write
 
+    def forget(self):
+        """Undo an unsent status, so that another responder may start over."""
+        self.status = None
+        self.status_code = 0
+        self.headers = None
+        self.content_length = None
+        self.close = False
+
     def _set(self, status, headers):
         if type(status) is not str or len(status) < 4 or not status[:3].isdigit() \
                 or status[3] != " ":
