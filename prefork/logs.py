@@ -30,7 +30,9 @@ ACCESS, ERROR = "access", "error"
 
 
 def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    if '"' in value or "\\" in value:   # rare: test before building new strings
+        return value.replace("\\", "\\\\").replace('"', '\\"')
+    return value
 
 
 class Atoms:

@@ -69,8 +69,7 @@ class RequestReader:
         self._headers = []
         self._header_bytes = 0
         self._head_fed = 0
-        self._has_host = 0
-        self._body_chunks = []
+        self._body_chunks = None   # made by the first body fragment
         self._body_size = 0
         self._body_file = None
         self._request = None
@@ -117,40 +116,44 @@ class RequestReader:
         self._url = url
 
     def on_header(self, name, value):
+        # Called once per header: only what must be bounded while parsing is
+        # checked here; the rest waits for on_headers_complete's one pass.
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_size:
             raise HeadersTooLarge()
-        if self._request is not None:
-            return  # a chunked trailer: counted against the limit, not kept
-        if len(self._headers) >= self.limits.max_headers:
-            raise HeadersTooLarge(f"more than {self.limits.max_headers} headers")
-        if len(name) == 4 and name.lower() == b"host":
-            self._has_host += 1
-        self._headers.append((name, value))
+        if self._request is None:   # else a chunked trailer: counted, not kept
+            headers = self._headers
+            if len(headers) >= self.limits.max_headers:
+                raise HeadersTooLarge(f"more than {self.limits.max_headers} headers")
+            headers.append((name, value))
 
     def on_headers_complete(self):
         parser = self._parser
         version = parser.get_http_version()
-        if self._has_host > 1 or (self._has_host == 0 and version == "1.1"):
+        hosts = 0
+        expects_body = False
+        expect_continue = False
+        for name, value in self._headers:
+            # Lower-case only names as long as the few that matter here.
+            size = len(name)
+            if size == 4:
+                hosts += name.lower() == b"host"
+            elif size == 14 and name.lower() == b"content-length":
+                if int(value) > self.limits.max_body:
+                    raise BodyTooLarge()
+                expects_body = int(value) > 0
+            elif size == 17 and name.lower() == b"transfer-encoding":
+                expects_body = True
+            elif size == 6 and name.lower() == b"expect":
+                expect_continue = value.lower() == b"100-continue"
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise BadRequest("HTTP/1.1 needs exactly one Host header")
         if not self._url:
             raise BadRequest("empty request target")
         self.in_head = False
         self._request = Request(parser.get_method().decode("ascii"), self._url,
                                 version, self._headers, parser.should_keep_alive())
-        expects_body = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                if int(value) > self.limits.max_body:
-                    raise BodyTooLarge()
-                expects_body = int(value) > 0
-            elif lname == b"transfer-encoding":
-                expects_body = True
-            elif lname == b"expect" and value.lower() == b"100-continue":
-                self.continue_pending = version == "1.1"
-        if not expects_body:
-            self.continue_pending = False
+        self.continue_pending = expect_continue and expects_body and version == "1.1"
 
     def on_body(self, data):
         self._body_size += len(data)
@@ -159,6 +162,8 @@ class RequestReader:
         if self._body_file is not None:
             self._body_file.write(data)
             return
+        if self._body_chunks is None:
+            self._body_chunks = []
         self._body_chunks.append(data)
         if self._body_size > self.limits.spool_threshold:
             self._body_file = tempfile.TemporaryFile()
