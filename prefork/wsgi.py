@@ -18,7 +18,6 @@ from .http.errors import AppError, BadRequest
 _ENVIRON_KEYS = {b"Content-Type": "CONTENT_TYPE", b"Content-Length": "CONTENT_LENGTH",
                  b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
 _ENVIRON_KEYS_MAX = 512
-_FORBIDDEN_IN_HEADER = ("\r", "\n", "\0")
 _HOP_BY_HOP = frozenset(["connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailers", "transfer-encoding", "upgrade"])
 
@@ -150,7 +149,7 @@ class StartResponse:
 
     def _set(self, status, headers):
         if type(status) is not str or len(status) < 4 or not status[:3].isdigit() \
-                or status[3] != " ":
+                or status[3] != " " or "\r" in status or "\n" in status or "\0" in status:
             raise AppError(f"invalid status {status!r}")
         kept = []
         content_length = None
@@ -159,9 +158,9 @@ class StartResponse:
             name, value = item
             if type(name) is not str or type(value) is not str:
                 raise AppError(f"header {item!r} is not a pair of str")
-            for bad in _FORBIDDEN_IN_HEADER:
-                if bad in name or bad in value:
-                    raise AppError(f"header {name!r} contains CR, LF or NUL")
+            if "\r" in name or "\n" in name or "\0" in name \
+                    or "\r" in value or "\n" in value or "\0" in value:
+                raise AppError(f"header {name!r} contains CR, LF or NUL")
             lname = name.lower()
             if lname == "content-length":
                 if not value.isdigit():

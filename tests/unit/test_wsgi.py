@@ -107,6 +107,8 @@ def test_exc_info_after_headers_sent_reraises():
     ("200 OK", [("Content-Length", "ten")]),
     ("OK", []),
     (b"200 OK", []),
+    ("200 OK\r\nSet-Cookie: x", []),
+    ("200 OK\n", []),
 ])
 def test_bad_status_or_headers_are_refused(status, headers):
     with pytest.raises(AppError):
