@@ -87,7 +87,7 @@ class Connection:
         if self.state == LINGERING:
             return  # discarding what the client still sends after our close
         worker = self.worker
-        worker.stats_bytes_in(len(data))
+        worker.stats.bytes_in += len(data)
         reader = self.reader
         was_in_message = reader.in_message
         try:

@@ -322,9 +322,6 @@ class Worker:
             self.poller.unregister(conn.fd)
             self.scoreboard.set_connections(self.slot, len(self.conns))
 
-    def stats_bytes_in(self, count):
-        self.stats.bytes_in += count
-
     def begin_request(self, request):
         # struct's "s" fields truncate: a long target costs nothing extra.
         self.scoreboard.begin(self.slot, self.now, request.method.encode(), request.target)

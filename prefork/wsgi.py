@@ -102,8 +102,9 @@ def build_environ(request, base: dict) -> dict:
     environ["RAW_URI"] = request.target.decode("latin-1")
     environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
     environ["wsgi.input"] = request.body_file or io.BytesIO(request.body)
+    known = _ENVIRON_KEYS.get
     for name, value in request.headers:
-        key = environ_key(name)
+        key = known(name) or environ_key(name)
         if key is None:
             continue
         text = value.decode("latin-1")
