@@ -2,8 +2,8 @@
 
 A real Worker and Connection serve keep-alive requests written into one end of a
 socketpair; the other end reads the responses. Beside it runs the floor: the
-same recv + send of fixed bytes with no HTTP at all. The difference is what our
-Python costs per request. With --profile, cProfile's top functions are printed.
+same recv + send of fixed bytes with no HTTP at all, and the app called
+directly with a ready environ. What is left is what our Python costs per request. With --profile, cProfile's top functions are printed.
 
 Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
 Repeatable counts on a noisy machine: instructions per request are the
@@ -27,9 +27,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "bench")]
 
 from prefork import config as config_mod            # noqa: E402
 from prefork.connection import Connection           # noqa: E402
+from prefork.http.request import RequestReader      # noqa: E402
 from prefork.scoreboard import Scoreboard           # noqa: E402
 from prefork.worker import Worker, compose, load_app  # noqa: E402
 from prefork.static import StaticFiles              # noqa: E402
+from prefork.wsgi import base_environ, build_environ  # noqa: E402
 
 APPS = {"hello": "prefork.apps.hello:app", "flask": "flask_app:app"}
 REQUEST = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
@@ -98,6 +100,25 @@ def floor(count, response):
     return elapsed / count
 
 
+def app_alone(worker, count):
+    """The WSGI app called directly with a ready environ: its own cost."""
+    reader = RequestReader(worker.limits)
+    reader.feed(REQUEST)
+    environ = build_environ(reader.ready.popleft(), base_environ(
+        "127.0.0.1", "8080", "127.0.0.1", "40000", worker.wsgi_errors))
+    app = load_app(worker.config.server.app, (ROOT, os.path.join(ROOT, "tests", "bench")))
+
+    def start_response(status, headers, exc_info=None):
+        return None
+    started = time.perf_counter()
+    for _ in range(count):
+        result = app(dict(environ), start_response)
+        b"".join(result)
+        if hasattr(result, "close"):
+            result.close()
+    return (time.perf_counter() - started) / count
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--app", default="hello", choices=APPS)
@@ -120,8 +141,10 @@ def main():
         return
     ours = min(served(worker, args.requests) for _ in range(3))
     base = min(floor(args.requests, b"x" * 150) for _ in range(3))
-    print(f"{args.app}: {ours * 1e6:.2f} us/request through prefork, "
-          f"{base * 1e6:.2f} us for bare recv+send, prefork's own: {(ours - base) * 1e6:.2f} us")
+    app = min(app_alone(worker, args.requests) for _ in range(3))
+    print(f"{args.app}: {ours * 1e6:.2f} us/request through prefork = "
+          f"{app * 1e6:.2f} us the app alone + {base * 1e6:.2f} us bare recv+send + "
+          f"{(ours - app - base) * 1e6:.2f} us prefork's own")
 
 
 if __name__ == "__main__":

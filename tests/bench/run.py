@@ -155,14 +155,15 @@ def server_cpu(root_pid) -> float:
     return total
 
 
-def side_by_side(args, commands, path="/"):
+def side_by_side(args, commands, path="/", prepare=None):
     """commands: name -> (argv, base url). All servers are started at once
     (an idle server costs the others nothing) and their wrk runs rotate:
     round r starts with the r-th server. Measured here, whichever server ran
     first in a sequence lost ~10% whatever it was, and the machine drifts over
     minutes, so neither position nor time may favour one server. Besides
     req/s and latency: CPU per request (the whole process tree), which
-    contention for the two cores distorts far less than throughput."""
+    contention for the two cores distorts far less than throughput.
+    prepare, if given, is called with {name: (process, url)} once all answer."""
     servers, results = {}, {}
     try:
         for name, (command, url) in commands.items():
@@ -182,6 +183,8 @@ def side_by_side(args, commands, path="/"):
             results[name] = {"memory": worker_memory(proc.pid), "runs": [], "cpu_us": []}
             run_wrk(url, 1)   # warm-up
         names = list(results)
+        if prepare is not None:
+            prepare({name: servers[name][:2] for name in names})
         for round_number in range(args.runs):
             for name in names[round_number % len(names):] + names[:round_number % len(names)]:
                 proc, url, _ = servers[name]
@@ -389,24 +392,20 @@ def total_worker_rss(root_pid) -> float:
 
 
 def compare_idle(args, idle=10000):
-    """Hello-world throughput on 50 active connections, alone and beside
-    `idle` idle keep-alive connections; and what an idle connection costs."""
+    """Hello-world throughput on 50 active connections beside `idle` idle
+    keep-alive connections, against the same server without them (runs
+    rotated, as everywhere); and what an idle connection costs in RSS."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="pfcfg")
-    extra = log_section(workdir) + "[http]\nkeepalive_timeout = 600\n"
-    proc = subprocess.Popen(prefork_command(APPS["hello"], port, workdir, extra), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    held = []
-    try:
-        wait_answering(url, proc)
-        run_wrk(url, 1)
-        alone = statistics.median(run_wrk(url, args.duration)["rps"] for _ in range(args.runs))
-        before = total_worker_rss(proc.pid)
+    parent = tempfile.mkdtemp(prefix="pfcfg")
+    held, rss = [], []
+    loaded, alone = f"beside-{idle}-idle", "alone"
+
+    def hold_idle_connections(servers):
+        proc, url = servers[loaded]
+        port = int(url.split(":")[2].split("/")[0])
+        rss.append(total_worker_rss(proc.pid))
         request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
         for _ in range(idle):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -414,19 +413,29 @@ def compare_idle(args, idle=10000):
             sock.recv(4096)   # answered: now an idle keep-alive connection
             held.append(sock)
         time.sleep(1.5)       # let the workers' RSS settle and the stats ship
-        after = total_worker_rss(proc.pid)
-        beside = statistics.median(run_wrk(url, args.duration)["rps"] for _ in range(args.runs))
-        print(f"\n{idle} idle keep-alive connections held by {WORKERS} workers (hello, wrk -c50)")
-        print(f"  alone {alone:.0f} req/s, beside them {beside:.0f} req/s: "
-              f"{beside / alone * 100:.1f}% of normal")
-        print(f"  worker RSS {before:.1f} -> {after:.1f} MiB: "
-              f"{(after - before) * 1048576 / idle / 1024:.1f} KiB per idle connection")
+        rss.append(total_worker_rss(proc.pid))
+
+    try:
+        commands = {}
+        for name in (loaded, alone):
+            port = free_port()
+            workdir = server_dir(parent, name)
+            extra = log_section(workdir) + "[http]\nkeepalive_timeout = 600\n"
+            commands[name] = (prefork_command(APPS["hello"], port, workdir, extra),
+                              f"http://127.0.0.1:{port}")
+        results = side_by_side(args, commands, prepare=hold_idle_connections)
     finally:
         for sock in held:
             sock.close()
-        stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print_table(f"{idle} idle keep-alive connections held by {WORKERS} workers "
+                f"(hello, wrk -c{CONNECTIONS})", results, reference=loaded)
+    print(f"  throughput beside them: {results[loaded]['rps'] / results[alone]['rps'] * 100:.1f}%"
+          f" of normal")
+    if len(rss) == 2:
+        print(f"  worker RSS {rss[0]:.1f} -> {rss[1]:.1f} MiB: "
+              f"{(rss[1] - rss[0]) * 1048576 / idle / 1024:.1f} KiB per idle connection")
 
 
 def main():
