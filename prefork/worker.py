@@ -13,6 +13,7 @@ keep-alive clients with Connection: close); INT, QUIT = exit now.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import faulthandler
 import grp
@@ -46,8 +47,8 @@ from .wsgi import ErrorStream
 BOOT_FAILED = 3
 DUMP_SIGNAL = signal.SIGUSR2   # faulthandler writes every thread's stack
 ACCEPT_BATCH = 64
-SHARE_EVERY = 0.01   # seconds between scoreboard scans for the fair share
 TICK_SECONDS = 0.5
+FRESH_SECONDS = 0.002   # a ready list older than this is refreshed mid-round
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
 
@@ -125,10 +126,9 @@ class Worker:
         self.stopping = False
         self.stop_deadline = 0.0
         self.declined = False
-        self._share_at = -1.0
-        self._share_open = 0
-        self._share_workers = 1
         self.now = time.monotonic()
+        self.tick_seconds = min(TICK_SECONDS, config.status.interval)
+        self._next_tick = 0.0
         self.stats = WorkerStats(os.getpid(), slot, generation)
         self.access_log = AccessLog(config.logging, sink)
         self.log_handler = None
@@ -176,37 +176,61 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------
     def serve(self):
+        """Each poll's ready events form a queue served in order. While the
+        queue is being served, events older than FRESH_SECONDS are refreshed:
+        a connection that became ready just after the poll (typically the one
+        answered last, whose client sent its next request a moment later)
+        joins this round instead of waiting a whole round of slow requests."""
         poll = self.poller.poll
-        conns = self.conns
         listeners = self.listeners
-        wakeup_fd = self.inbox.wakeup_fd
-        tick_seconds = min(TICK_SECONDS, self.config.status.interval)
-        next_tick = 0.0
         while True:
-            events = poll(tick_seconds)
-            self.now = now = time.monotonic()
-            wall = time.time()
-            if wall >= self._second:
-                self._refresh_date(wall)
+            events = poll(self.tick_seconds)
+            polled_at = self.clock()
             # Accept first: a connection waiting in the queue should not also
             # wait behind every request of this batch (its own comes next turn).
             for fd, event in events:
                 if fd in listeners:
                     self.accept(listeners[fd])
-            for fd, event in events:
-                conn = conns.get(fd)
-                if conn is not None:
-                    if conn.events == select.EPOLLIN:
-                        conn.on_readable()
-                    else:
-                        conn.on_writable()
-                elif fd == wakeup_fd:
-                    self.on_signals(self.inbox.drain())
-            if now >= next_tick:
-                next_tick = now + tick_seconds
-                self.tick(now)
-            if self.stopping and not conns:
+            queue = collections.deque(fd for fd, event in events if fd not in listeners)
+            queued = set(queue)
+            while queue:
+                fd = queue.popleft()
+                queued.discard(fd)
+                self.dispatch(fd)
+                if queue and time.monotonic() - polled_at > FRESH_SECONDS:
+                    polled_at = self.clock()
+                    for fd, event in poll(0):
+                        if fd in listeners:
+                            self.accept(listeners[fd])
+                        elif fd not in queued:
+                            queue.append(fd)
+                            queued.add(fd)
+                    self.tick_if_due(spare=queued)   # a busy round still beats
+            self.tick_if_due()
+            if self.stopping and not self.conns:
                 return
+
+    def clock(self) -> float:
+        self.now = now = time.monotonic()
+        wall = time.time()
+        if wall >= self._second:
+            self._refresh_date(wall)
+        return now
+
+    def tick_if_due(self, spare=frozenset()):
+        if self.now >= self._next_tick:
+            self._next_tick = self.now + self.tick_seconds
+            self.tick(self.now, spare)
+
+    def dispatch(self, fd):
+        conn = self.conns.get(fd)
+        if conn is not None:
+            if conn.events == select.EPOLLIN:
+                conn.on_readable()
+            else:
+                conn.on_writable()
+        elif fd == self.inbox.wakeup_fd:
+            self.on_signals(self.inbox.drain())
 
     def _refresh_date(self, wall):
         self._second = int(wall) + 1
@@ -245,19 +269,19 @@ class Worker:
             self.scoreboard.set_connections(self.slot, len(self.conns))
 
     def fair_share(self, listener) -> int:
-        if self.now - self._share_at >= SHARE_EVERY:
-            self._share_at = self.now
-            total, workers = self.scoreboard.serving_connections()
-            self._share_open, self._share_workers = total, max(1, workers)
+        # Read fresh on every call: during a burst, a count even a few
+        # milliseconds old lets the first worker to wake take too many.
+        total, workers = self.scoreboard.serving_connections()
         waiting = queue_depth(listener)[0] or 1
-        total = self._share_open + waiting
-        return -(-total // self._share_workers)   # ceiling division
+        return -(-(total + waiting) // max(1, workers))   # ceiling division
 
-    def tick(self, now):
+    def tick(self, now, spare=frozenset()):
+        """spare: connections queued to be served this round; their deadline
+        is judged after they are served."""
         self.scoreboard.heartbeat(self.slot, now)
         if self.stopping and now >= self.stop_deadline:
             self.cut_at_deadline()
-        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+        for conn in [c for c in self.conns.values() if c.deadline <= now and c.fd not in spare]:
             conn.on_deadline()
         if self.stats.due(now, self.config.status.interval):
             self.flush_logs()
