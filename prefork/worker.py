@@ -186,8 +186,9 @@ class Worker:
         while True:
             events = poll(self.tick_seconds)
             polled_at = self.clock()
-            # Accept first: a connection waiting in the queue should not also
-            # wait behind every request of this batch (its own comes next turn).
+            # Accept first: a connection waiting in the listen queue should not
+            # also wait behind every request of this round (its own request
+            # joins the round at the next refresh, or comes next round).
             for fd, event in events:
                 if fd in listeners:
                     self.accept(listeners[fd])

@@ -68,36 +68,41 @@ def make_worker(app_spec, settings=()):
     return worker
 
 
+def round_trips(count, client, answer):
+    """Seconds per request: the client sends REQUEST, answer() serves it on
+    the other end, the client reads the response."""
+    started = time.perf_counter()
+    for _ in range(count):
+        client.send(REQUEST)
+        answer()
+        client.recv(65536)
+    return (time.perf_counter() - started) / count
+
+
 def served(worker, count):
     server, client = socket.socketpair()
     server.setblocking(False)
     conn = Connection(worker, server, ("127.0.0.1", 40000), ("127.0.0.1", 8080))
     worker.conns[conn.fd] = conn
     worker.poller.register(conn.fd, select.EPOLLIN)
-    started = time.perf_counter()
-    for _ in range(count):
-        client.send(REQUEST)
-        conn.on_readable()
-        client.recv(65536)
-    elapsed = time.perf_counter() - started
-    conn.close()
-    client.close()
-    return elapsed / count
+    try:
+        return round_trips(count, client, conn.on_readable)
+    finally:
+        conn.close()
+        client.close()
 
 
 def floor(count, response):
     server, client = socket.socketpair()
-    server.setblocking(False)
-    started = time.perf_counter()
-    for _ in range(count):
-        client.send(REQUEST)
+
+    def answer():
         server.recv(65536)
         server.send(response)
-        client.recv(65536)
-    elapsed = time.perf_counter() - started
-    server.close()
-    client.close()
-    return elapsed / count
+    try:
+        return round_trips(count, client, answer)
+    finally:
+        server.close()
+        client.close()
 
 
 def app_alone(worker, count):
