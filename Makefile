@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint conf clean
 
 install: $(STAMP)
 
@@ -19,6 +19,14 @@ run: install
 
 test: install
 	$(VPY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check prefork tests
+	$(VENV)/bin/mypy prefork/http prefork/config.py
+
+# conf/prefork.toml is generated from the settings table (a unit test checks it).
+conf: install
+	$(VPY) -c "from prefork.config import render_toml, SHIPPED; print(render_toml(SHIPPED), end='')" > conf/prefork.toml
 
 bench: install
 	bash tests/bench/setup.sh

@@ -1,8 +1,10 @@
-"""bin/prefork: argv -> start | stop | reload | restart | status | check | scale | reopen.
+"""`prefork` (bin/prefork, python -m prefork): argv -> start | stop | reload |
+restart | status | check | scale | reopen | upgrade.
 
 Owns: argument parsing, daemonizing, the pidfile checks, and the words printed
 to the operator. Exit status: 0 done, 1 failed, 2 bad configuration or usage.
-Must not: serve requests or supervise (master.py does).
+The `start` flags come from the settings table (config.py).
+Must not: serve requests or supervise (the master does).
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import time
 
 import psutil
 
-from . import __version__, config as configmod, control
-from .master import Master
+from . import __version__, config as configmod
+from .master import control
+from .master.loop import Master
+from .master.upgrade import UPGRADE_ENV
 
 DEFAULT_CONFIG = "conf/prefork.toml"
 CONFIG_ENV = "PREFORK_CONFIG"
@@ -85,10 +89,11 @@ def parse_args(argv):
     for name, text in (("start", "start the server"), ("restart", "stop, then start")):
         p = command(name, text)
         p.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
-        p.add_argument("--bind", action="append", help="address to listen on (repeatable)")
-        p.add_argument("--workers", type=int)
-        p.add_argument("--app", help='WSGI app as "module:callable"')
-        p.add_argument("--pidfile")
+        for flag, _, key, kind, doc in configmod.start_flags():
+            if kind == "strlist":
+                p.add_argument(flag, dest=key, action="append", help=doc + " (repeatable)")
+            else:
+                p.add_argument(flag, dest=key, help=doc)
     p = command("stop", "stop the server (graceful)")
     p.add_argument("--fast", action="store_true", help="do not wait for in-flight requests")
     command("reload", "reload config and app with no downtime")
@@ -103,17 +108,25 @@ def parse_args(argv):
 
 
 def overrides_from(args) -> dict:
-    server = {}
-    if getattr(args, "bind", None):
-        server["bind"] = [b if not b.startswith("unix:") else "unix:" + os.path.abspath(b[5:])
-                          for b in args.bind]
-    if getattr(args, "workers", None) is not None:
-        server["workers"] = args.workers
-    if getattr(args, "app", None):
-        server["app"] = args.app
-    if getattr(args, "pidfile", None):
-        server["pidfile"] = os.path.abspath(args.pidfile)
-    return {"server": server} if server else {}
+    """The settings given as `start` flags, as config overrides (checked by
+    config.load like the file's, and blamed on the flag)."""
+    overrides = {}
+    for _, section, key, kind, _ in configmod.start_flags():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if kind == "workers" and value != "auto":
+            try:
+                value = int(value)
+            except ValueError:
+                pass   # left as text: the check names the flag
+        if key == "bind":
+            value = [b if not b.startswith("unix:") else "unix:" + os.path.abspath(b[5:])
+                     for b in value]
+        elif key == "pidfile":
+            value = os.path.abspath(value)
+        overrides.setdefault(section, {})[key] = value
+    return overrides
 
 
 CONTROL_COMMANDS = ("stop", "reload", "status", "scale", "reopen", "upgrade")
@@ -128,8 +141,9 @@ def load_config(args):
     return loader(path, overrides_from(args))
 
 
-def running_pid(config) -> int | None:
-    """The live master's pid from the pidfile; a stale pidfile is removed."""
+def live_master_pid(config) -> int | None:
+    """The live master's pid from the pidfile. A pidfile naming no live
+    prefork master is stale: it is removed, and None returned."""
     path = config.server.pidfile
     try:
         with open(path) as fh:
@@ -162,8 +176,8 @@ def wait_gone(pid, timeout) -> bool:
 
 
 def cmd_start(args, config) -> int:
-    pid = running_pid(config)
-    if pid is not None and str(pid) != os.environ.get("PREFORK_UPGRADE_FROM"):
+    pid = live_master_pid(config)
+    if pid is not None and str(pid) != os.environ.get(UPGRADE_ENV):
         print(f"prefork: already running (master pid {pid}, pidfile {config.server.pidfile})",
               file=sys.stderr)
         return 1
@@ -226,7 +240,7 @@ def read_report(fd, timeout) -> str:
 
 
 def cmd_stop(args, config) -> int:
-    pid = running_pid(config)
+    pid = live_master_pid(config)
     if pid is None:
         print(f"prefork: not running (no live master in {config.server.pidfile})")
         return 0
@@ -310,7 +324,7 @@ def render_status(s) -> str:
 
 
 def cmd_check(args, config) -> int:
-    from .worker import load_app
+    from .worker.dispatch import load_app
     try:
         load_app(config.server.app, config.server.pythonpath + (config.server.base,))
     except Exception as exc:
@@ -324,14 +338,17 @@ def cmd_check(args, config) -> int:
 
 def cmd_scale(args, config) -> int:
     answer = ask_master(config, {"cmd": "scale", "workers": args.workers})
-    if answer is None or not answer.get("ok"):
+    if answer is None:
+        return 1
+    if not answer.get("ok"):
+        print(f"prefork: scale refused: {answer.get('error')}", file=sys.stderr)
         return 1
     print(f"prefork: pool size set to {answer['workers']}")
     return 0
 
 
 def cmd_upgrade(args, config) -> int:
-    old = running_pid(config)
+    old = live_master_pid(config)
     if old is None:
         print(f"prefork: not running (no live master in {config.server.pidfile})", file=sys.stderr)
         return 1
@@ -339,7 +356,7 @@ def cmd_upgrade(args, config) -> int:
     timeout = config.workers.boot_timeout + config.workers.graceful_timeout + 15
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = running_pid(config)
+        new = live_master_pid(config)
         if new not in (None, old):
             if wait_gone(old, max(1.0, deadline - time.monotonic())):
                 print(f"prefork: upgraded: master pid {new} replaced {old}")
@@ -353,7 +370,13 @@ def cmd_upgrade(args, config) -> int:
 
 def cmd_reopen(args, config) -> int:
     answer = ask_master(config, {"cmd": "reopen"})
-    return 0 if answer and answer.get("ok") else 1
+    if answer is None:
+        return 1
+    if not answer.get("ok"):
+        print(f"prefork: reopen failed: {answer.get('error')}", file=sys.stderr)
+        return 1
+    print("prefork: log files reopened")
+    return 0
 
 
 COMMANDS = {
@@ -369,5 +392,5 @@ def main(argv=None) -> int:
         config = load_config(args)
     except configmod.ConfigError as exc:
         print(f"prefork: config error: {exc}", file=sys.stderr)
-        return 1 if args.command == "check" else 2
+        return 2
     return COMMANDS[args.command](args, config)

@@ -1,6 +1,10 @@
 """Configuration: conf/prefork.toml (+ CLI overrides) -> one frozen Config.
 
-Owns: the list of settings, their defaults, types and checks, and the rule for
+Owns: the settings table: each setting declared once (the dataclass fields
+below) with its type, default, check, documentation and `start` flag. From it
+come the checks, the `start` flags and their reverse (the upgrade command
+line), the request reader's limits (HttpConfig), and conf/prefork.toml itself
+(render_toml; a unit test fails when the shipped file drifts). Also the rule for
 relative paths. Every problem becomes one ConfigError line naming the file, the
 key and what is wrong. Must not: touch sockets, processes or the app.
 
@@ -12,6 +16,7 @@ the project root). Without a config file, the base is the current directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import ipaddress
 import os
 import tomllib
@@ -70,51 +75,107 @@ def _check_url_prefix(value):
     return None if value.startswith("/") and value.endswith("/") else "must start and end with /"
 
 
-def _setting(default, check=None, kind=None, path=False):
-    """A setting: its default, an optional check, and whether it is a path."""
-    return field(default=default, metadata={"check": check, "kind": kind, "path": path})
+def _setting(default, check=None, doc="", kind=None, path=False, flag=None):
+    """One setting, declared once: its default, its check, its documentation
+    (the comment above it in conf/prefork.toml), whether it is a path, and the
+    `start` flag that overrides it, if any."""
+    return field(default=default, metadata={"check": check, "kind": kind, "path": path,
+                                            "doc": doc, "flag": flag})
+
+
+def _check_workers(value):
+    if not 1 <= value <= MAX_WORKERS:
+        return f"must be between 1 and {MAX_WORKERS}"
+    return None
+
+
+MAX_WORKERS = 128   # half the scoreboard: a reload boots a second generation beside the first
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    bind: tuple = _setting(("127.0.0.1:8000",), _check_bind, kind="strlist")
-    workers: int = _setting(2, _check_positive, kind="workers")
-    app: str = _setting("prefork.apps.site:app", _check_app)
-    pythonpath: tuple = _setting((), kind="strlist", path=True)
-    pidfile: str = _setting("logs/prefork.pid", path=True)
-    backlog: int = _setting(2048, _check_positive)
-    base: str = _setting(".")
-    user: str = _setting("")
+    base: str = _setting(".", doc="""\
+Directory that relative paths in this file resolve against, itself relative
+to this file's directory (default: the directory holding this file).""")
+    bind: tuple = _setting(("127.0.0.1:8000",), _check_bind, kind="strlist", flag="--bind",
+                           doc="""\
+Addresses to listen on: "host:port", "[::1]:port" or "unix:/path/to.sock".
+Port 0 picks a free port (the ready line prints the real one).""")
+    workers: int = _setting(2, _check_workers, kind="workers", flag="--workers", doc="""\
+Number of worker processes (1 to 128): an integer, or "auto" for one per CPU core.""")
+    app: str = _setting("prefork.apps.site:app", _check_app, flag="--app", doc="""\
+The WSGI application, as "module:callable" (the callable may be dotted).""")
+    pythonpath: tuple = _setting((), kind="strlist", path=True, doc="""\
+Extra directories put in front of sys.path before the app is imported.""")
+    pidfile: str = _setting("logs/prefork.pid", path=True, flag="--pidfile", doc="""\
+The master writes its pid here (mode 0600); the control socket sits beside
+it with the same name and a .sock suffix (mode 0600).""")
+    backlog: int = _setting(2048, _check_positive, doc="""\
+Listen queue length passed to listen(2).""")
+    user: str = _setting("", doc="""\
+When started as root: the user and group workers switch to after the
+listeners are bound (the master stays root to re-bind on reload). "" keeps.""")
     group: str = _setting("")
 
 
 @dataclass(frozen=True)
 class HttpConfig:
-    keepalive_timeout: float = _setting(5.0, _check_non_negative)
-    header_timeout: float = _setting(10.0, _check_positive)
-    body_timeout: float = _setting(30.0, _check_positive)
-    send_timeout: float = _setting(30.0, _check_positive)
-    max_request_line: int = _setting(8190, _check_positive)
-    max_headers: int = _setting(100, _check_positive)
-    max_header_size: int = _setting(32768, _check_positive)
-    max_body: int = _setting(10 * 1024 * 1024, _check_non_negative)
-    spool_threshold: int = _setting(1024 * 1024, _check_non_negative)
-    server_header: str = _setting("prefork")
+    """Also the request reader's limits (http/request.py reads the max_* and
+    spool_threshold fields)."""
+    keepalive_timeout: float = _setting(5.0, _check_non_negative, doc="""\
+Seconds an idle keep-alive connection is kept open (0: close after each response).""")
+    header_timeout: float = _setting(10.0, _check_positive, doc="""\
+Seconds a client has to send a complete request head (else 408 and close).""")
+    body_timeout: float = _setting(30.0, _check_positive, doc="""\
+Seconds of silence allowed while a request body is arriving (else 408).""")
+    send_timeout: float = _setting(30.0, _check_positive, doc="""\
+Seconds without progress while sending a response before the connection is
+cut. An app's PEP 3333 write() calls may block this long in all, per response.""")
+    max_request_line: int = _setting(8190, _check_positive, doc="""\
+Longest request target accepted, in bytes (else 414).""")
+    max_headers: int = _setting(100, _check_positive, doc="""\
+Most header fields accepted in one request (else 431).""")
+    max_header_size: int = _setting(32768, _check_positive, doc="""\
+Largest header section accepted, in bytes, all fields together (else 431).""")
+    max_body: int = _setting(10 * 1024 * 1024, _check_non_negative, doc="""\
+Largest request body accepted, in bytes (else 413). 0 accepts no body.""")
+    spool_threshold: int = _setting(1024 * 1024, _check_non_negative, doc="""\
+Bodies larger than this many bytes are spooled to a temporary file.""")
+    server_header: str = _setting("prefork", doc="""\
+Value of the Server response header.""")
 
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    timeout: float = _setting(30.0, _check_positive)
-    request_timeout: float = _setting(0.0, _check_non_negative)
-    slow_request_log: float = _setting(0.0, _check_non_negative)
-    graceful_timeout: float = _setting(30.0, _check_non_negative)
-    boot_timeout: float = _setting(60.0, _check_positive)
-    kill_grace: float = _setting(2.0, _check_non_negative)
-    max_requests: int = _setting(0, _check_non_negative)
+    timeout: float = _setting(30.0, _check_positive, doc="""\
+Seconds a worker's event loop may go without a heartbeat while it is not
+running the app. A stuck worker first has every thread's stack written to the
+error log, then gets SIGTERM, then SIGKILL after kill_grace.""")
+    request_timeout: float = _setting(0.0, _check_non_negative, doc="""\
+Seconds one request may run in the app before the same happens (0: `timeout`).""")
+    slow_request_log: float = _setting(0.0, _check_non_negative, doc="""\
+Seconds after which a running request's stacks are logged once, without
+stopping anything (PHP-FPM's slowlog). 0: off.""")
+    kill_grace: float = _setting(2.0, _check_non_negative, doc="""\
+Seconds between SIGTERM and SIGKILL for a stuck worker or a graceful stop
+that overran graceful_timeout.""")
+    max_requests: int = _setting(0, _check_non_negative, doc="""\
+Recycle a worker after this many requests (0: never), plus a random 0..jitter
+so that workers do not all recycle together.""")
     max_requests_jitter: int = _setting(0, _check_non_negative)
-    max_rss: int = _setting(0, _check_non_negative)
-    max_age: float = _setting(0.0, _check_non_negative)
-    max_recycling: int = _setting(1, _check_positive)
+    max_rss: int = _setting(0, _check_non_negative, doc="""\
+Recycle a worker whose RSS stays above this many MiB for 3 samples in a row (0: off).""")
+    max_age: float = _setting(0.0, _check_non_negative, doc="""\
+Recycle a worker older than this many seconds (0: off).""")
+    max_recycling: int = _setting(1, _check_positive, doc="""\
+At most this many workers are recycled at once. A replacement is started and
+ready before the old worker stops accepting, so the pool never shrinks.""")
+    graceful_timeout: float = _setting(30.0, _check_non_negative, doc="""\
+Seconds workers get, on stop or reload, to finish in-flight requests and the
+connections already queued; keep-alive clients are answered with
+Connection: close. What is left at the deadline is cut and counted in the log.""")
+    boot_timeout: float = _setting(60.0, _check_positive, doc="""\
+Seconds a new worker gets to import the app and report ready.""")
 
 
 def _check_access_format(value):
@@ -122,7 +183,7 @@ def _check_access_format(value):
         return None
     if "%(" not in value:
         return 'must be "combined", "json" or a format string with %(atom)s atoms'
-    from .logs import check_format   # late: logs imports nothing from config
+    from .worker.logship import check_format   # late: the worker package is not needed here
     return check_format(value)
 
 
@@ -132,36 +193,68 @@ def _check_when(value):
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    access_log: str = _setting("logs/access.log", path=True)
-    error_log: str = _setting("logs/error.log", path=True)
-    level: str = _setting("info", _check_level)
-    access_format: str = _setting("combined", _check_access_format)
-    max_bytes: int = _setting(100 * 1024 * 1024, _check_non_negative)
-    backups: int = _setting(10, _check_non_negative)
-    when: str = _setting("", _check_when)
-    compress: bool = _setting(False)
+    access_log: str = _setting("logs/access.log", path=True, doc="""\
+Access log: a path, "-" for standard output, or "" to turn it off.""")
+    error_log: str = _setting("logs/error.log", path=True, doc="""\
+Error log (start, stop, reload, worker exits, app tracebacks): a path or "-".""")
+    level: str = _setting("info", _check_level, doc="""\
+Error log level: debug, info, warning, error or critical.""")
+    access_format: str = _setting("combined", _check_access_format, doc="""\
+Access log format: "combined" (Apache/nginx combined + request time in
+microseconds), "json" (one object per line), or a format string of atoms as
+in gunicorn: %(h)s remote address, %(l)s "-", %(u)s remote user, %(t)s time,
+%(r)s request line, %(m)s method, %(U)s path, %(q)s query, %(H)s protocol,
+%(s)s status, %(b)s body bytes ("-" if none), %(B)s body bytes, %(f)s referer,
+%(a)s user agent, %(T)s seconds, %(M)s milliseconds, %(D)s microseconds,
+%(p)s worker pid, %({Header-Name}i)s request header, %({KEY}e)s environ value.""")
+    max_bytes: int = _setting(100 * 1024 * 1024, _check_non_negative, doc="""\
+Rotate a log when the next batch would take it past max_bytes (0: never).
+A batch is never split, so a file may pass the limit by one batch.""")
+    backups: int = _setting(10, _check_non_negative, doc="""\
+Rotated files kept: access.log.1 ... access.log.N (or dated names with `when`).""")
+    when: str = _setting("", _check_when, doc="""\
+Rotate by time instead: "midnight", "H" (hourly), or "" (off).""")
+    compress: bool = _setting(False, doc="""\
+Gzip rotated files (in the background; the master's loop does not wait).""")
 
 
 @dataclass(frozen=True)
 class StatusConfig:
-    enabled: bool = _setting(True)
+    enabled: bool = _setting(True, doc="""\
+Serve live statistics at `path` (HTML; ?format=json; ?format=prometheus).""")
     path: str = _setting("/_status", _check_url_path)
-    allow: tuple = _setting(("127.0.0.0/8", "::1/128"), _check_cidrs, kind="strlist")
-    interval: float = _setting(1.0, _check_positive)
+    allow: tuple = _setting(("127.0.0.0/8", "::1/128"), _check_cidrs, kind="strlist", doc="""\
+Client addresses (CIDR) allowed to see it; others get 403.""")
+    statistics: bool = _setting(True, doc="""\
+Count requests, bytes and latencies in the workers (false: count nothing;
+status and `bin/prefork status` then show no traffic figures).""")
+    interval: float = _setting(1.0, _check_positive, doc="""\
+Seconds between the statistics (and log lines) each worker ships to the master.""")
 
 
 @dataclass(frozen=True)
 class StaticConfig:
-    enabled: bool = _setting(True)
+    enabled: bool = _setting(True, doc="""\
+Serve files from `root` under the URL prefix `url` (GET and HEAD; ETag,
+Last-Modified, 304, single ranges, precompressed .br/.gz siblings, sendfile).
+Paths under `url` never reach the app. For "/", the app is asked first and
+a 404 from it falls back to root/index.html.""")
     url: str = _setting("/static/", _check_url_prefix)
-    root: str = _setting("", path=True)   # "": the static/ shipped with prefork
-    index: str = _setting("index.html")
-    cache_control: str = _setting("public, max-age=3600")
+    root: str = _setting("", path=True, doc="""\
+Directory served ("": the files shipped with prefork, prefork/assets/static).""")
+    index: str = _setting("index.html", doc="""\
+File served for a directory.""")
+    cache_control: str = _setting("public, max-age=3600", doc="""\
+Cache-Control sent with every file ("" for none).""")
 
 
 @dataclass(frozen=True)
 class SiteConfig:
-    templates: str = _setting("", path=True)   # "": the templates/ shipped with prefork
+    templates: str = _setting("", path=True, doc="""\
+Jinja2 templates (autoescaped) for error pages, the status dashboard and the
+built-in site ("": the ones shipped with prefork, prefork/assets/templates).
+Point it at a copy to change a page. A broken template falls back to a plain
+built-in page and the error log says why.""")
 
 
 SECTIONS = {
@@ -239,6 +332,15 @@ def _coerce(kind, default, value):
     raise AssertionError(f"no coercion for {kind!r}")
 
 
+def _check_value(spec, raw):
+    """-> (value, problem): the type, then the setting's own check."""
+    value, problem = _coerce(spec.metadata["kind"], spec.default, raw)
+    check = spec.metadata["check"]
+    if problem is None and check is not None:
+        problem = check(value)
+    return value, problem
+
+
 def _build_section(cls, name, table, source):
     known = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
@@ -247,14 +349,23 @@ def _build_section(cls, name, table, source):
         if spec is None:
             raise ConfigError(f"{source}: [{name}] {key}: unknown setting "
                               f"(known: {', '.join(sorted(known))})")
-        value, problem = _coerce(spec.metadata["kind"], spec.default, raw)
-        check = spec.metadata["check"]
-        if problem is None and check is not None:
-            problem = check(value)
+        value, problem = _check_value(spec, raw)
         if problem:
             raise ConfigError(f"{source}: [{name}] {key}: {problem} (got {raw!r})")
         values[key] = value
     return cls(**values)
+
+
+def _check_overrides(overrides):
+    """Flags are checked on their own, so a bad one is blamed on the flag."""
+    flags = {(section, key): flag for flag, section, key, _, _ in start_flags()}
+    for name, table in overrides.items():
+        known = {f.name: f for f in dataclasses.fields(SECTIONS[name])}
+        for key, raw in table.items():
+            _, problem = _check_value(known[key], raw)
+            if problem:
+                raise ConfigError(f"command line: {flags.get((name, key), key)}: {problem} "
+                                  f"(got {raw!r})")
 
 
 def _resolve_paths(section, base):
@@ -318,6 +429,7 @@ def load_for_control(path: str | None, overrides: dict | None = None) -> Config:
 
 def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
     source = os.path.abspath(path) if path else ""
+    _check_overrides(overrides or {})
     for name, table in (overrides or {}).items():
         data.setdefault(name, {}).update(table)
 
@@ -337,3 +449,69 @@ def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
     for name, cls in SECTIONS.items():
         sections[name] = _resolve_paths(sections.get(name, cls()), base)
     return Config(source=source, **sections)
+
+
+# -- what the table generates -------------------------------------------------------
+HEADER = """\
+# prefork configuration. Every key is optional; the values below are the defaults
+# unless marked otherwise. Relative paths resolve against [server] base.
+# A wrong key, type or value stops `bin/prefork start` with one line naming it.
+# This file is generated from the settings table in prefork/config.py (`make conf`).
+"""
+SECTION_NOTES = {
+    "logging": "Only the master writes log files; workers ship their lines to it. USR1 or\n"
+               "`bin/prefork reopen` reopens the files for an external logrotate.",
+}
+# What the shipped conf/prefork.toml sets beyond the defaults.
+SHIPPED = {"server": {"base": ".."}}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)   # a TOML basic string
+
+
+def render_toml(values: dict | None = None) -> str:
+    """conf/prefork.toml: every setting with its documentation and default,
+    or the value given in `values` ({"server": {"base": ".."}})."""
+    lines = [HEADER.rstrip("\n")]
+    for name, cls in SECTIONS.items():
+        lines += ["", f"[{name}]"]
+        for spec in dataclasses.fields(cls):
+            lines += [f"# {line}" for line in spec.metadata["doc"].splitlines()]
+            value = (values or {}).get(name, {}).get(spec.name, spec.default)
+            marked = "" if value == spec.default else \
+                f"   # not the default ({_toml_value(spec.default)})"
+            lines.append(f"{spec.name} = {_toml_value(value)}{marked}")
+        if name in SECTION_NOTES:
+            lines += [f"# {line}" for line in SECTION_NOTES[name].splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def start_flags() -> list:
+    """[(flag, section, key, kind, help)] for the settings `start` can override."""
+    flags = []
+    for name, cls in SECTIONS.items():
+        for spec in dataclasses.fields(cls):
+            if spec.metadata["flag"]:
+                doc = spec.metadata["doc"].split("\n")[0]
+                flags.append((spec.metadata["flag"], name, spec.name, spec.metadata["kind"]
+                              or type(spec.default).__name__, doc))
+    return flags
+
+
+def override_args(overrides: dict) -> list:
+    """The `start` flags that give these overrides again (for upgrade)."""
+    argv = []
+    for flag, section, key, _, _ in start_flags():
+        value = overrides.get(section, {}).get(key)
+        if value is None:
+            continue
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            argv += [flag, str(item)]
+    return argv

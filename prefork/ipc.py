@@ -1,8 +1,9 @@
 """The Manager: queues from workers to the master, and the published snapshot.
 
 Owns: the Manager server process (a child of the master, started before any
-worker so the master knows its pid and stops it), the stats-delta queue, the
-log-batch queue, and the board holding the master's latest snapshot.
+worker; the master shuts it down), the stats-delta queue, the log-batch queue
+(messages are (ACCESS or ERROR, text) pairs, lines in LINE_FORMAT for the error
+log), and the board holding the master's latest snapshot.
 
 Rules: workers receive only the address and authkey (plain data) across the
 fork and connect their own proxies afterwards: a proxy made before fork must
@@ -20,6 +21,8 @@ from multiprocessing.managers import BaseManager
 
 log = logging.getLogger("prefork.ipc")
 DRAIN_LIMIT = 1000   # messages per queue per master tick
+ACCESS, ERROR = "access", "error"   # which log a batch goes to
+LINE_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"   # every error-log line
 
 
 class _Board:
@@ -74,16 +77,12 @@ class MasterChannels:
                         ctx=multiprocessing.get_context("fork"))
         self._hub.start(initializer=_manager_init)
         self.address = self._hub.address
-        self.pid = self._hub._process.pid
         self._stats = self._hub.stats_queue()
         self._logs = self._hub.logs_queue()
         self._board = self._hub.board()
 
     def worker_sink(self) -> "WorkerSink":
         return WorkerSink(self.address, bytes(multiprocessing.current_process().authkey))
-
-    def alive(self) -> bool:
-        return self._hub._process.is_alive()
 
     @staticmethod
     def _drain(proxy, limit):

@@ -45,6 +45,24 @@ class SlotView:
     last_duration: float
     connections: int
 
+    def live_fields(self, now: float) -> dict:
+        """The fields of a worker's status row that its slot keeps current
+        (the status endpoint re-reads them at render time, so they are never
+        an interval old)."""
+        current = None
+        if self.state == "busy":
+            current = {"method": self.method, "path": self.path,
+                       "elapsed": round(max(0.0, now - self.request_start), 3)}
+        return {"requests": self.requests, "current": current,
+                "last_status": self.last_status, "last_duration": round(self.last_duration, 6),
+                "heartbeat_age": round(now - self.heartbeat, 1) if self.heartbeat else None}
+
+
+def busy_idle(states) -> tuple:
+    """(busy, idle) among worker state names."""
+    states = list(states)
+    return states.count("busy"), states.count("idle")
+
 
 class Scoreboard:
     def __init__(self, slots: int):

@@ -10,6 +10,8 @@ import collections
 import os
 import signal
 
+DUMP_SIGNAL = signal.SIGUSR2   # to a worker: write every thread's stack (faulthandler)
+
 
 class SignalInbox:
     def __init__(self, signums):

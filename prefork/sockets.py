@@ -22,7 +22,7 @@ def create_listener(text: str, backlog: int) -> socket.socket:
     family, address = parse_bind(text)
     try:
         if family == "unix":
-            return _unix_listener(address, backlog)
+            return bind_unix(address, 0o660, backlog)   # the front proxy's group may connect
         sock = socket.socket(socket.AF_INET6 if family == "inet6" else socket.AF_INET,
                              socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,14 +36,17 @@ def create_listener(text: str, backlog: int) -> socket.socket:
     return sock
 
 
-def _unix_listener(path: str, backlog: int) -> socket.socket:
+def bind_unix(path: str, mode: int, backlog: int) -> socket.socket:
+    """A listening unix socket at path with the given mode (a stale socket
+    left there by an earlier run is replaced; any other file is not)."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)   # a stale socket from an earlier run
+            os.unlink(path)
     except FileNotFoundError:
         pass
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)   # 0660: the front proxy's group may connect
+    old_umask = os.umask(0o777 & ~mode)   # no moment with a wider mode
     try:
         sock.bind(path)
     finally:

@@ -1,12 +1,15 @@
-"""Statistics: worker-side counters, the deltas they ship, the master's fold.
+"""Statistics: worker-side counters, the deltas they ship, the master's fold,
+and the figures derived from them (rates, percentiles).
 
-Pure: no I/O and no IPC here. Workers count locally (a few attribute bumps per
-request) and hand a frozen StatsDelta to their sink once per interval; the
-master folds deltas into Totals that survive worker restarts and reloads.
+Pure: no I/O, no IPC and no clock reads here. Workers count locally (a few
+attribute bumps per request) and hand a frozen StatsDelta to their sink once
+per interval; the master folds deltas into Totals that survive worker restarts
+and reloads.
 """
 from __future__ import annotations
 
 import bisect
+import collections
 from dataclasses import dataclass, field
 
 # Latency histogram upper bounds, seconds (Prometheus-style, +Inf implied).
@@ -18,9 +21,6 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 class StatsDelta:
     """What one worker counted since its last shipment."""
     pid: int
-    slot: int
-    generation: int
-    at: float
     requests: int
     statuses: dict
     bytes_in: int
@@ -31,15 +31,14 @@ class StatsDelta:
     timeouts: int
     histogram: tuple
     duration_sum: float
-    open_connections: int = 0     # a gauge: the worker's count at `at`
-    final: bool = False
+    open_connections: int = 0     # a gauge: the worker's count when it shipped
 
 
 class WorkerStats:
     """Per-worker counters since the last delta."""
 
-    def __init__(self, pid=0, slot=0, generation=0):
-        self.pid, self.slot, self.generation = pid, slot, generation
+    def __init__(self, pid=0):
+        self.pid = pid
         self._last_ship = 0.0
         self._reset()
 
@@ -69,14 +68,12 @@ class WorkerStats:
     def due(self, now: float, interval: float) -> bool:
         return now - self._last_ship >= interval
 
-    def take_delta(self, now: float, open_connections: int = 0,
-                   final: bool = False) -> StatsDelta:
+    def take_delta(self, now: float, open_connections: int = 0) -> StatsDelta:
         requests = sum(self.statuses.values()) - self.rejected   # rejected: no request
-        delta = StatsDelta(self.pid, self.slot, self.generation, now, requests,
-                           self.statuses, self.bytes_in, self.bytes_out,
+        delta = StatsDelta(self.pid, requests, self.statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,
-                           open_connections, final)
+                           open_connections)
         self._last_ship = now
         self._reset()
         return delta
@@ -117,3 +114,50 @@ class Totals:
             if key in classes:
                 classes[key] += count
         return classes
+
+
+class RateWindow:
+    """Requests per second over the last 1, 10 and 60 seconds."""
+
+    WINDOWS = (1, 10, 60)
+
+    def __init__(self):
+        self._samples = collections.deque()   # (monotonic time, total requests)
+
+    def observe(self, now: float, total: int) -> None:
+        samples = self._samples
+        samples.append((now, total))
+        while len(samples) > 2 and samples[1][0] < now - max(self.WINDOWS):
+            samples.popleft()
+
+    def rates(self) -> dict:
+        if not self._samples:
+            return {f"{w}s": 0.0 for w in self.WINDOWS}
+        now, total = self._samples[-1]
+        result = {}
+        for window in self.WINDOWS:
+            then, before = self._samples[0]
+            for at, count in self._samples:
+                if at >= now - window:
+                    break
+                then, before = at, count
+            elapsed = now - then
+            result[f"{window}s"] = round((total - before) / elapsed, 2) if elapsed > 0 else 0.0
+        return result
+
+
+def percentile(histogram, fraction: float) -> float:
+    """Linear interpolation inside the bucket holding the fraction-th request."""
+    total = sum(histogram)
+    if total == 0:
+        return 0.0
+    rank = fraction * total
+    seen = 0
+    lower = 0.0
+    for i, count in enumerate(histogram):
+        upper = BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1] * 2
+        if count and seen + count >= rank:
+            return round(lower + (upper - lower) * (rank - seen) / count, 6)
+        seen += count
+        lower = upper
+    return BUCKETS[-1]

@@ -12,15 +12,15 @@ import html
 import logging
 import os
 
+from . import BUILTIN_TEMPLATES
 from .http.response import REASONS
 
 log = logging.getLogger("prefork.templates")
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 
 
 class Templates:
     def __init__(self, directory: str = ""):
-        self.directory = directory or DEFAULT_DIR
+        self.directory = directory or BUILTIN_TEMPLATES
         self._env = None
         self._warned = set()
 

@@ -1,13 +1,13 @@
 """One error hierarchy for everything that ends in an HTTP error response.
 
-Each class carries the status it answers with; the worker turns any HttpError
-into that response (and closes the connection when `close` is set).
+Each class carries the status it answers with; the connection turns any
+HttpError into that response and then closes (after an error the request
+stream cannot be trusted to stay in sync).
 """
 
 
 class HttpError(Exception):
     status = 500
-    close = True
 
     def __init__(self, detail: str = ""):
         super().__init__(detail or self.__class__.__doc__)
@@ -39,8 +39,8 @@ class HeadersTooLarge(HttpError):
     status = 431
 
 
-class NotImplementedMethod(HttpError):
-    """The server does not support this method or transfer coding."""
+class UnsupportedTransferCoding(HttpError):
+    """The request uses a transfer coding the server cannot decode."""
     status = 501
 
 

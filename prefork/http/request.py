@@ -12,26 +12,22 @@ from __future__ import annotations
 
 import collections
 import tempfile
-from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 
 from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError,
-                     NotImplementedMethod, RequestLineTooLong)
+                     UnsupportedTransferCoding, RequestLineTooLong)
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_request_line: int = 8190
-    max_headers: int = 100
-    max_header_size: int = 32768
-    max_body: int = 10 * 1024 * 1024
-    spool_threshold: int = 1024 * 1024
-
-    @classmethod
-    def from_config(cls, http):
-        return cls(http.max_request_line, http.max_headers, http.max_header_size,
-                   http.max_body, http.spool_threshold)
+class Limits(Protocol):
+    """What the reader enforces; config.HttpConfig is one (the defaults live
+    there, once)."""
+    max_request_line: int
+    max_headers: int
+    max_header_size: int
+    max_body: int
+    spool_threshold: int
 
 
 class Request:
@@ -95,7 +91,7 @@ class RequestReader:
             text = str(exc)
             if "invalid `Transfer-Encoding`" in text:
                 # A transfer coding we cannot decode (RFC 9112 6.1: 501).
-                raise NotImplementedMethod(text) from None
+                raise UnsupportedTransferCoding(text) from None
             raise BadRequest(text) from None
         if self.in_head:
             # httptools buffers a header line internally until it is complete,

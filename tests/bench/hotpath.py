@@ -26,12 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "bench")]
 
 from prefork import config as config_mod            # noqa: E402
-from prefork.connection import Connection           # noqa: E402
 from prefork.http.request import RequestReader      # noqa: E402
 from prefork.scoreboard import Scoreboard           # noqa: E402
-from prefork.worker import Worker, compose, load_app  # noqa: E402
-from prefork.static import StaticFiles              # noqa: E402
-from prefork.wsgi import base_environ, build_environ  # noqa: E402
+from prefork.worker.connection import Connection    # noqa: E402
+from prefork.worker.dispatch import compose, load_app  # noqa: E402
+from prefork.worker.loop import Worker              # noqa: E402
+from prefork.worker.static import StaticFiles       # noqa: E402
+from prefork.worker.wsgi import base_environ, build_environ  # noqa: E402
 
 APPS = {"hello": "prefork.apps.hello:app", "flask": "flask_app:app"}
 REQUEST = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"

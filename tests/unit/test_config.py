@@ -47,7 +47,8 @@ def test_workers_auto():
 
 @pytest.mark.parametrize("text,words", [
     ("[server]\nworkers = 'many'\n", ["[server] workers", "integer"]),
-    ("[server]\nworkers = 0\n", ["[server] workers", "greater than 0"]),
+    ("[server]\nworkers = 0\n", ["[server] workers", "between 1 and 128"]),
+    ("[server]\nworkers = 300\n", ["[server] workers", "between 1 and 128"]),
     ("[server]\nbogus = 1\n", ["[server] bogus", "unknown setting"]),
     ("[nope]\nx = 1\n", ["[nope]", "unknown section"]),
     ("[server]\napp = 'no_colon'\n", ["[server] app", "module:callable"]),
@@ -82,3 +83,39 @@ def test_missing_file():
 ])
 def test_parse_bind(text, expected):
     assert config.parse_bind(text) == expected
+
+
+def test_the_shipped_file_is_what_the_settings_table_generates():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "conf", "prefork.toml")) as fh:
+        shipped = fh.read()
+    assert shipped == config.render_toml(config.SHIPPED), "run `make conf`"
+
+
+def test_every_setting_is_documented_and_the_generated_file_loads_to_the_defaults(tmp_path):
+    import dataclasses
+    for cls in config.SECTIONS.values():
+        for spec in dataclasses.fields(cls):
+            # a setting without text of its own shares the one above it (user/group)
+            assert spec.metadata["doc"] or spec.name in (
+                "group", "max_requests_jitter", "path", "url"), spec.name
+    rendered, empty = tmp_path / "rendered.toml", tmp_path / "empty.toml"
+    rendered.write_text(config.render_toml())
+    empty.write_text("")
+    assert config.load(str(rendered)) == dataclasses.replace(config.load(str(empty)),
+                                                             source=str(rendered))
+
+
+def test_a_bad_flag_is_blamed_on_the_flag_not_the_file(tmp_path):
+    path = write(tmp_path, "[server]\nworkers = 3\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path, {"server": {"workers": 0}})
+    assert str(info.value).startswith("command line: --workers: must be between 1 and 128")
+
+
+def test_override_args_give_the_same_overrides_back():
+    overrides = {"server": {"bind": ["127.0.0.1:0", "unix:/tmp/x.sock"], "workers": 3,
+                            "app": "a:b", "pidfile": "/tmp/p.pid"}}
+    assert config.override_args(overrides) == [
+        "--bind", "127.0.0.1:0", "--bind", "unix:/tmp/x.sock", "--workers", "3",
+        "--app", "a:b", "--pidfile", "/tmp/p.pid"]

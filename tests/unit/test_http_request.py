@@ -3,8 +3,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from prefork.http.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError,
-                                 NotImplementedMethod, RequestLineTooLong)
-from prefork.http.request import Limits, RequestReader
+                                 UnsupportedTransferCoding, RequestLineTooLong)
+from prefork.config import HttpConfig
+from prefork.http.request import RequestReader
 
 PIPELINED = (b"POST /upload?x=1 HTTP/1.1\r\nHost: example\r\nContent-Length: 5\r\n"
              b"X-Two: a\r\n\r\nhello"
@@ -18,7 +19,7 @@ def splits(data):
     yield "bytes", [data[i:i + 1] for i in range(len(data))]
 
 
-def feed_all(pieces, limits=Limits()):
+def feed_all(pieces, limits=HttpConfig()):
     reader = RequestReader(limits)
     for piece in pieces:
         if piece:
@@ -59,7 +60,7 @@ def test_connection_close_honoured():
 
 
 def test_expect_continue_is_flagged_until_the_body_arrives():
-    reader = RequestReader(Limits())
+    reader = RequestReader(HttpConfig())
     reader.feed(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
     assert reader.continue_pending and not reader.ready
     reader.continue_pending = False
@@ -73,7 +74,7 @@ def test_expect_continue_without_body_needs_no_interim_response():
 
 
 def test_body_above_spool_threshold_goes_to_a_file():
-    limits = Limits(spool_threshold=10)
+    limits = HttpConfig(spool_threshold=10)
     body = b"0123456789" * 10
     reader = feed_all([b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n", body[:50],
                        body[50:]], limits)
@@ -97,26 +98,26 @@ def test_body_above_spool_threshold_goes_to_a_file():
 ])
 @pytest.mark.parametrize("bytewise", [False, True])
 def test_limits_and_malformed_requests(data, error, bytewise):
-    reader = RequestReader(Limits())
+    reader = RequestReader(HttpConfig())
     with pytest.raises(error):
         for piece in ([data[i:i + 1] for i in range(len(data))] if bytewise else [data]):
             reader.feed(piece)
 
 
 def test_chunked_body_over_the_limit():
-    reader = RequestReader(Limits(max_body=10))
+    reader = RequestReader(HttpConfig(max_body=10))
     reader.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
     with pytest.raises(BodyTooLarge):
         reader.feed(b"20\r\n" + b"x" * 32 + b"\r\n0\r\n\r\n")
 
 
 def test_unknown_transfer_coding_is_refused():
-    with pytest.raises(NotImplementedMethod):
+    with pytest.raises(UnsupportedTransferCoding):
         feed_all([b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n"])
 
 
 def test_head_bytes_are_bounded_even_inside_one_header_line():
-    reader = RequestReader(Limits(max_header_size=1000, max_request_line=100))
+    reader = RequestReader(HttpConfig(max_header_size=1000, max_request_line=100))
     reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Slow: ")
     with pytest.raises(HeadersTooLarge):
         for _ in range(20):
@@ -126,7 +127,7 @@ def test_head_bytes_are_bounded_even_inside_one_header_line():
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_give_an_http_error(data):
-    reader = RequestReader(Limits(max_request_line=64, max_header_size=256, max_body=64))
+    reader = RequestReader(HttpConfig(max_request_line=64, max_header_size=256, max_body=64))
     try:
         reader.feed(data)
     except HttpError as exc:
@@ -138,7 +139,7 @@ def test_any_bytes_parse_or_give_an_http_error(data):
                                  b"Host", b"Content-Length", b"1", b"Transfer-Encoding",
                                  b"chunked", b"\x00", b"0"]), max_size=40))
 def test_http_shaped_bytes_parse_or_give_an_http_error(tokens):
-    reader = RequestReader(Limits())
+    reader = RequestReader(HttpConfig())
     try:
         reader.feed(b"".join(tokens))
     except HttpError as exc:

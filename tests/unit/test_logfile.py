@@ -5,7 +5,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from prefork.logs import LogFile, next_rollover
+from prefork.master.logfiles import LogFile, next_rollover
 
 
 def settings(**kw):

@@ -1,14 +1,13 @@
 """The master's decisions, with injected signals and exits: no processes."""
 import dataclasses
-import heapq
 import itertools
 import signal
 
 import pytest
 
 from prefork import config as configmod
-from prefork.master import SIGNAL_ACTIONS, MAX_SLOTS, Master, WorkerRecord
-from prefork.scoreboard import Scoreboard
+from prefork.master.loop import SIGNAL_ACTIONS, Master
+from prefork.master.pool import Pool
 from prefork.sockets import create_listener
 
 
@@ -26,26 +25,40 @@ class Reporter:
         pass
 
 
+class RecordingPool(Pool):
+    """The real Pool with fork and kill replaced by records."""
+
+    def __init__(self, scoreboard, selector, run_child):
+        super().__init__(scoreboard, selector, run_child)
+        self.sent = []
+        self._pids = itertools.count(1000)
+
+    def spawn(self, config, generation, listeners, now, replaces=0):
+        return self.add(next(self._pids), self.take_slot(), generation, now, None, replaces)
+
+    def signal(self, rec, signum):
+        self.sent.append((rec.pid, signum))
+
+
 class DecisionMaster(Master):
-    """The real Master with fork and kill replaced by records."""
+    """The real Master, its parts real, with a recording pool: no processes."""
 
     def __init__(self, **server):
         overrides = {"server": dict(server, bind=["127.0.0.1:0"])}
         super().__init__(configmod.load(None, overrides), overrides, Reporter())
-        self.scoreboard = Scoreboard(MAX_SLOTS)
         self.listeners = {"127.0.0.1:0": create_listener("127.0.0.1:0", 16)}
         self.last_publish = float("inf")   # no snapshot publishing in these tests
-        self.sent = []
-        self._pids = itertools.count(1000)
 
-    def spawn(self, config, generation, listeners):
-        rec = WorkerRecord(next(self._pids), heapq.heappop(self.free_slots), generation,
-                           None, self.now)
-        self.workers[rec.pid] = rec
-        return rec
+    def make_pool(self):
+        return RecordingPool(self.scoreboard, self.selector, None)
 
-    def signal_worker(self, rec, signum):
-        self.sent.append((rec.pid, signum))
+    @property
+    def sent(self):
+        return self.pool.sent
+
+    @property
+    def workers(self):
+        return self.pool.workers
 
     def boot_all(self):
         for rec in self.workers.values():
@@ -53,9 +66,17 @@ class DecisionMaster(Master):
                 rec.state = "ready"
                 self.scoreboard.claim(rec.slot, rec.pid, rec.generation, self.now)
 
+    def exit(self, rec, code):
+        """A worker exits: what reap() would do for it."""
+        self.pool.workers[rec.pid] = rec
+        gone = self.pool.remove(rec, code, self.now)
+        self.watchdog.forget(rec.pid)
+        if gone.boot_failure is not None:
+            self.on_boot_failure(gone)
+
     def fail_boot(self, rec, text="ImportError: no module"):
-        rec.boot_report = b"FAIL\n" + text.encode()
-        self.on_exit(rec, 3)
+        rec.report.boot = b"FAIL\n" + text.encode()
+        self.exit(rec, 3)
 
     def tick(self, seconds=0.0):
         self.now += seconds
@@ -95,16 +116,16 @@ def test_a_boot_failure_at_start_fails_the_start():
 def test_a_crashed_worker_is_respawned():
     master = started()
     victim = next(iter(master.workers.values()))
-    master.on_exit(victim, -signal.SIGKILL)
+    master.exit(victim, -signal.SIGKILL)
     master.tick()
     assert len(master.workers) == 2 and victim.pid not in master.workers
-    assert master.exits["killed"] == 1
+    assert master.pool.exits["killed"] == 1
 
 
 def test_boot_failures_after_start_back_off_exponentially():
     master = started()
     for rec in list(master.workers.values()):
-        master.on_exit(rec, -signal.SIGKILL)   # the pool dies...
+        master.exit(rec, -signal.SIGKILL)   # the pool dies...
     delays = []
     for attempt in range(5):
         master.tick()
@@ -113,7 +134,7 @@ def test_boot_failures_after_start_back_off_exponentially():
         assert len(booting) == (2 if attempt == 0 else 1)
         for rec in booting:
             master.fail_boot(rec)
-        delays.append(master.next_spawn_at - master.now)
+        delays.append(master.pool.next_spawn_at - master.now)
         master.tick()
         assert not master.workers                 # nothing spawned before the delay
         master.now += delays[-1]
@@ -126,11 +147,11 @@ def test_reload_retires_the_old_generation_only_once_the_new_one_is_ready():
     old = set(master.workers)
     master.inject(signal.SIGHUP)
     master.tick()
-    assert master.pending is not None and len(master.workers) == 4
+    assert master.reloader.pending is not None and len(master.workers) == 4
     assert master.sent == []                  # nothing retired while new ones boot
     master.boot_all()
     master.tick()
-    assert master.pending is None and master.generation == 2
+    assert master.reloader.pending is None and master.generation == 2
     assert sorted(master.sent) == sorted((pid, signal.SIGTERM) for pid in old)
 
 
@@ -141,8 +162,8 @@ def test_reload_whose_workers_cannot_boot_keeps_the_old_generation():
     new = [r for r in master.workers.values() if r.generation == 2]
     master.fail_boot(new[0])
     master.tick()
-    assert master.pending is None and master.generation == 1
-    assert master.reloads["failed"] == 1 and "ImportError" in master.reloads["last_error"]
+    assert master.reloader.pending is None and master.generation == 1
+    assert master.reloader.failed == 1 and "ImportError" in master.reloader.last_error
     assert {pid for pid, _ in master.sent} == {new[1].pid}   # only the other new one stops
     assert old <= set(master.workers)
 
@@ -151,12 +172,12 @@ def test_ttin_and_ttou_change_the_pool():
     master = started()
     master.inject(signal.SIGTTIN)
     master.tick()
-    assert len(master.generation_workers(1)) == 3
+    assert len(master.pool.members(1)) == 3
     master.boot_all()
     master.inject(signal.SIGTTOU)
     master.inject(signal.SIGTTOU)
     master.tick()
-    assert len(master.generation_workers(1)) == 1
+    assert len(master.pool.members(1)) == 1
     assert len([s for _, s in master.sent if s == signal.SIGTERM]) == 2
 
 
@@ -170,7 +191,7 @@ def test_graceful_stop_then_kill_at_the_deadline():
     master.tick(cfg.kill_grace + 0.1)   # ...and the master kills any that did not
     assert {s for _, s in master.sent} == {signal.SIGTERM, signal.SIGKILL}
     for rec in list(master.workers.values()):
-        master.on_exit(rec, -signal.SIGKILL)
+        master.exit(rec, -signal.SIGKILL)
     master.tick()
     assert master.finished
 
@@ -191,7 +212,7 @@ def test_a_hung_worker_gets_a_stack_dump_then_term_then_kill():
     assert [s for p, s in master.sent if p == rec.pid] == [signal.SIGUSR2, signal.SIGTERM]
     master.tick(master.config.workers.kill_grace)
     assert [s for p, s in master.sent if p == rec.pid][-1] == signal.SIGKILL
-    assert master.totals.timeouts == 2
+    assert master.snapshot()["totals"]["timeouts"] == 2
 
 
 def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
@@ -209,11 +230,11 @@ def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
 def test_recycling_replaces_before_retiring_one_at_a_time():
     master = started()
     for rec in master.workers.values():
-        rec.recycle_reason = "test"
+        master.watchdog.mark(rec, "test", master.config.workers)
     master.tick()
     replacements = [r for r in master.workers.values() if r.replaces]
     assert len(replacements) == 1 and master.sent == []   # max_recycling = 1; nobody stopped yet
-    assert len(master.generation_workers(1)) == 3
+    assert len(master.pool.members(1)) == 3
     old_pid = replacements[0].replaces
     master.boot_all()
     master.tick()
@@ -228,6 +249,7 @@ def test_max_age_marks_a_worker_for_recycling():
     for rec in master.workers.values():
         master.scoreboard.heartbeat(rec.slot, master.now + 61)
     master.tick(61)
-    assert all("max_age" in rec.recycle_reason for rec in master.workers.values()
+    assert all("max_age" in master.watchdog.watches[rec.pid].recycle_reason
+               for rec in master.workers.values()
                if rec.generation == 1 and not rec.replaces)
     assert sum(1 for r in master.workers.values() if r.replaces) == 1   # one at a time

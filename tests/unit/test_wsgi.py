@@ -4,12 +4,13 @@ import sys
 import pytest
 
 from prefork.http.errors import AppError, BadRequest
-from prefork.http.request import Limits, RequestReader
-from prefork.wsgi import StartResponse, base_environ, build_environ, split_target
+from prefork.config import HttpConfig
+from prefork.http.request import RequestReader
+from prefork.worker.wsgi import StartResponse, base_environ, build_environ, split_target
 
 
 def environ_for(raw: bytes) -> dict:
-    reader = RequestReader(Limits())
+    reader = RequestReader(HttpConfig())
     reader.feed(raw)
     base = base_environ("127.0.0.1", "8000", "10.1.2.3", "5555", sys.stderr)
     return build_environ(reader.ready[0], base)

@@ -4,9 +4,11 @@ Owns: its connections, its scoreboard slot, its local counters and access-log
 batch. Runs after fork and never returns into the master's stack (os._exit).
 Must not: write files other than through its log batch, or touch other slots.
 
-Boot protocol: the worker writes b"OK\n" to its boot pipe once the app is
-imported and it is ready to accept, or b"FAIL\n" + the traceback, then exits
-with BOOT_FAILED. The master reads the pipe.
+Report pipe: the worker writes b"OK\n" to it once the app is imported and it
+is ready to accept, or b"FAIL\n" + the traceback, then exits with BOOT_FAILED.
+Afterwards the same pipe carries stack dumps (faulthandler, on DUMP_SIGNAL) and
+a last traceback if the worker crashes: it reaches the master even when the
+log channel does not. Connections see the worker only as a ConnectionHost.
 
 Signals: TERM = graceful (stop accepting, finish in-flight requests, answer
 keep-alive clients with Connection: close); INT, QUIT = exit now.
@@ -17,66 +19,37 @@ import collections
 import errno
 import faulthandler
 import grp
-import importlib
 import logging
 import os
 import pwd
 import select
 import signal
 import socket
-import sys
 import time
 import traceback
 
 from setproctitle import setproctitle
 
-from . import scoreboard as sb
+from .. import scoreboard as sb
+from .. import templates
+from ..http.errors import AppError
+from ..http.response import http_date
+from ..signals import DUMP_SIGNAL, SignalInbox
+from ..sockets import queue_depth
+from ..stats import WorkerStats
 from .connection import Connection
-from .http.errors import AppError
-from .http.request import Limits
-from .apps.status import StatusApp
-from .http.response import http_date
-from .logs import AccessLog, install_worker_logging
-from .signals import SignalInbox
-from .sockets import queue_depth
+from .dispatch import compose, load_app
+from .logship import AccessLog, install_worker_logging
 from .static import StaticFiles
-from .stats import WorkerStats
-from . import templates
+from .status import StatusApp
 from .wsgi import ErrorStream
 
 BOOT_FAILED = 3
-DUMP_SIGNAL = signal.SIGUSR2   # faulthandler writes every thread's stack
 ACCEPT_BATCH = 64
 TICK_SECONDS = 0.5
 FRESH_SECONDS = 0.002   # a ready list older than this is refreshed mid-round
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
-
-
-class AppLoadError(Exception):
-    pass
-
-
-def compose(app, status, static):
-    """One dispatcher in front of the app (one call per request, not one per
-    built-in handler): the status path, then static files, then the app;
-    `/` goes to the app first and may fall back to static/index.html."""
-    if status is None and static is None:
-        return app
-    status_path = status.path if status is not None else None
-    prefix = static.prefix if static is not None else None
-
-    def dispatch(environ, start_response):
-        path = environ["PATH_INFO"]
-        if path == status_path:
-            return status(environ, start_response)
-        if prefix is not None:
-            if path.startswith(prefix):
-                return static.serve(environ, start_response, path[len(prefix):])
-            if path == "/":
-                return static.app_or_index(app, environ, start_response)
-        return app(environ, start_response)
-    return dispatch
 
 
 def drop_privileges(user: str, group: str) -> None:
@@ -93,24 +66,6 @@ def drop_privileges(user: str, group: str) -> None:
     os.setuid(uid)
 
 
-def load_app(spec: str, pythonpath=()):
-    """'pkg.module:attr' (attr may be dotted) -> the WSGI callable."""
-    for entry in reversed(pythonpath):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-    module_name, _, attr_path = spec.partition(":")
-    module = importlib.import_module(module_name)
-    target = module
-    for attr in attr_path.split("."):
-        try:
-            target = getattr(target, attr)
-        except AttributeError:
-            raise AppLoadError(f"module {module_name!r} has no attribute {attr_path!r}") from None
-    if not callable(target):
-        raise AppLoadError(f"{spec} is not callable")
-    return target
-
-
 class Worker:
     def __init__(self, config, listeners, scoreboard, slot, generation, master_pid, sink):
         self.config = config
@@ -120,7 +75,8 @@ class Worker:
         self.generation = generation
         self.master_pid = master_pid
         self.sink = sink                 # where stats deltas and log batches go
-        self.limits = Limits.from_config(config.http)
+        self.limits = config.http
+        self.http = config.http
         self.server_name = config.http.server_header
         self.conns = {}
         self.stopping = False
@@ -129,13 +85,13 @@ class Worker:
         self.now = time.monotonic()
         self.tick_seconds = min(TICK_SECONDS, config.status.interval)
         self._next_tick = 0.0
-        self.stats = WorkerStats(os.getpid(), slot, generation)
+        self.stats = WorkerStats(os.getpid())
         self.access_log = AccessLog(config.logging, sink)
         self.log_handler = None
         self.wsgi_errors = ErrorStream(logging.getLogger("prefork.app"))
         self.requests = 0
         self.app = None
-        self.collect = config.status.enabled   # statistics off: count nothing
+        self.collect = config.status.statistics
         self.templates = templates.use(config.site.templates)
         self._error_pages = {}
         self.poller = None
@@ -146,14 +102,13 @@ class Worker:
         self._refresh_date(time.time())
 
     # -- boot -----------------------------------------------------------------
-    def boot(self, boot_fd):
+    def boot(self, report_fd):
         setproctitle(f"prefork: worker {self.slot}")
         self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.scoreboard.claim(self.slot, os.getpid(), self.generation, time.monotonic())
-        # After the boot report, the same pipe carries stack dumps to the master.
-        faulthandler.register(DUMP_SIGNAL, file=boot_fd, all_threads=True, chain=False)
+        faulthandler.register(DUMP_SIGNAL, file=report_fd, all_threads=True, chain=False)
         try:
             self.sink.connect()
             self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
@@ -165,14 +120,14 @@ class Worker:
             static = StaticFiles(self.config.static) if self.config.static.enabled else None
             self.app = compose(app, status, static)
         except BaseException:
-            os.write(boot_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
+            os.write(report_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
             os._exit(BOOT_FAILED)
         self.poller = select.epoll()
         self.poller.register(self.inbox.wakeup_fd, select.EPOLLIN)
         for fd in self.listeners:
             self.poller.register(fd, select.EPOLLIN)
         self.scoreboard.set_state(self.slot, sb.IDLE)
-        os.write(boot_fd, b"OK\n")
+        os.write(report_fd, b"OK\n")
 
     # -- the loop -------------------------------------------------------------
     def serve(self):
@@ -315,12 +270,11 @@ class Worker:
         # client is about to send the next request, which would meet a reset.
         # A request arriving within the grace is answered with Connection: close.
         for conn in self.conns.values():
-            if conn.state == "reading" and not conn.reader.in_message:
-                conn.deadline = min(conn.deadline, self.now + IDLE_GRACE)
+            if conn.idle():
+                conn.cut_deadline(self.now + IDLE_GRACE)
 
     def cut_at_deadline(self):
-        in_flight = sum(1 for c in self.conns.values()
-                        if c.exchange is not None or c.reader.in_message or c.out)
+        in_flight = sum(1 for c in self.conns.values() if c.in_flight())
         log.warning("graceful stop: graceful_timeout (%gs) reached; cutting %d connection(s), "
                     "%d with a request in flight", self.config.workers.graceful_timeout,
                     len(self.conns), in_flight)
@@ -334,15 +288,16 @@ class Worker:
 
     def exit(self, code):
         self.flush_logs()
-        self.sink.ship_stats(self.stats.take_delta(time.monotonic(), 0, final=True))
+        self.sink.ship_stats(self.stats.take_delta(time.monotonic(), 0))
         self.sink.close()
         os._exit(code)
 
-    # -- called by connections ---------------------------------------------------
+    # -- the ConnectionHost interface (connection.py) ------------------------------
     def modify(self, fd, events):
         self.poller.modify(fd, events)
 
-    def forget(self, conn):
+    def forget(self, conn, received):
+        self.stats.bytes_in += received
         if self.conns.pop(conn.fd, None) is not None:
             self.poller.unregister(conn.fd)
             self.scoreboard.set_connections(self.slot, len(self.conns))
@@ -352,8 +307,9 @@ class Worker:
         self.scoreboard.begin(self.slot, self.now, request.method.encode(), request.target)
         return self.now
 
-    def end_request(self, exchange, status):
+    def end_request(self, exchange, status, received):
         now = time.monotonic()
+        self.stats.bytes_in += received
         duration = now - exchange.started
         self.requests += 1
         self.scoreboard.end(self.slot, self.requests, status, duration)
@@ -375,7 +331,8 @@ class Worker:
         log.error("app error on %s %s:\n%s", environ.get("REQUEST_METHOD", "?"),
                   environ.get("RAW_URI", "?"), text)
 
-    def on_rejected(self, status):
+    def on_rejected(self, status, received):
+        self.stats.bytes_in += received
         self.stats.record_rejected(status)
 
     def on_timeout(self):
@@ -389,21 +346,21 @@ class Worker:
         return page
 
 
-def run(config, listeners, scoreboard, slot, generation, master_pid, boot_fd, sink):
+def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, sink):
     """Entry point in the forked child. Never returns."""
     code = 0
     try:
         worker = Worker(config, listeners, scoreboard, slot, generation, master_pid, sink)
-        worker.boot(boot_fd)
+        worker.boot(report_fd)
         worker.serve()
         worker.exit(0)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
-        # The boot pipe reaches the master even when our log batch cannot.
+        # The report pipe reaches the master even when our log batch cannot.
         report = f"worker crashed:\n{traceback.format_exc()}".encode("utf-8", "replace")
         try:
-            os.write(boot_fd, report)
+            os.write(report_fd, report)
         except OSError:
             pass
         code = 1

@@ -2,10 +2,15 @@
 
 Owns: the connection's state (reading / writing / lingering), its deadline, its
 output queue, and one WSGI exchange at a time. Pipelined requests are answered
-in order. Output never blocks the worker: when the socket is full the response
-iterator is paused and resumed on EPOLLOUT (the PEP 3333 write() callable is the
-one exception: it must block, so it waits at most send_timeout).
-Must not: accept, or touch other connections; stats and logs go to the worker.
+in order, in a loop (never by recursion), at most PIPELINE_TURN per turn so the
+worker's other connections get theirs; while the output is above HIGH_WATER the
+connection neither reads nor pulls from the app. Output never blocks the worker:
+when the socket is full the response iterator is paused and resumed on EPOLLOUT
+(the PEP 3333 write() callable is the one exception: it must block, so it waits
+at most send_timeout in all for one response).
+Must not: accept, touch other connections, or reach into the worker: what it
+needs from it is the ConnectionHost interface below. The bytes of a response
+come from http.response.ResponseFraming; this module only sends them.
 """
 from __future__ import annotations
 
@@ -13,66 +18,91 @@ import os
 import select
 import socket
 import stat
+import time
+from typing import Any, Callable, Protocol
 
-from .http.errors import AppError, HttpError, RequestTimeout
-from .http.request import RequestReader
-from .http.response import CHUNKED_END, CONTINUE, NO_BODY_STATUSES, chunk, error_response
+from ..http.errors import AppError, HttpError, RequestTimeout
+from ..http.request import Limits, RequestReader
+from ..http.response import CONTINUE, ResponseFraming, error_response
 from .wsgi import FileWrapper, StartResponse, base_environ, build_environ
 
 READING, WRITING, LINGERING, CLOSED = "reading", "writing", "lingering", "closed"
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 RECV_SIZE = 65536
-HIGH_WATER = 256 * 1024   # stop pulling from the app's iterator past this
+HIGH_WATER = 256 * 1024   # stop pulling from the app (and reading) past this
+PIPELINE_TURN = 32        # pipelined requests answered before yielding to others
 LINGER_SECONDS = 2.0
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs from its worker, and nothing more."""
+    now: float                 # the loop's clock, read once per event
+    stopping: bool             # a graceful stop is under way: close after this response
+    fixed_headers: str         # the Server and Date lines, refreshed each second
+    date: str
+    server_name: str
+    limits: Limits
+    http: Any                  # [http] settings: the four timeouts
+    app: Callable
+    wsgi_errors: Any
+
+    def begin_request(self, request) -> float: ...
+    def end_request(self, exchange: "Exchange", status: int, received: int) -> None: ...
+    def on_rejected(self, status: int, received: int) -> None: ...
+    def on_timeout(self) -> None: ...
+    def app_failed(self, exchange: "Exchange | None") -> AppError: ...
+    def app_problem(self, exchange: "Exchange | None", text: str) -> None: ...
+    def error_page(self, status: int) -> bytes: ...
+    def modify(self, fd: int, events: int) -> None: ...
+    def forget(self, conn: "Connection", received: int) -> None: ...
 
 
 class ClientGone(Exception):
     """The peer closed or reset the connection while we were writing."""
 
 
-class Exchange:
-    """One request and the response being produced for it."""
+class Exchange(ResponseFraming):
+    """One request and the response being produced for it (its framing
+    inherited, so a request allocates one object, not two)."""
     __slots__ = ("request", "environ", "sr", "result", "iterator", "started",
-                 "body_ok", "chunked", "remaining", "close", "sent", "sendfile")
+                 "sendfile", "write_deadline")
 
     def __init__(self, request, started):
+        ResponseFraming.__init__(self, not request.keep_alive or request.upgrade)
         self.request = request
         self.environ = None
         self.sr = None
         self.result = None
         self.iterator = None
         self.started = started
-        self.body_ok = True
-        self.chunked = False
-        self.remaining = None   # bytes still allowed by the app's Content-Length
-        self.close = not request.keep_alive or request.upgrade
-        self.sent = 0           # body bytes sent
         self.sendfile = None    # [fd, offset, remaining] when sending a file
+        self.write_deadline = 0.0   # set by the first blocking write()
 
 
 class Connection:
-    __slots__ = ("worker", "sock", "fd", "reader", "base", "out", "out_size",
-                 "state", "deadline", "events", "exchange", "close_after")
+    __slots__ = ("host", "sock", "fd", "reader", "base", "out", "out_size",
+                 "state", "deadline", "events", "exchange", "close_after", "received")
 
-    def __init__(self, worker, sock, addr, server_addr):
-        self.worker = worker
+    def __init__(self, host: ConnectionHost, sock, addr, server_addr):
+        self.host = host
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = RequestReader(worker.limits)
-        if isinstance(addr, tuple):
-            remote = (addr[0], str(addr[1]))
+        self.reader = RequestReader(host.limits)
+        if sock.family == socket.AF_UNIX:
+            server = (server_addr or "localhost", "0")
+            remote = ("127.0.0.1", "0")
+        else:
             server = (server_addr[0], str(server_addr[1]))
-        else:  # unix socket
-            remote = ("127.0.0.1", "0") if not addr else (addr, "0")
-            server = ("localhost", "0")
-        self.base = base_environ(server[0], server[1], remote[0], remote[1], worker.wsgi_errors)
+            remote = (addr[0], str(addr[1]))
+        self.base = base_environ(server[0], server[1], remote[0], remote[1], host.wsgi_errors)
         self.out = []
         self.out_size = 0
         self.state = READING
         self.events = EPOLLIN
-        self.deadline = worker.now + worker.config.http.header_timeout
+        self.deadline = host.now + host.http.header_timeout
         self.exchange = None
         self.close_after = False
+        self.received = 0       # bytes read since the last report to the host
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
@@ -86,8 +116,7 @@ class Connection:
             return self.close()
         if self.state == LINGERING:
             return  # discarding what the client still sends after our close
-        worker = self.worker
-        worker.stats.bytes_in += len(data)
+        self.received += len(data)
         reader = self.reader
         was_in_message = reader.in_message
         try:
@@ -95,13 +124,14 @@ class Connection:
         except HttpError as exc:
             return self.reject(exc)
         if reader.in_message:
+            host = self.host
             if not was_in_message and reader.in_head:
-                self.deadline = worker.now + worker.config.http.header_timeout
+                self.deadline = host.now + host.http.header_timeout
             elif not reader.in_head:
-                self.deadline = worker.now + worker.config.http.body_timeout
+                self.deadline = host.now + host.http.body_timeout
             if reader.continue_pending:
                 reader.continue_pending = False
-                self.send(CONTINUE)
+                self.send_quietly(CONTINUE)
         if reader.ready:
             self.serve_ready()
 
@@ -109,8 +139,10 @@ class Connection:
         try:
             if self.flush() and self.exchange is not None:
                 self.pump()
-            if not self.out and self.exchange is None:
+            if self.state == WRITING and not self.out and self.exchange is None:
                 self.after_response()
+            if self.state == READING and self.reader.ready and self.exchange is None:
+                self.serve_ready()
         except ClientGone:
             self.abort()
 
@@ -118,41 +150,68 @@ class Connection:
         if self.state == READING and self.reader.in_message:
             # Headers (or body) not complete in time: 408. A connection that
             # sent nothing at all is closed silently, as nginx does.
-            self.worker.on_rejected(RequestTimeout.status)
-            self.send_quietly(self.error_bytes(RequestTimeout.status))
-            return self.linger()
+            return self.reject(RequestTimeout())
         if self.state == WRITING:
-            self.worker.on_timeout()
+            self.host.on_timeout()
             return self.abort()
         self.close()   # idle keep-alive, or lingering done
 
+    # -- what the worker may ask ---------------------------------------------
+    def idle(self) -> bool:
+        """Between requests on a kept-alive connection: nothing half-read,
+        nothing being answered."""
+        return self.state == READING and not self.reader.in_message and self.exchange is None
+
+    def in_flight(self) -> bool:
+        """A request is half-read, being answered, or its answer unsent."""
+        return self.exchange is not None or self.reader.in_message or bool(self.out)
+
+    def cut_deadline(self, at: float) -> None:
+        self.deadline = min(self.deadline, at)
+
     # -- requests -----------------------------------------------------------
     def serve_ready(self):
+        """Answer the complete requests in order. A response that must wait
+        for the socket ends the loop (EPOLLOUT resumes it); so does the turn's
+        bound, through EPOLLOUT too: it fires at once on the next poll, after
+        the worker's other ready connections."""
         ready = self.reader.ready
+        turn = 0
         while ready and self.state == READING and self.exchange is None:
+            if turn == PIPELINE_TURN:
+                self.state = WRITING
+                self.want(EPOLLOUT)
+                return
+            turn += 1
             self.respond(ready.popleft())
 
     def respond(self, request):
-        worker = self.worker
-        ex = self.exchange = Exchange(request, worker.begin_request(request))
+        host = self.host
+        ex = self.exchange = Exchange(request, host.begin_request(request))
         ex.sr = StartResponse(self.write)
         try:
             ex.environ = build_environ(request, self.base)
-            result = ex.result = worker.app(ex.environ, ex.sr)
+            result = ex.result = host.app(ex.environ, ex.sr)
         except HttpError as exc:
             return self.fail(exc)
         except Exception:
-            return self.fail(worker.app_failed(ex))
+            return self.fail(host.app_failed(ex))
         try:
             if type(result) is list or type(result) is tuple:
                 return self.respond_whole(ex, result)
             if isinstance(result, FileWrapper) and self.prepare_sendfile(ex, result):
                 self.emit(b"")
             else:
-                ex.iterator = iter(result)
+                try:
+                    ex.iterator = iter(result)
+                except TypeError:
+                    return self.fail(AppError(f"app returned {type(result).__name__}, "
+                                              "not an iterable of bytes"))
             self.pump()
         except ClientGone:
             self.abort()
+        except AppError as exc:
+            self.fail(exc)
 
     def respond_whole(self, ex, parts):
         """Fast path: the whole body is in hand, so one send carries it all."""
@@ -189,7 +248,7 @@ class Connection:
         return True
 
     def pump(self):
-        """Move the response forward until it is done or the socket is full."""
+        """Move the response forward until it is done or the output is full."""
         ex = self.exchange
         while self.out_size < HIGH_WATER:
             if ex.sendfile is not None:
@@ -208,7 +267,7 @@ class Connection:
             except ClientGone:
                 raise
             except Exception as exc:
-                return self.fail(exc if isinstance(exc, AppError) else self.worker.app_failed(ex))
+                return self.fail(exc if isinstance(exc, AppError) else self.host.app_failed(ex))
             if data:
                 try:
                     self.emit(data)
@@ -217,7 +276,7 @@ class Connection:
                 if not ex.body_ok:
                     return self.finish()
         self.state = WRITING
-        self.deadline = self.worker.now + self.worker.config.http.send_timeout
+        self.deadline = self.host.now + self.host.http.send_timeout
         self.want(EPOLLOUT)
 
     def sendfile_step(self, ex):
@@ -236,74 +295,40 @@ class Connection:
             raise ClientGone()
         ex.sendfile[1] += sent
         ex.sendfile[2] -= sent
-        ex.remaining -= sent
-        ex.sent += sent
-        self.deadline = self.worker.now + self.worker.config.http.send_timeout
+        ex.count_sent(sent)
+        self.deadline = self.host.now + self.host.http.send_timeout
         return True
 
     def write(self, data):
-        """PEP 3333 write(): send now; blocks (bounded) if the client is slow."""
-        if self.exchange is None or self.exchange.sr.status is None:
+        """PEP 3333 write(): send now. It must block while the client is slow,
+        so one response's write() calls may block send_timeout in all (not per
+        call: a client trickling bytes cannot pin the worker longer)."""
+        ex = self.exchange
+        if ex is None or ex.sr.status is None:
             raise AssertionError("write() called before start_response")
         if data:
             self.emit(data)
         if self.out_size >= HIGH_WATER:
-            self.flush_blocking()
+            if not ex.write_deadline:
+                ex.write_deadline = time.monotonic() + self.host.http.send_timeout
+            self.flush_blocking(ex.write_deadline)
 
     def emit(self, data):
-        """Frame one body chunk (sending the head first if not sent yet)."""
-        if type(data) is not bytes and not isinstance(data, (bytearray, memoryview)):
-            raise AppError(f"app gave a body chunk of type {type(data).__name__}, not bytes")
+        """Send one body chunk, framed (with the head first if not sent yet)."""
         ex = self.exchange
-        head = b""
-        if not ex.sr.headers_sent:
-            head = self.head(ex)
-            ex.sr.headers_sent = True
-        if ex.remaining is not None:
-            if len(data) > ex.remaining:
-                data = data[:ex.remaining]   # never send past the app's Content-Length
-            ex.remaining -= len(data)
-        if not ex.body_ok:
-            data = b""
-        elif data:
-            ex.sent += len(data)
-            if ex.chunked:
-                data = chunk(data)
-        if head:
-            self.send(head + data if data else head)
-        elif data:
-            self.send(data)
-
-    def head(self, ex):
         sr = ex.sr
-        request = ex.request
-        code = sr.status_code
-        ex.close = ex.close or sr.close or self.worker.stopping
-        ex.body_ok = request.method != "HEAD" and code not in NO_BODY_STATUSES
-        parts = [f"HTTP/1.1 {sr.status}\r\n", self.worker.fixed_headers]
-        for name, value in sr.headers:
-            parts.append(f"{name}: {value}\r\n")
-        if code not in NO_BODY_STATUSES:
-            if sr.content_length is not None:
-                parts.append(f"Content-Length: {sr.content_length}\r\n")
-                ex.remaining = sr.content_length if ex.body_ok else None
-            elif not ex.body_ok:
-                pass   # HEAD with unknown length: no framing header needed
-            elif request.version == "1.1":
-                parts.append("Transfer-Encoding: chunked\r\n")
-                ex.chunked = True
-            else:
-                ex.close = True   # HTTP/1.0: the end of the body is the close
-        if ex.close:
-            parts.append("Connection: close\r\n\r\n")
-        elif request.version == "1.0":
-            parts.append("Connection: keep-alive\r\n\r\n")
+        if not sr.headers_sent:
+            request = ex.request
+            head = ex.head(request.method, request.version, sr.status, sr.status_code,
+                           self.host.fixed_headers, sr.headers, sr.content_length,
+                           sr.close or self.host.stopping)
+            body = ex.body(data) if data else b""
+            sr.headers_sent = True   # only now: a bad first chunk still gets an error page
+            self.send(head + body if body else head)
         else:
-            parts.append("\r\n")
-        try:
-            return "".join(parts).encode("latin-1")
-        except UnicodeEncodeError:
-            raise AppError("response header is not latin-1") from None
+            body = ex.body(data)
+            if body:
+                self.send(body)
 
     def finish(self):
         """The app's response is complete (maybe not yet flushed)."""
@@ -315,14 +340,13 @@ class Connection:
                 if ex.sr.content_length is None:
                     ex.sr.content_length = 0
                 self.emit(b"")
-            elif ex.chunked:
-                self.send(CHUNKED_END)
+            end = ex.end()
+            if end:
+                self.send(end)
         except AppError as exc:
             return self.fail(exc)
         except ClientGone:
             return self.abort()
-        if ex.remaining:  # the app sent less than its Content-Length
-            ex.close = True
         self.end_exchange(ex.sr.status_code)
         self.close_after = ex.close
         if self.out:
@@ -332,16 +356,17 @@ class Connection:
             self.after_response()
 
     def after_response(self):
+        """The response is on the wire: close, or wait for the next request
+        (the caller's loop answers one already here)."""
         if self.close_after:
             return self.linger()
-        worker = self.worker
+        host = self.host
         self.state = READING
-        self.want(EPOLLIN)
-        if worker.stopping and not self.reader.ready:
-            return self.close()
-        self.deadline = worker.now + worker.config.http.keepalive_timeout
-        if self.reader.ready:
-            self.serve_ready()
+        if not self.reader.ready:
+            if host.stopping:
+                return self.close()
+            self.want(EPOLLIN)
+        self.deadline = host.now + host.http.keepalive_timeout
 
     def end_exchange(self, status):
         ex = self.exchange
@@ -351,41 +376,43 @@ class Connection:
             try:
                 close()
             except Exception:
-                self.worker.app_failed(ex)
-        self.worker.end_request(ex, status)
+                self.host.app_failed(ex)
+        received, self.received = self.received, 0
+        self.host.end_request(ex, status, received)
 
     # -- failures -------------------------------------------------------------
     def fail(self, exc):
         """The exchange failed: an error page if nothing was sent yet, else cut."""
         ex = self.exchange
         if isinstance(exc, AppError) and not exc.logged:
-            self.worker.app_problem(ex, exc.detail)
+            self.host.app_problem(ex, exc.detail)
         if ex is None or ex.sr is None or not ex.sr.headers_sent:
-            self.close_after = True
-            self.state = WRITING
             if ex is not None:
-                ex.close = True
                 self.end_exchange(exc.status)
-            self.send_quietly(self.error_bytes(exc.status, ex))
-            return self.linger() if not self.out else self.want(EPOLLOUT)
+            return self.close_with(self.error_bytes(exc.status, ex))
         self.abort()
 
     def reject(self, exc):
-        """The parser refused the request: answer its status and close."""
-        self.worker.on_rejected(exc.status)
-        self.send_quietly(self.error_bytes(exc.status))
+        """The parser refused the request (or it came too slowly): answer its
+        status and close."""
+        received, self.received = self.received, 0
+        self.host.on_rejected(exc.status, received)
+        self.close_with(self.error_bytes(exc.status))
+
+    def close_with(self, data):
+        """Send a last response, then close once it is out."""
         self.close_after = True
         self.state = WRITING
+        self.send_quietly(data)
         if self.out:
             self.want(EPOLLOUT)
         else:
             self.linger()
 
     def error_bytes(self, status, ex=None):
-        head_only = ex is not None and ex.request.method == "HEAD"
-        return error_response(status, self.worker.date, self.worker.server_name,
-                              close=True, body=self.worker.error_page(status),
-                              head_only=head_only)
+        host = self.host
+        return error_response(status, host.date, host.server_name, host.error_page(status),
+                              head_only=ex is not None and ex.request.method == "HEAD")
 
     def abort(self):
         ex = self.exchange
@@ -428,25 +455,25 @@ class Connection:
             except OSError as exc:
                 raise ClientGone() from exc
             self.out_size -= sent
-            self.deadline = self.worker.now + self.worker.config.http.send_timeout
+            self.deadline = self.host.now + self.host.http.send_timeout
             if sent < len(out[0]):
                 out[0] = memoryview(out[0])[sent:]
                 return False
             out.pop(0)
         return True
 
-    def flush_blocking(self):
-        timeout_ms = int(self.worker.config.http.send_timeout * 1000)
+    def flush_blocking(self, deadline):
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
         while not self.flush():
-            if not poller.poll(timeout_ms):
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
                 raise ClientGone("send timeout")
 
     def want(self, events):
         if events != self.events and self.state != CLOSED:
             self.events = events
-            self.worker.modify(self.fd, events)
+            self.host.modify(self.fd, events)
 
     def linger(self):
         """Close our side, then read and discard for a moment so that an
@@ -456,7 +483,7 @@ class Connection:
         except OSError:
             return self.close()
         self.state = LINGERING
-        self.deadline = self.worker.now + LINGER_SECONDS
+        self.deadline = self.host.now + LINGER_SECONDS
         self.want(EPOLLIN)
 
     def close(self):
@@ -465,5 +492,6 @@ class Connection:
         if self.exchange is not None:
             self.end_exchange(499)
         self.state = CLOSED
-        self.worker.forget(self)
+        received, self.received = self.received, 0
+        self.host.forget(self, received)
         self.sock.close()

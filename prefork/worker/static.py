@@ -21,10 +21,10 @@ import os
 import stat
 import time
 
-from . import templates
-from .http.response import REASONS, http_date
+from .. import BUILTIN_STATIC, templates
+from ..http.response import REASONS, http_date
 
-DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
 SMALL_FILE = 64 * 1024
 CACHE_ENTRIES = 1024
 REVALIDATE = 1.0
@@ -61,7 +61,7 @@ def _stat_key(st):
 class StaticFiles:
     def __init__(self, static_config):
         self.prefix = static_config.url
-        self.root = os.path.realpath(static_config.root or DEFAULT_ROOT)
+        self.root = os.path.realpath(static_config.root or BUILTIN_STATIC)
         self.index = static_config.index
         self.cache_control = static_config.cache_control
         self._cache = {}   # relative URL path -> CachedFile

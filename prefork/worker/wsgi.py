@@ -11,7 +11,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from .http.errors import AppError, BadRequest
+from ..http.errors import AppError, BadRequest
 
 # Request header name (bytes, as received) -> environ key. Bounded: names are
 # attacker-chosen, so only the first few hundred distinct ones are cached.

@@ -13,7 +13,7 @@ import ipaddress
 import json
 import time
 
-from ..snapshot import busy_idle, live_fields
+from ..scoreboard import busy_idle
 from ..stats import BUCKETS
 from ..templates import Templates
 
@@ -90,8 +90,9 @@ def refresh_live(snapshot, scoreboard, now):
             continue   # the slot changed hands since the snapshot
         if row["state"] != "stopping" and view.state in ("idle", "busy"):
             row["state"] = view.state   # booted since the snapshot, or changed
-        row.update(live_fields(view, now))
-    snapshot["pool"]["busy"], snapshot["pool"]["idle"] = busy_idle(snapshot["workers"])
+        row.update(view.live_fields(now))
+    snapshot["pool"]["busy"], snapshot["pool"]["idle"] = busy_idle(
+        row["state"] for row in snapshot["workers"])
 
 
 def _metric(lines, name, kind, help_text, samples):

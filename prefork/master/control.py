@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import stat
+
+from ..sockets import bind_unix
 
 CLIENT_TIMEOUT = 1.0
-MAX_LINE = 65536
+MAX_LINE = 4096   # the longest command is a few dozen bytes
 
 
 class ControlError(Exception):
@@ -23,24 +24,8 @@ class ControlError(Exception):
 class ControlServer:
     def __init__(self, path: str):
         self.path = path
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)   # 0600: only the owner may steer the master
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        self.sock.listen(16)
-        self.sock.setblocking(False)
+        self.sock = bind_unix(path, 0o600, 16)   # only the owner may steer the master
         self.inode = os.stat(path).st_ino
-
-    def fileno(self):
-        return self.sock.fileno()
 
     def accept(self):
         """-> (connection, request dict), or None when the client misbehaved."""
@@ -50,11 +35,13 @@ class ControlServer:
             return None
         conn.settimeout(CLIENT_TIMEOUT)
         try:
-            line = conn.makefile("rb").readline(MAX_LINE)
+            line = conn.makefile("rb").readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise ValueError(f"longer than {MAX_LINE} bytes")
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("not an object")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             reply(conn, {"ok": False, "error": f"bad control request: {exc}"})
             return None
         return conn, request

@@ -1,0 +1,1 @@
+"""The master process and the parts it drives (see loop.py)."""

@@ -1,0 +1,390 @@
+"""The master: supervises a pool of forked workers; serves nothing itself.
+
+Owns: the running config and generation, the listeners, the target pool size,
+the start/stop state, the folded statistics, and the loop that drives its
+parts: the pool (worker processes), the reloader, the upgrader, the watchdog,
+the snapshot builder, the Manager channels (drained each tick), the log files,
+the pidfile and the control socket. Single-threaded, woken by signals (see
+signals.py), report pipes and the control socket; every wait is bounded by
+the tick. An exception in one action is logged and contained: it is never a
+reason to stop every worker.
+Must not: import the app (workers do, so that reload re-imports it), or block.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+
+from setproctitle import setproctitle
+
+from .. import __version__, sockets
+from ..ipc import MasterChannels
+from ..scoreboard import Scoreboard
+from ..signals import SignalInbox
+from ..sockets import BindError, close_listener, create_listener, describe
+from ..stats import RateWindow, Totals
+from ..worker import loop as worker_loop
+from . import control, systemd, upgrade
+from .logfiles import LogFiles, install_master_logging
+from .pool import MAX_SLOTS, MAX_WORKERS, Pool
+from .reload import Reloader
+from .snapshot import SnapshotBuilder, View
+from .watchdog import Watchdog
+
+log = logging.getLogger("prefork.master")
+TICK_SECONDS = 0.25
+SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN,
+           signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Master:
+    def __init__(self, config, overrides, reporter, foreground=False):
+        self.config = config
+        self.overrides = overrides
+        self.reporter = reporter
+        self.foreground = foreground
+        self.pid = os.getpid()
+        self.generation = 1
+        self.target = config.server.workers
+        self.listeners = {}             # bind text -> socket
+        self.starting = True            # until the first generation is ready
+        self.stopping = False
+        self.finished = False
+        self.exit_code = 0
+        self.started_wall = time.time()
+        self.started = self.now = time.monotonic()
+        self.totals = Totals()
+        self.rates = RateWindow()
+        self.open_connections = {}      # pid -> latest gauge from its delta
+        self.last_publish = 0.0
+        self.files = self.channels = self.inbox = self.control = None
+        self.selector = selectors.DefaultSelector()
+        self.scoreboard = Scoreboard(MAX_SLOTS)
+        self.pool = self.make_pool()
+        self.watchdog = Watchdog(self.pool, self.scoreboard)
+        self.reloader = Reloader(self.pool)
+        self.upgrader = upgrade.Upgrader()
+        self.snapshots = SnapshotBuilder(self.scoreboard)
+
+    def make_pool(self) -> Pool:
+        return Pool(self.scoreboard, self.selector, self.run_worker)
+
+    # -- start ------------------------------------------------------------------
+    def run(self) -> int:
+        setproctitle("prefork: master")
+        self.files = LogFiles(self.config.logging, mirror_stderr=self.foreground and sys.stderr.isatty())
+        install_master_logging(self.files, self.config.logging.level)
+        try:
+            self.open_listeners()
+        except BindError as exc:
+            log.error("%s", exc)
+            self.reporter.failed(str(exc))
+            return 1
+        self.channels = MasterChannels()
+        self.inbox = SignalInbox(SIGNALS)
+        self.control = control.ControlServer(self.config.control_socket)
+        self.write_pidfile()
+        self.selector.register(self.inbox.wakeup_fd, selectors.EVENT_READ, self.on_wakeup)
+        self.selector.register(self.control.sock, selectors.EVENT_READ, self.on_control)
+        log.info("prefork %s starting: master pid %d, %d workers, app %s, listening on %s",
+                 __version__, self.pid, self.target, self.config.server.app, " ".join(self.urls()))
+        try:
+            self.loop()
+        finally:
+            self.cleanup()
+        return self.exit_code
+
+    def open_listeners(self):
+        """Adopt sockets from systemd (LISTEN_FDS) or from the master we
+        replace (USR2); bind the rest."""
+        activated = systemd.activated_sockets()
+        if activated:
+            self.listeners = {describe(sock): sock for sock in activated}
+            log.info("using %d socket(s) from the service manager", len(activated))
+            return
+        adopted = sockets.inherited()
+        for bind in self.config.server.bind:
+            self.listeners[bind] = adopted.pop(bind, None) or create_listener(
+                bind, self.config.server.backlog)
+        for sock in adopted.values():
+            sock.close()   # a bind the new config dropped
+
+    def urls(self, listeners=None):
+        return [describe(sock) for sock in (listeners or self.listeners).values()]
+
+    def write_pidfile(self):
+        path = self.config.server.pidfile
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{self.pid}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{self.pid}\n")
+        os.replace(tmp, path)
+
+    # -- the loop --------------------------------------------------------------
+    def loop(self):
+        while not self.finished:
+            for key, _ in self.selector.select(TICK_SECONDS):
+                self.contained(key.data, key)
+            self.now = time.monotonic()
+            self.contained(self.reap)
+            self.contained(self.drain_channels)
+            self.contained(self.supervise)
+
+    def contained(self, action, *args):
+        """Run one action; a bug in it is logged, and the loop goes on."""
+        try:
+            action(*args)
+        except Exception:
+            log.exception("master: %s failed; carrying on",
+                          getattr(action, "__name__", "an action"))
+
+    def on_wakeup(self, key):
+        for signum in self.inbox.drain():
+            action = SIGNAL_ACTIONS.get(signum)
+            if action is not None:
+                self.contained(action, self)
+
+    def supervise(self):
+        now = self.now
+        self.pool.enforce(now, self.config.workers.boot_timeout)
+        if self.stopping:
+            self.finished = not len(self.pool)
+            return
+        committed = self.reloader.advance(now, self.generation, self.listeners)
+        if committed is not None:
+            self.adopt(committed)
+        if self.reloader.pending is None:
+            self.watchdog.check(now, self.config, self.generation, self.listeners)
+        self.pool.keep_size(self.target, self.config, self.generation, self.listeners, now)
+        if self.starting and self.pool.ready_count(self.generation) >= self.target:
+            self.on_ready()
+        self.upgrader.watch()
+        if now - self.last_publish >= self.config.status.interval:
+            self.last_publish = now
+            self.channels.publish(self.snapshot())
+
+    def on_ready(self):
+        self.starting = False
+        log.info("ready: %d workers serving on %s", self.target, " ".join(self.urls()))
+        self.reporter.ready(self.pid, self.urls(), self.target)
+        systemd.notify("READY=1", f"MAINPID={self.pid}", self.status_line())
+        upgrade.retire_predecessor()
+
+    # -- workers ------------------------------------------------------------------
+    def run_worker(self, config, listeners, slot, generation, report_fd):
+        """In the forked child: drop what is the master's alone, then serve."""
+        self.inbox.close()
+        self.selector.close()
+        self.control.close(unlink=False)
+        self.files.close()
+        self.reporter.forget()
+        worker_loop.run(config, listeners, self.scoreboard, slot, generation, self.pid,
+                        report_fd, self.channels.worker_sink())   # never returns
+
+    def reap(self):
+        for gone in self.pool.reap(self.now):
+            self.watchdog.forget(gone.rec.pid)
+            self.open_connections.pop(gone.rec.pid, None)
+            if gone.boot_failure is not None:
+                self.on_boot_failure(gone)
+
+    def on_boot_failure(self, gone):
+        rec, report = gone.rec, gone.boot_failure
+        repeated = self.pool.note_boot_error(report)
+        pending = self.reloader.pending
+        if pending is not None and rec.generation == pending.generation:
+            return self.reloader.abort(f"worker failed to boot ({gone.how}):\n{report}",
+                                       self.generation, self.now, self.listeners)
+        if self.stopping:
+            return
+        if self.starting:
+            log.error("worker %d failed to boot (%s):\n%s", rec.slot, gone.how, report)
+            self.reporter.failed(f"worker failed to boot ({gone.how}):\n{report}")
+            self.exit_code = 1
+            return self.begin_stop(graceful=False)
+        # A crash loop is reported once with its traceback, then briefly.
+        log.error("worker %d (pid %d) failed to boot (%s), %d time(s) in a row; next "
+                  "attempt in %.1fs%s", rec.slot, rec.pid, gone.how, self.pool.boot_failures,
+                  self.pool.next_spawn_at - self.now,
+                  " (same error as before)" if repeated else ":\n" + report)
+
+    # -- actions ----------------------------------------------------------------------
+    def stop_grace(self):
+        """A graceful worker cuts what is left at graceful_timeout itself (and
+        logs it); the kill after this is the backstop for one stuck in the app."""
+        return self.config.workers.graceful_timeout + self.config.workers.kill_grace
+
+    def begin_stop(self, graceful=True):
+        if self.stopping and graceful:
+            return
+        if not self.stopping:
+            log.info("%s stop requested", "graceful" if graceful else "fast")
+            systemd.notify("STOPPING=1", "STATUS=stopping")
+        self.stopping = True
+        if self.reloader.pending is not None:
+            self.reloader.abort("stopping", self.generation, self.now, self.listeners)
+        # Workers keep their own copies until they have drained the queue.
+        self.close_listeners()
+        self.pool.stop_all("stop", self.now, self.stop_grace(), fast=not graceful)
+
+    def begin_reload(self, waiter=None):
+        if self.stopping:
+            if waiter:
+                control.reply(waiter, {"ok": False, "error": "stopping"})
+            return
+        self.reloader.begin(self.config, self.overrides, self.listeners, self.generation,
+                            self.now, waiter)
+
+    def adopt(self, committed):
+        """A reload's new generation is ready: it becomes the running one."""
+        old_generation = self.generation
+        for rec in self.pool:
+            if rec.generation < committed.generation:
+                self.pool.stop(rec, "retired", self.now, self.stop_grace())
+        for bind, sock in self.listeners.items():
+            if bind not in committed.listeners:
+                close_listener(sock, unlink=True)
+        self.listeners = committed.listeners
+        old_logging = self.config.logging
+        self.config = committed.config
+        self.generation = committed.generation
+        self.target = committed.config.server.workers
+        if self.config.logging != old_logging:
+            self.files.close()
+            self.files = LogFiles(self.config.logging, self.files.mirror_stderr)
+            install_master_logging(self.files, self.config.logging.level)
+        log.info("reloaded: generation %d replaced generation %d; serving on %s",
+                 self.generation, old_generation, " ".join(self.urls()))
+        systemd.notify("READY=1", self.status_line())
+        for waiter in committed.waiters:
+            control.reply(waiter, {"ok": True, "generation": self.generation,
+                                   "urls": self.urls()})
+
+    def begin_upgrade(self):
+        if self.upgrader.under_way or self.reloader.pending is not None or self.stopping:
+            log.warning("upgrade refused: %s", "one is under way" if self.upgrader.under_way
+                        else "a reload or stop is under way")
+            return
+        self.upgrader.begin(self.pid, self.config, self.overrides, self.listeners)
+
+    def scale(self, workers) -> str | None:
+        """Set the pool size; the reason when refused."""
+        if not 1 <= workers <= MAX_WORKERS:
+            return f"the pool size must be between 1 and {MAX_WORKERS} (asked: {workers})"
+        self.target = workers
+        log.info("pool size now %d", self.target)
+        return None
+
+    def reopen_logs(self) -> str | None:
+        """Reopen the log files; what is wrong with them afterwards, if anything."""
+        self.files.reopen()
+        problems = [f"{kind}: {state['error']}" for kind, state in self.files.describe().items()
+                    if state["error"]]
+        if problems:
+            log.error("log files reopened with problems: %s", "; ".join(problems))
+            return "; ".join(problems)
+        log.info("log files reopened")
+        return None
+
+    def status_line(self):
+        return (f"STATUS=generation {self.generation}, {self.target} workers, "
+                f"serving on {' '.join(self.urls())}")
+
+    # -- channels, control, snapshot -----------------------------------------------------
+    def drain_channels(self) -> int:
+        """Fold stats deltas and write log batches (bounded per call);
+        returns how many messages were taken."""
+        deltas = self.channels.drain_stats()
+        for delta in deltas:
+            self.totals.fold(delta)
+            if self.pool.get(delta.pid) is not None:
+                self.open_connections[delta.pid] = delta.open_connections
+        batches = self.channels.drain_logs()
+        for kind, text in batches:
+            self.files.write(kind, text)
+        self.rates.observe(self.now, self.totals.requests)
+        return len(deltas) + len(batches)
+
+    def on_control(self, key):
+        accepted = self.control.accept()
+        if accepted is None:
+            return
+        conn, command = accepted
+        name = command.get("cmd")
+        if name == "status":
+            control.reply(conn, {"ok": True, "status": self.snapshot()})
+        elif name == "reload":
+            self.begin_reload(waiter=conn)
+        elif name == "reopen":
+            problem = self.reopen_logs()
+            control.reply(conn, {"ok": False, "error": problem} if problem else {"ok": True})
+        elif name == "scale" and type(command.get("workers")) is int:
+            refused = self.scale(command["workers"])
+            control.reply(conn, {"ok": False, "error": refused} if refused else
+                          {"ok": True, "workers": self.target})
+        else:
+            control.reply(conn, {"ok": False, "error": f"unknown command {name!r}"})
+
+    def state(self) -> str:
+        if self.stopping:
+            return "stopping"
+        if self.reloader.pending is not None:
+            return "reloading"
+        return "degraded" if self.pool.boot_failures else "running"
+
+    def view(self) -> View:
+        return View(self.pid, self.started_wall, self.now - self.started, self.generation,
+                    self.config.source, list(self.listeners.values()), self.urls(),
+                    self.state(), self.target, self.pool, self.reloader.describe(),
+                    self.totals, self.watchdog.timeouts, self.open_connections,
+                    self.rates.rates(), self.files.describe() if self.files else {})
+
+    def snapshot(self) -> dict:
+        self.now = time.monotonic()
+        return self.snapshots.build(self.view(), self.now)
+
+    def close_listeners(self):
+        for sock in self.listeners.values():
+            close_listener(sock, unlink=not self.upgrader.handed_over())
+        self.listeners = {}
+
+    def cleanup(self):
+        while self.drain_channels():   # every worker has exited: take all they sent
+            pass
+        self.channels.shutdown()
+        self.close_listeners()
+        self.control.close()
+        try:
+            with open(self.config.server.pidfile) as fh:
+                if fh.read().strip() == str(self.pid):
+                    os.unlink(self.config.server.pidfile)
+        except OSError:
+            pass
+        log.info("stopped")
+        self.files.close()
+
+
+def _scale_by(delta):
+    def action(master):
+        refused = master.scale(master.target + delta)
+        if refused:
+            log.warning("scale refused: %s", refused)
+    return action
+
+
+SIGNAL_ACTIONS = {
+    signal.SIGTERM: lambda m: m.begin_stop(graceful=True),
+    signal.SIGINT: lambda m: m.begin_stop(graceful=False),
+    signal.SIGQUIT: lambda m: m.begin_stop(graceful=False),
+    signal.SIGHUP: lambda m: m.begin_reload(),
+    signal.SIGTTIN: _scale_by(+1),
+    signal.SIGTTOU: _scale_by(-1),
+    signal.SIGUSR1: lambda m: m.reopen_logs(),
+    signal.SIGUSR2: lambda m: m.begin_upgrade(),
+    signal.SIGCHLD: lambda m: None,   # reap() runs on every loop turn
+}

@@ -1,0 +1,1 @@
+"""A worker process: its event loop, connections, and what answers requests."""

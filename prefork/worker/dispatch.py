@@ -1,0 +1,55 @@
+"""What answers a request: the user's app, found by its spec, behind the
+server's own handlers.
+
+Owns: loading `module:callable` (the worker does at boot, `check` does too),
+and the one dispatcher in front of the app: the status path, then static
+files, then the app; `/` goes to the app first and may fall back to
+static/index.html. One call per request, not one per built-in handler.
+Must not: know what the handlers do inside.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+class AppLoadError(Exception):
+    pass
+
+
+def load_app(spec: str, pythonpath=()):
+    """'pkg.module:attr' (attr may be dotted) -> the WSGI callable."""
+    for entry in reversed(pythonpath):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    module_name, _, attr_path = spec.partition(":")
+    module = importlib.import_module(module_name)
+    target = module
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise AppLoadError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise AppLoadError(f"{spec} is not callable")
+    return target
+
+
+def compose(app, status, static):
+    """The app behind the status endpoint and static files (either may be None)."""
+    if status is None and static is None:
+        return app
+    status_path = status.path if status is not None else None
+    prefix = static.prefix if static is not None else None
+
+    def dispatch(environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == status_path:
+            return status(environ, start_response)
+        if prefix is not None:
+            if path.startswith(prefix):
+                return static.serve(environ, start_response, path[len(prefix):])
+            if path == "/":
+                return static.app_or_index(app, environ, start_response)
+        return app(environ, start_response)
+    return dispatch

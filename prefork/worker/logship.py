@@ -1,0 +1,179 @@
+"""Log lines from a worker: formatted here, shipped to the master in batches.
+
+Owns: the access-log formats (combined + microseconds, json, gunicorn-style
+atoms) and the worker-side batches (access lines, and Python logging records
+including the app's), shipped as one string per stats interval through the
+Manager channel. Must not: open a log file (the master writes them).
+
+What a SIGKILLed worker loses: its unshipped batch, i.e. at most the lines of
+one [status] interval (or BATCH_LINES lines, whichever comes first).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from ..ipc import ACCESS, ERROR, LINE_FORMAT
+
+# Ship early when a batch grows this large. Each shipment is a synchronous
+# round trip to the Manager process, which on a loaded machine waits for a CPU,
+# so the normal path is one shipment per stats interval; this is a memory cap.
+BATCH_LINES = 20000
+
+
+def _quote(value: str) -> str:
+    if '"' in value or "\\" in value:   # rare: test before building new strings
+        return value.replace("\\", "\\\\").replace('"', '\\"')
+    return value
+
+
+class Atoms:
+    """gunicorn-style access-log atoms, computed on demand:
+    h remote address, l '-', u remote user, t time [..], r request line,
+    m method, U path, q query, H protocol, s status, b body bytes ('-' if 0),
+    B body bytes, f referer, a user agent, T seconds, D microseconds,
+    M milliseconds, p pid, {header}i request header, {key}e environ key."""
+
+    __slots__ = ("environ", "status", "sent", "duration", "stamp")
+
+    def __init__(self, environ, status, sent, duration, stamp):
+        self.environ, self.status, self.sent = environ, status, sent
+        self.duration, self.stamp = duration, stamp
+
+    def __getitem__(self, key):
+        simple = _ATOMS.get(key)
+        if simple is not None:
+            return simple(self, self.environ)
+        if key.startswith("{") and len(key) > 3:
+            name, kind = key[1:-2], key[-1]
+            if kind == "i":
+                return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "-")
+            if kind == "e":
+                return str(self.environ.get(name, "-"))
+        raise KeyError(key)
+
+
+# Atom -> value, from (Atoms, environ); built once, looked up per atom.
+_ATOMS = {
+    "h": lambda a, env: env.get("REMOTE_ADDR", "-"),
+    "l": lambda a, env: "-",
+    "u": lambda a, env: env.get("REMOTE_USER", "-"),
+    "t": lambda a, env: a.stamp,
+    "r": lambda a, env: f'{env.get("REQUEST_METHOD")} {env.get("RAW_URI")} '
+                        f'{env.get("SERVER_PROTOCOL")}',
+    "m": lambda a, env: env.get("REQUEST_METHOD", "-"),
+    "U": lambda a, env: env.get("PATH_INFO", "-"),
+    "q": lambda a, env: env.get("QUERY_STRING", ""),
+    "H": lambda a, env: env.get("SERVER_PROTOCOL", "-"),
+    "s": lambda a, env: a.status,
+    "b": lambda a, env: a.sent or "-",
+    "B": lambda a, env: a.sent,
+    "f": lambda a, env: env.get("HTTP_REFERER", "-"),
+    "a": lambda a, env: env.get("HTTP_USER_AGENT", "-"),
+    "T": lambda a, env: int(a.duration),
+    "D": lambda a, env: int(a.duration * 1e6),
+    "M": lambda a, env: int(a.duration * 1e3),
+    "p": lambda a, env: f"<{os.getpid()}>",
+}
+
+
+def check_format(fmt: str):
+    """None if fmt formats a sample request, else what is wrong."""
+    sample = {"REQUEST_METHOD": "GET", "RAW_URI": "/", "SERVER_PROTOCOL": "HTTP/1.1",
+              "PATH_INFO": "/", "QUERY_STRING": "", "REMOTE_ADDR": "127.0.0.1"}
+    try:
+        fmt % Atoms(sample, 200, 0, 0.0, "[01/Jan/2026:00:00:00 +0000]")
+    except KeyError as exc:
+        return f"unknown atom {exc.args[0]!r}"
+    except (ValueError, TypeError) as exc:
+        return f"bad format string: {exc}"
+    return None
+
+
+def combined_line(environ, status, sent, duration, stamp):
+    """Apache/nginx combined format, plus the request time in microseconds."""
+    return (f'{environ["REMOTE_ADDR"]} - - {stamp} "{environ["REQUEST_METHOD"]} '
+            f'{_quote(environ["RAW_URI"])} {environ["SERVER_PROTOCOL"]}" {status} {sent} '
+            f'"{_quote(environ.get("HTTP_REFERER", "-"))}" '
+            f'"{_quote(environ.get("HTTP_USER_AGENT", "-"))}" {int(duration * 1e6)}\n')
+
+
+def json_line(environ, status, sent, duration, stamp):
+    return json.dumps({
+        "time": stamp[1:-1], "remote": environ["REMOTE_ADDR"],
+        "method": environ["REQUEST_METHOD"], "uri": environ["RAW_URI"],
+        "protocol": environ["SERVER_PROTOCOL"], "status": status, "bytes": sent,
+        "referer": environ.get("HTTP_REFERER"), "user_agent": environ.get("HTTP_USER_AGENT"),
+        "duration_us": int(duration * 1e6), "pid": os.getpid()}) + "\n"
+
+
+def line_formatter(access_format: str):
+    if access_format == "combined":
+        return combined_line
+    if access_format == "json":
+        return json_line
+
+    def custom(environ, status, sent, duration, stamp):
+        return access_format % Atoms(environ, status, sent, duration, stamp) + "\n"
+    return custom
+
+
+class AccessLog:
+    """Worker side: format each request's line, batch, ship per interval."""
+
+    def __init__(self, logging_config, sink=None):
+        self.enabled = bool(logging_config.access_log)
+        self.format = line_formatter(logging_config.access_format)
+        self.sink = sink
+        self._lines = []
+        self._stamp = ""
+
+    def set_time(self, wall: float) -> None:
+        self._stamp = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(wall))
+
+    def record(self, environ, status, sent, duration):
+        if not self.enabled:
+            return
+        self._lines.append(self.format(environ, status, sent, duration, self._stamp))
+        if len(self._lines) >= BATCH_LINES:
+            self.flush()
+
+    def flush(self):
+        if self._lines and self.sink is not None:
+            self.sink.ship_logs((ACCESS, "".join(self._lines)))
+            self._lines = []
+
+
+class ShippingHandler(logging.Handler):
+    """Worker side: Python logging records, batched and shipped to the master."""
+
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+        self._lines = []
+        self.setFormatter(logging.Formatter(LINE_FORMAT))
+
+    def emit(self, record):
+        try:
+            self._lines.append(self.format(record) + "\n")
+        except Exception:  # logging must never break serving
+            self.handleError(record)
+        if len(self._lines) >= BATCH_LINES:
+            self.flush()
+
+    def flush(self):
+        if self._lines:
+            self.sink.ship_logs((ERROR, "".join(self._lines)))
+            self._lines = []
+
+
+def install_worker_logging(sink, level) -> ShippingHandler:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)   # the master's file handler: not ours
+    handler = ShippingHandler(sink)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler
