@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 
 from . import BUILTIN_TEMPLATES
 from .http.response import REASONS

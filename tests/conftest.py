@@ -14,6 +14,8 @@ import time
 import pytest
 import requests
 
+from prefork.master import control
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFORK = os.path.join(ROOT, "bin", "prefork")
 READY = re.compile(r"listening on (\S+)")
@@ -108,10 +110,11 @@ class Server:
                               capture_output=True, text=True, timeout=timeout, cwd=self.dir)
 
     def status(self):
-        result = self.cli("status", "--json", timeout=10)
-        assert result.returncode == 0, result.stderr
-        import json
-        return json.loads(result.stdout)
+        """The master's snapshot over its control socket, in-process: the
+        same answer `bin/prefork status --json` prints, without a process per poll."""
+        answer = control.request(os.path.join(self.dir, "prefork.sock"), {"cmd": "status"}, 10)
+        assert answer["ok"], answer
+        return answer["status"]
 
     def worker_pids(self):
         return {w["pid"] for w in self.status()["workers"] if w["state"] in ("idle", "busy")}
@@ -129,9 +132,9 @@ class Server:
             sock.sendall(data)
             return read_until_close(sock, timeout)
 
-    def stop(self, timeout=30):
+    def stop(self, timeout=30, graceful=True):
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -187,7 +190,7 @@ def make_server(tmpdir_short):
 
     yield make
     for server in servers:
-        server.stop(timeout=20)
+        server.stop(timeout=20, graceful=False)   # the test is over: nothing to drain
         server.kill_all()
 
 

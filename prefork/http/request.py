@@ -52,7 +52,7 @@ class RequestReader:
 
     def __init__(self, limits: Limits):
         self.limits = limits
-        self.ready = collections.deque()   # complete requests, in order
+        self.ready: collections.deque[Request] = collections.deque()   # complete, in order
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet

@@ -144,10 +144,10 @@ class Worker:
             # Accept first: a connection waiting in the listen queue should not
             # also wait behind every request of this round (its own request
             # joins the round at the next refresh, or comes next round).
-            for fd, event in events:
+            for fd, _ in events:
                 if fd in listeners:
                     self.accept(listeners[fd])
-            queue = collections.deque(fd for fd, event in events if fd not in listeners)
+            queue = collections.deque(fd for fd, _ in events if fd not in listeners)
             queued = set(queue)
             while queue:
                 fd = queue.popleft()
@@ -155,7 +155,7 @@ class Worker:
                 self.dispatch(fd)
                 if queue and time.monotonic() - polled_at > FRESH_SECONDS:
                     polled_at = self.clock()
-                    for fd, event in poll(0):
+                    for fd, _ in poll(0):
                         if fd in listeners:
                             self.accept(listeners[fd])
                         elif fd not in queued:

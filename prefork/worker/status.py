@@ -130,7 +130,7 @@ def prometheus(s) -> str:
             [({}, totals["connections_open"])])
     cumulative = 0
     buckets = []
-    for bound, count in zip(list(BUCKETS) + ["+Inf"], latency["counts"]):
+    for bound, count in zip(list(BUCKETS) + ["+Inf"], latency["counts"], strict=True):
         cumulative += count
         buckets.append(({"le": bound}, cumulative))
     lines.append("# HELP prefork_request_duration_seconds Time from complete request to response end.")

@@ -3,7 +3,8 @@
 A real Worker and Connection serve keep-alive requests written into one end of a
 socketpair; the other end reads the responses. Beside it runs the floor: the
 same recv + send of fixed bytes with no HTTP at all, and the app called
-directly with a ready environ. What is left is what our Python costs per request. With --profile, cProfile's top functions are printed.
+directly with a ready environ. What is left is what our Python costs per
+request. With --profile, cProfile's top functions are printed.
 
 Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
 Repeatable counts on a noisy machine: instructions per request are the

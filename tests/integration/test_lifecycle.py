@@ -69,7 +69,7 @@ def test_hup_under_load_drops_nothing_and_replaces_every_worker(server):
         for _ in range(2):
             generation = server.status()["server"]["generation"]
             server.signal(signal.SIGHUP)
-            wait_for(lambda: server.status()["server"]["generation"] == generation + 1,
+            wait_for(lambda g=generation: server.status()["server"]["generation"] == g + 1,
                      timeout=20, message="the new generation")
             wait_for(lambda: len(server.status()["workers"]) == 2, timeout=20,
                      message="old workers retired")
@@ -247,7 +247,7 @@ def test_ttin_ttou_and_scale(server):
     # Identical signals sent back to back may merge in the kernel: one at a time.
     for expected in (2, 1):
         server.signal(signal.SIGTTOU)
-        wait_for(lambda: len(server.status()["workers"]) == expected, message=f"{expected}")
+        wait_for(lambda n=expected: len(server.status()["workers"]) == n, message=f"{expected}")
     result = server.cli("scale", "4")
     assert result.returncode == 0
     wait_for(lambda: len(server.worker_pids()) == 4, message="4 workers")

@@ -72,7 +72,8 @@ def test_max_rss_recycles_a_leaking_worker(make_server):
     for _ in range(12):
         server.get("/")
     wait_for(lambda: server.get("/").text != first, timeout=20, message="a fresh worker")
-    assert server.status()["pool"]["exits"]["recycled"] == 1
+    # the old worker is reaped once it has drained: a moment after the new one serves
+    wait_for(lambda: server.status()["pool"]["exits"]["recycled"] == 1, message="the exit")
     assert "max_rss 80 MiB" in server.log("error")
 
 
@@ -129,7 +130,7 @@ def test_hup_with_a_slow_booting_app_under_load_fails_nothing(make_server):
     with Load(server.url, threads=4, path="/") as load:
         for generation in (2, 3):
             server.signal(signal.SIGHUP)
-            wait_for(lambda: server.status()["server"]["generation"] == generation, timeout=20,
+            wait_for(lambda g=generation: server.status()["server"]["generation"] == g, timeout=20,
                      message=f"generation {generation}")
         done = load.ok
         wait_for(lambda: load.ok > done + 20, message="requests after the reloads")
@@ -155,25 +156,28 @@ def test_usr2_upgrade_under_load_fails_nothing(server):
              psutil.Process(new_master).status() == psutil.STATUS_ZOMBIE, message="new master gone")
 
 
-def test_chaos_kill_a_random_worker_every_half_second(server):
+def test_chaos_kill_a_random_worker_ten_times_under_load(server):
+    """Counted in kills, not seconds: each round kills a serving worker and
+    waits until it is gone from the pool, however slow the machine is."""
     kills = 0
     with Load(server.url, threads=4) as load:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            pids = list(server.worker_pids())
-            if pids:
-                try:
-                    os.kill(random.choice(pids), signal.SIGKILL)
-                    kills += 1
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        while kills < 10:
+            pids = wait_for(lambda: list(server.worker_pids()), message="a serving worker")
+            victim = random.choice(pids)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            kills += 1
+            wait_for(lambda v=victim: v not in {w["pid"] for w in server.status()["workers"]},
+                     message="the killed worker reaped")
         wait_for(lambda: len(server.worker_pids()) == 2, message="the pool restored")
         done = load.ok
         wait_for(lambda: load.ok > done + 50, message="service after the chaos")
     # Only requests in flight on a killed worker may fail: at most one per client thread per kill.
     assert len(load.failures) <= kills * 4, load.failures
-    assert load.ok > 100 and kills >= 10
+    assert load.ok > 100
+    assert server.status()["pool"]["exits"]["killed"] == kills
 
 
 def test_sd_notify_and_socket_activation(tmpdir_short):
