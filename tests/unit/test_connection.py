@@ -1,0 +1,325 @@
+"""The connection in-process: a real Connection over a socketpair, its worker
+replaced by a FakeHost with a fake clock. Bytes in, bytes out, no processes."""
+import select
+import socket
+
+import pytest
+
+from prefork.config import HttpConfig
+from prefork.http.errors import AppError
+from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
+from prefork.worker.wsgi import FileWrapper
+
+
+class FakeHost:
+    """The ConnectionHost interface, recording what the connection tells it."""
+
+    def __init__(self, app, **http):
+        self.now = 1000.0
+        self.stopping = False
+        self.date = "Sun, 22 Nov 2026 00:00:00 GMT"
+        self.server_name = "prefork"
+        self.fixed_headers = f"Server: prefork\r\nDate: {self.date}\r\n"
+        self.http = self.limits = HttpConfig(**http)
+        self.app = app
+        self.wsgi_errors = None
+        self.ended, self.rejected, self.problems = [], [], []
+        self.received = 0
+        self.timeouts = 0
+        self.events = {}
+        self.forgotten = False
+
+    def begin_request(self, request):
+        return self.now
+
+    def end_request(self, exchange, status, received):
+        self.ended.append((exchange.request.target, status, exchange.sent))
+        self.received += received
+
+    def on_rejected(self, status, received):
+        self.rejected.append(status)
+        self.received += received
+
+    def on_timeout(self):
+        self.timeouts += 1
+
+    def app_failed(self, exchange):
+        error = AppError()
+        error.logged = True
+        self.problems.append("traceback")
+        return error
+
+    def app_problem(self, exchange, text):
+        self.problems.append(text)
+
+    def error_page(self, status):
+        return f"error {status}".encode()
+
+    def modify(self, fd, events):
+        self.events[fd] = events
+
+    def forget(self, conn, received):
+        self.forgotten = True
+        self.received += received
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [environ["PATH_INFO"].encode()]
+
+
+class Pair:
+    """A connection on one end of a socketpair, the client on the other; run()
+    plays the worker loop: deliver readable/writable events until quiet."""
+
+    def __init__(self, app=hello, **http):
+        self.host = FakeHost(app, **http)
+        server, self.client = socket.socketpair()
+        server.setblocking(False)
+        self.client.settimeout(5)
+        self.conn = Connection(self.host, server, ("10.0.0.1", 5555), ("10.0.0.2", 80))
+
+    def run(self, turns=10_000):
+        for _ in range(turns):
+            if self.conn.state == "closed":
+                return
+            wanted = self.host.events.get(self.conn.fd, select.EPOLLIN)
+            if wanted == select.EPOLLOUT:
+                if not select.select([], [self.conn.fd], [], 0)[1]:
+                    return
+                self.conn.on_writable()
+            else:
+                if not select.select([self.conn.fd], [], [], 0)[0]:
+                    return
+                self.conn.on_readable()
+
+    def send(self, data):
+        self.client.sendall(data)
+        self.run()
+
+    def read_all(self):
+        chunks = []
+        self.client.settimeout(0.2)
+        while True:
+            try:
+                data = self.client.recv(1 << 20)
+            except (socket.timeout, BlockingIOError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+            self.run()
+        return b"".join(chunks)
+
+
+def get(path, extra=b"", version=b"1.1"):
+    return b"GET " + path + b" HTTP/" + version + b"\r\nHost: x\r\n" + extra + b"\r\n"
+
+
+def test_two_thousand_pipelined_requests_in_one_write_are_all_answered_in_order():
+    pair = Pair()
+    pair.client.setblocking(False)
+    data = b"".join(get(b"/%d" % i) for i in range(2000))
+    out = bytearray()
+    view = memoryview(data)
+    while view or len(pair.host.ended) < 2000:
+        if view:
+            try:
+                view = view[pair.client.send(view):]
+            except BlockingIOError:
+                pass
+        pair.run()
+        try:
+            out += pair.client.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert [t for t, _, _ in pair.host.ended] == [b"/%d" % i for i in range(2000)]
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in bytes(out).split(b"HTTP/1.1 200 OK")[1:]]
+    assert [b[:len(b"/%d" % i)] for i, b in enumerate(bodies)] == [b"/%d" % i for i in range(2000)]
+
+
+def test_pipelined_requests_yield_to_other_connections_after_a_turn():
+    pair = Pair()
+    pair.client.sendall(b"".join(get(b"/%d" % i) for i in range(PIPELINE_TURN + 5)))
+    pair.conn.on_readable()
+    assert len(pair.host.ended) == PIPELINE_TURN           # one turn's worth...
+    assert pair.host.events[pair.conn.fd] == select.EPOLLOUT   # ...and it asks to come back
+    pair.run()
+    assert len(pair.host.ended) == PIPELINE_TURN + 5
+
+
+def test_head_has_the_length_but_no_body():
+    pair = Pair()
+    pair.send(b"HEAD /abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = pair.read_all()
+    assert out.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 4\r\n" in out
+    assert out.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("status", ["204 No Content", "304 Not Modified"])
+def test_no_body_statuses_send_no_body_and_no_length(status):
+    def app(environ, start_response):
+        start_response(status, [])
+        return [b"ignored"]
+    pair = Pair(app)
+    pair.send(get(b"/", b"Connection: close\r\n"))
+    out = pair.read_all()
+    assert out.startswith(b"HTTP/1.1 " + status.encode()) and out.endswith(b"\r\n\r\n")
+    assert b"Content-Length" not in out and b"ignored" not in out
+
+
+def streaming(environ, start_response):
+    start_response("200 OK", [])
+    return iter([b"ab", b"", b"cde"])
+
+
+def test_unknown_length_is_chunked_on_1_1_and_close_delimited_on_1_0():
+    pair = Pair(streaming)
+    pair.send(get(b"/"))
+    out = pair.read_all()
+    assert b"Transfer-Encoding: chunked" in out and out.endswith(b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
+    assert pair.conn.state == "reading"   # kept alive
+    pair = Pair(streaming)
+    pair.send(get(b"/", version=b"1.0"))
+    out = pair.read_all()
+    assert b"Connection: close" in out and out.endswith(b"\r\n\r\nabcde")
+    assert pair.conn.state in ("lingering", "closed")
+
+
+def test_a_body_shorter_than_its_content_length_closes_the_connection():
+    def short(environ, start_response):
+        start_response("200 OK", [("Content-Length", "10")])
+        return iter([b"12345"])
+    pair = Pair(short)
+    pair.send(get(b"/"))
+    assert pair.read_all().endswith(b"12345")
+    assert pair.conn.state in ("lingering", "closed")
+
+
+def test_a_body_longer_than_its_content_length_is_truncated():
+    def long(environ, start_response):
+        start_response("200 OK", [("Content-Length", "3")])
+        return iter([b"12", b"345"])
+    pair = Pair(long)
+    pair.send(get(b"/a") + get(b"/b"))
+    out = pair.read_all()
+    assert out.count(b"\r\n\r\n123") == 2 and b"45" not in out
+
+
+@pytest.mark.parametrize("result", [None, 42, object()])
+def test_an_app_returning_a_non_iterable_gets_500_and_the_connection_is_answered(result):
+    def bad(environ, start_response):
+        start_response("200 OK", [])
+        return result
+    pair = Pair(bad)
+    pair.send(get(b"/"))
+    assert pair.read_all().startswith(b"HTTP/1.1 500 ")
+    assert pair.host.ended[0][1] == 500 and "not an iterable" in pair.host.problems[0]
+
+
+def test_a_str_chunk_after_nothing_was_sent_still_gets_an_error_page():
+    def bad(environ, start_response):
+        start_response("200 OK", [])
+        return iter(["text"])
+    pair = Pair(bad)
+    pair.send(get(b"/"))
+    assert pair.read_all().startswith(b"HTTP/1.1 500 ")
+
+
+def test_a_slow_reader_pauses_the_iterator_at_the_high_water_mark():
+    pulled = []
+
+    def big(environ, start_response):
+        start_response("200 OK", [])
+        for i in range(200):
+            pulled.append(i)
+            yield b"x" * 65536
+    pair = Pair(big)
+    pair.client.sendall(get(b"/"))
+    pair.run()
+    # The client reads nothing: what was pulled is bounded by the kernel's
+    # buffers plus HIGH_WATER, nowhere near the 200 chunks.
+    assert len(pulled) < 200 and pair.conn.out_size <= HIGH_WATER + 65536 + 100
+    assert pair.host.events[pair.conn.fd] == select.EPOLLOUT
+    total = len(pair.read_all())
+    assert len(pulled) == 200 and total > 200 * 65536
+
+
+def test_write_callable_output_comes_before_the_iterable():
+    def writer(environ, start_response):
+        write = start_response("200 OK", [("Content-Length", "6")])
+        write(b"abc")
+        return [b"def"]
+    pair = Pair(writer)
+    pair.send(get(b"/", b"Connection: close\r\n"))
+    assert pair.read_all().endswith(b"\r\n\r\nabcdef")
+
+
+def test_write_blocks_at_most_send_timeout_in_all_for_a_client_that_never_reads():
+    def writer(environ, start_response):
+        write = start_response("200 OK", [])
+        while True:
+            write(b"x" * 65536)
+    pair = Pair(writer, send_timeout=0.3)
+    pair.client.sendall(get(b"/"))
+    pair.run()   # returns: the write() gave up, the connection is cut
+    assert pair.conn.state == "closed"
+
+
+def test_a_file_wrapper_is_sent_with_sendfile(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"0123456789" * 1000)
+
+    def files(environ, start_response):
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
+    pair = Pair(files)
+    pair.send(get(b"/", b"Connection: close\r\n"))
+    out = pair.read_all()
+    assert b"Content-Length: 10000\r\n" in out and out.endswith(b"0123456789" * 1000)
+    assert pair.host.ended[0][2] == 10000
+    assert isinstance(FileWrapper(open(path, "rb")).fileno(), int)
+
+
+def test_an_incomplete_head_gets_408_at_its_deadline_and_silence_gets_nothing():
+    pair = Pair(header_timeout=5.0)
+    pair.send(b"GET / HTTP/1.1\r\nHost")
+    pair.host.now += 5.0
+    assert pair.conn.deadline <= pair.host.now
+    pair.conn.on_deadline()
+    assert pair.read_all().startswith(b"HTTP/1.1 408 ") and pair.host.rejected == [408]
+    quiet = Pair()
+    quiet.conn.on_deadline()
+    assert quiet.read_all() == b"" and quiet.host.rejected == []
+
+
+def test_idle_keep_alive_deadline_follows_the_response():
+    pair = Pair(keepalive_timeout=7.0)
+    pair.send(get(b"/"))
+    pair.read_all()
+    assert pair.conn.idle() and pair.conn.deadline == pair.host.now + 7.0
+
+
+def test_a_graceful_stop_answers_with_connection_close():
+    pair = Pair()
+    pair.host.stopping = True
+    pair.send(get(b"/"))
+    assert b"Connection: close" in pair.read_all()
+
+
+def test_a_malformed_request_gets_400_and_counts_its_bytes():
+    pair = Pair()
+    pair.send(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert pair.read_all().startswith(b"HTTP/1.1 400 ")
+    assert pair.host.rejected == [400] and pair.host.received > 0
+
+
+def test_100_continue_is_sent_before_the_body_is_read():
+    def echo(environ, start_response):
+        start_response("200 OK", [])
+        return [environ["wsgi.input"].read()]
+    pair = Pair(echo)
+    pair.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    assert pair.read_all() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    pair.send(b"hello")
+    assert pair.read_all().endswith(b"\r\n\r\nhello")

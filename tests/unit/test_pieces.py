@@ -1,0 +1,151 @@
+"""Pure pieces that the integration tests only reach through processes:
+byte ranges, conditional requests, percentiles, rate windows, the
+scoreboard, the Prometheus text, the response framing."""
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefork.http.errors import AppError
+from prefork.http.response import ResponseFraming
+from prefork.scoreboard import Scoreboard, busy_idle
+from prefork.stats import BUCKETS, RateWindow, Totals, WorkerStats, percentile
+from prefork.worker.static import StaticFiles
+from prefork.worker.status import prometheus
+
+ETAG = '"abc-10"'
+MTIME = 1_700_000_000
+
+
+@pytest.mark.parametrize("header,expected", [
+    ("bytes=0-4", (0, 4)),
+    ("bytes=5-", (5, 99)),
+    ("bytes=-10", (90, 99)),
+    ("bytes=90-500", (90, 99)),
+    ("bytes=100-", "unsatisfiable"),
+    ("bytes=-0", "unsatisfiable"),
+    ("bytes=5-4", "unsatisfiable"),
+    ("bytes=0-1,5-6", None),      # several ranges: the whole file
+    ("items=0-4", None),
+    ("bytes=a-b", None),
+])
+def test_byte_ranges(header, expected):
+    assert StaticFiles.range_for({"HTTP_RANGE": header}, ETAG, MTIME, 100) == expected
+
+
+def test_if_range_that_does_not_match_gives_the_whole_file():
+    environ = {"HTTP_RANGE": "bytes=0-4", "HTTP_IF_RANGE": '"other"'}
+    assert StaticFiles.range_for(environ, ETAG, MTIME, 100) is None
+    environ["HTTP_IF_RANGE"] = ETAG
+    assert StaticFiles.range_for(environ, ETAG, MTIME, 100) == (0, 4)
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({"HTTP_IF_NONE_MATCH": ETAG}, True),
+    ({"HTTP_IF_NONE_MATCH": f'"x", W/{ETAG}'}, True),
+    ({"HTTP_IF_NONE_MATCH": "*"}, True),
+    ({"HTTP_IF_NONE_MATCH": '"x"', "HTTP_IF_MODIFIED_SINCE": "Sun, 22 Nov 2099 00:00:00 GMT"},
+     False),   # If-None-Match wins over If-Modified-Since
+    ({"HTTP_IF_MODIFIED_SINCE": "Sun, 22 Nov 2099 00:00:00 GMT"}, True),
+    ({"HTTP_IF_MODIFIED_SINCE": "Sun, 22 Nov 2000 00:00:00 GMT"}, False),
+    ({"HTTP_IF_MODIFIED_SINCE": "not a date"}, False),
+    ({}, False),
+])
+def test_conditional_requests(environ, expected):
+    assert StaticFiles.not_modified(environ, ETAG, MTIME) is expected
+
+
+def test_percentiles_interpolate_inside_the_bucket():
+    histogram = [0] * (len(BUCKETS) + 1)
+    assert percentile(histogram, 0.5) == 0.0
+    histogram[0] = 100                       # all in (0, 0.5 ms]
+    assert percentile(histogram, 0.5) == pytest.approx(0.00025)
+    histogram[2] = 100                       # and as many in (1, 2.5 ms]
+    assert percentile(histogram, 0.99) == pytest.approx(0.001 + 0.0015 * 0.98)
+
+
+def test_rate_windows():
+    window = RateWindow()
+    assert window.rates() == {"1s": 0.0, "10s": 0.0, "60s": 0.0}
+    for second in range(0, 121):
+        window.observe(float(second), second * 10)   # 10 requests a second
+    assert window.rates() == {"1s": 10.0, "10s": 10.0, "60s": 10.0}
+    window.observe(121.0, 1200)                      # a quiet second
+    assert window.rates()["1s"] < 10.0 and window.rates()["60s"] < 10.0
+
+
+def test_worker_deltas_fold_into_totals():
+    stats = WorkerStats(pid=7)
+    stats.record(200, 10, 0.0001)
+    stats.record(404, 5, 0.2)
+    stats.record_rejected(400)
+    delta = stats.take_delta(1.0, open_connections=3)
+    totals = Totals()
+    totals.fold(delta)
+    totals.fold(delta)
+    assert totals.requests == 4 and totals.rejected == 2 and totals.bytes_out == 30
+    assert totals.responses_by_class() == {"1xx": 0, "2xx": 2, "3xx": 0, "4xx": 4, "5xx": 0}
+    assert stats.take_delta(2.0).requests == 0   # taken: counting starts again
+
+
+def test_scoreboard_slots_are_private_and_released():
+    board = Scoreboard(4)
+    board.claim(1, 111, 2, 5.0)
+    board.set_state(1, 2)                         # idle
+    board.begin(1, 6.0, b"GET", b"/x" * 100)      # longer than the field: truncated
+    view = board.read(1)
+    assert (view.pid, view.generation, view.state, view.method) == (111, 2, "busy", "GET")
+    assert len(view.path) == 120
+    live = view.live_fields(7.5)
+    assert live["current"] == {"method": "GET", "path": view.path, "elapsed": 1.5}
+    board.end(1, 1, 200, 0.25)
+    board.set_connections(1, 3)
+    assert board.serving_connections() == (3, 1)
+    assert board.read(0).pid == 0                 # other slots untouched
+    board.release(1)
+    assert board.read(1).state == "empty" and board.serving_connections() == (0, 0)
+    assert busy_idle(["busy", "idle", "idle", "booting"]) == (1, 2)
+
+
+def test_prometheus_text_parses():
+    snapshot = {
+        "server": {"version": "0.1.0", "python": "3.11", "uptime": 5.0, "generation": 1},
+        "pool": {"busy": 1, "idle": 1, "alive": 2, "target": 2, "spawned": 2,
+                 "exits": {"normal": 0, "crashed": 1, "killed": 0, "recycled": 0}},
+        "totals": {"requests": 10, "responses": {"2xx": 9, "5xx": 1},
+                   "statuses": {"200": 9, "500": 1}, "bytes_in": 1, "bytes_out": 2,
+                   "connections_accepted": 3, "app_exceptions": 1, "rejected": 0,
+                   "timeouts": 0, "connections_open": 1},
+        "latency": {"counts": [10] + [0] * len(BUCKETS), "sum": 0.001, "count": 10},
+        "rates": {"1s": 1.0, "10s": 1.0, "60s": 1.0},
+        "listen_queue": {"depth": 0, "max": 3},
+        "workers": [{"slot": 0, "requests": 10, "state": "busy", "rss": 1, "cpu": 0.5,
+                     "age": 1.0}],
+    }
+    families = {f.name: f for f in text_string_to_metric_families(prometheus(snapshot))}
+    assert families["prefork_requests"].samples[0].value == 10
+    histogram = families["prefork_request_duration_seconds"]
+    assert [s.value for s in histogram.samples if s.name.endswith("_count")] == [10]
+
+
+def test_framing_decides_length_chunking_and_close():
+    fixed = "Server: p\r\nDate: d\r\n"
+    framing = ResponseFraming(close=False)
+    head = framing.head("GET", "1.1", "200 OK", 200, fixed, [("X", "1")], None, False)
+    assert b"Transfer-Encoding: chunked\r\n" in head and not framing.close
+    assert framing.body(b"abc") == b"3\r\nabc\r\n" and framing.end() == b"0\r\n\r\n"
+    framing = ResponseFraming(close=False)
+    head = framing.head("GET", "1.0", "200 OK", 200, fixed, [], None, False)
+    assert head.endswith(b"Connection: close\r\n\r\n") and framing.close
+    framing = ResponseFraming(close=False)
+    framing.head("GET", "1.1", "200 OK", 200, fixed, [], 5, False)
+    assert framing.body(b"1234567") == b"12345" and framing.body(b"8") == b""
+    framing = ResponseFraming(close=False)
+    framing.head("GET", "1.1", "200 OK", 200, fixed, [], 5, False)
+    framing.body(b"12")
+    assert framing.end() == b"" and framing.close     # short: only a close delimits it
+    framing = ResponseFraming(close=False)
+    head = framing.head("HEAD", "1.0", "200 OK", 200, fixed, [], 5, False)
+    assert head.endswith(b"Connection: keep-alive\r\n\r\n") and framing.body(b"12345") == b""
+    with pytest.raises(AppError):
+        ResponseFraming(False).head("GET", "1.1", "200 OK", 200, fixed, [("X", "é€")], 0, False)
+    with pytest.raises(AppError):
+        framing.body("text")
