@@ -29,7 +29,7 @@ CONFIG_ENV = "PREFORK_CONFIG"
 
 
 class ForegroundReporter:
-    def forget(self):
+    def close_in_child(self):
         pass
 
     def ready(self, pid, urls, workers):
@@ -45,7 +45,7 @@ class PipeReporter:
     def __init__(self, fd):
         self.fd = fd
 
-    def forget(self):
+    def close_in_child(self):
         """In a forked worker: the report is the master's to send."""
         if self.fd is not None:
             os.close(self.fd)

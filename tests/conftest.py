@@ -60,13 +60,13 @@ level = "info"
 class Server:
     """A real prefork master in the foreground, as a child of the test."""
 
-    def __init__(self, directory, config_path, args=()):
+    def __init__(self, directory, config_path, args=(), command=(sys.executable, PREFORK)):
         self.dir = directory
         self.config = config_path
         self.stdout_path = os.path.join(directory, "stdout.txt")
         self.stderr_path = os.path.join(directory, "stderr.txt")
         self.proc = subprocess.Popen(
-            [sys.executable, PREFORK, "start", "--foreground", "-c", config_path, *args],
+            [*command, "start", "--foreground", "-c", config_path, *args],
             stdout=open(self.stdout_path, "w"), stderr=open(self.stderr_path, "w"),
             cwd=directory, start_new_session=True)
         self.url = None

@@ -182,7 +182,7 @@ class Master:
         self.selector.close()
         self.control.close(unlink=False)
         self.files.close()
-        self.reporter.forget()
+        self.reporter.close_in_child()
         worker_loop.run(config, listeners, self.scoreboard, slot, generation, self.pid,
                         report_fd, self.channels.worker_sink())   # never returns
 

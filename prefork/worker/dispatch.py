@@ -53,3 +53,10 @@ def compose(app, status, static):
                 return static.app_or_index(app, environ, start_response)
         return app(environ, start_response)
     return dispatch
+
+
+def read_only(start_response):
+    """405 for the server's own handlers, which answer GET and HEAD only."""
+    start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
+                                              ("Content-Type", "text/plain")])
+    return [b"method not allowed\n"]

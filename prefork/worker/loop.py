@@ -296,7 +296,7 @@ class Worker:
     def modify(self, fd, events):
         self.poller.modify(fd, events)
 
-    def forget(self, conn, received):
+    def closed(self, conn, received):
         self.stats.bytes_in += received
         if self.conns.pop(conn.fd, None) is not None:
             self.poller.unregister(conn.fd)

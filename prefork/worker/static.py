@@ -23,6 +23,7 @@ import time
 
 from .. import BUILTIN_STATIC, templates
 from ..http.response import REASONS, http_date
+from .dispatch import read_only
 
 
 SMALL_FILE = 64 * 1024
@@ -78,7 +79,7 @@ class StaticFiles:
             return result
         if hasattr(result, "close"):
             result.close()
-        start_response.forget()   # the index page's status replaces the app's 404
+        start_response.restart()   # the index page's status replaces the app's 404
         return self.serve(environ, start_response, "")
 
     # -- path safety -------------------------------------------------------------
@@ -104,9 +105,7 @@ class StaticFiles:
     def serve(self, environ, start_response, relative):
         method = environ["REQUEST_METHOD"]
         if method not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
-                                                      ("Content-Type", "text/plain")])
-            return [b"method not allowed\n"]
+            return read_only(start_response)
         if self.encoded_separators(environ, relative):
             return self.not_found(start_response, 404)
         entry = self.cached(relative)

@@ -16,6 +16,7 @@ import time
 from ..scoreboard import busy_idle
 from ..stats import BUCKETS
 from ..templates import Templates
+from .dispatch import read_only
 
 HTML_FALLBACK = "<!doctype html><title>prefork status</title><pre>{json}</pre>"
 
@@ -42,9 +43,7 @@ class StatusApp:
         if not self.allowed(environ["REMOTE_ADDR"]):
             return self.plain(start_response, "403 Forbidden", "status: your address is not allowed\n")
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
-                                                      ("Content-Type", "text/plain")])
-            return [b"method not allowed\n"]
+            return read_only(start_response)
         snapshot = self.sink.snapshot()
         if not snapshot:
             return self.plain(start_response, "503 Service Unavailable",

@@ -140,7 +140,7 @@ class StartResponse:
         self._set(status, headers)
         return self.write
 
-    def forget(self):
+    def restart(self):
         """Undo an unsent status, so that another responder may start over."""
         self.status = None
         self.status_code = 0

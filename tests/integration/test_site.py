@@ -2,12 +2,13 @@
 import gzip
 import os
 import socket
+import sys
 import time
 
 import pytest
 import requests
 
-from tests.conftest import wait_for
+from tests.conftest import Server, wait_for
 
 
 @pytest.fixture
@@ -244,3 +245,24 @@ def test_a_cached_small_file_is_served_fresh_after_it_changes(static_server, fil
     (files / "hello.txt").unlink()
     wait_for(lambda: static_server.get("/static/hello.txt").status_code == 404, timeout=5,
              message="a 404 for the removed file")
+
+
+def test_python_m_prefork_serves_the_built_in_site_from_any_directory(tmpdir_short):
+    """What an installed prefork does: the demo site, its stylesheet and the
+    status page come from the package's own assets, not from a checkout."""
+    config = os.path.join(tmpdir_short, "only.toml")
+    with open(config, "w") as fh:
+        fh.write('[server]\nbind = ["127.0.0.1:0"]\nworkers = 1\npidfile = "p.pid"\n'
+                 '[logging]\naccess_log = "a.log"\nerror_log = "e.log"\n')
+    server = Server(tmpdir_short, config, command=(sys.executable, "-m", "prefork"))
+    try:
+        server.wait_ready()
+        home = server.get("/")
+        assert home.status_code == 200 and "/static/style.css" in home.text
+        css = server.get("/static/style.css")
+        assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+        status = server.get("/_status")
+        assert status.status_code == 200 and "<table" in status.text
+    finally:
+        server.stop(graceful=False)
+        server.kill_all()

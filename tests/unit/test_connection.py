@@ -58,7 +58,7 @@ class FakeHost:
     def modify(self, fd, events):
         self.events[fd] = events
 
-    def forget(self, conn, received):
+    def closed(self, conn, received):
         self.forgotten = True
         self.received += received
 

@@ -21,7 +21,7 @@ class Reporter:
     def failed(self, message):
         self.failures.append(message)
 
-    def forget(self):
+    def close_in_child(self):
         pass
 
 
