@@ -1,28 +1,75 @@
 """The Manager: queues from workers to the master, and the published snapshot.
 
-Owns: the Manager server process (a child of the master, started before any
-worker; the master shuts it down), the stats-delta queue, the log-batch queue
-(messages are (ACCESS or ERROR, text) pairs, lines in LINE_FORMAT for the error
-log), and the board holding the master's latest snapshot.
+Owns: the Manager server process (a child of the master, supervised by it like
+a worker), its address (a unix socket at a fixed path in a private directory,
+so a replacement Manager is found where the last one was), the stats-delta
+queue, the log-batch queue (messages are (ACCESS or ERROR, text) pairs, lines
+in LINE_FORMAT for the error log), the board holding the master's latest
+snapshot, and what is held back or lost while the Manager is away.
 
-Rules: workers receive only the address and authkey (plain data) across the
-fork and connect their own proxies afterwards: a proxy made before fork must
-never be used after it. One message per worker per interval, never per
-request. Must not: be called from a signal handler.
+Rules:
+- No process waits on the Manager longer than CALL_TIMEOUT: every client socket
+  to it has kernel send/receive timeouts (SO_SNDTIMEO/SO_RCVTIMEO), so a stopped
+  or hung Manager turns into an OSError, never a stall. After one, the
+  connection is dropped (it may be out of step) and made again later.
+- The master replaces a Manager that died or timed out (ManagerChannels.check);
+  workers reconnect by themselves at most every RECONNECT_EVERY seconds.
+- While the Manager is away a worker keeps its unshipped stats and up to
+  HOLD_BYTES of log lines and ships them afterwards; lines beyond that are
+  counted (StatsDelta.lost_lines) and reported, never silently dropped.
+- The Manager holds no listening socket and no log file (they are closed in it
+  at start), ignores the signals meant for the master's process group, and
+  dies with the master (PR_SET_PDEATHSIG).
+- Workers receive only plain data across the fork and connect their own
+  proxies afterwards. One message per worker per interval, never per request.
+Must not: be called from a signal handler.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util
+import os
 import queue
+import shutil
 import signal
-from multiprocessing.managers import BaseManager
+import socket
+import struct
+import tempfile
+import time
+from multiprocessing.managers import BaseManager, BaseProxy
 
 log = logging.getLogger("prefork.ipc")
 DRAIN_LIMIT = 1000   # messages per queue per master tick
 ACCESS, ERROR = "access", "error"   # which log a batch goes to
 LINE_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"   # every error-log line
+CALL_TIMEOUT = 0.5        # seconds any call to the Manager may block
+RECONNECT_EVERY = 1.0     # seconds between a worker's reconnection attempts
+RESTART_EVERY = 1.0       # seconds between the master's Manager restarts
+HOLD_BYTES = 4 << 20      # log text a worker holds back during an outage
+PR_SET_PDEATHSIG = 1
+
+
+def _bounded_client(address):
+    """multiprocessing.connection.SocketClient with kernel timeouts: a Manager
+    that stops answering raises BlockingIOError after CALL_TIMEOUT instead of
+    blocking its caller forever (multiprocessing reads with plain os.read)."""
+    family = multiprocessing.connection.address_type(address)
+    with socket.socket(getattr(socket, family)) as sock:
+        seconds = int(CALL_TIMEOUT)
+        timeval = struct.pack("ll", seconds, int((CALL_TIMEOUT - seconds) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.setblocking(True)
+        sock.connect(address)
+        return multiprocessing.connection.Connection(sock.detach())
+
+
+# Every Manager client in a prefork process (proxies, Hub.connect) goes
+# through the bounded client: multiprocessing looks SocketClient up at call time.
+multiprocessing.connection.SocketClient = _bounded_client
 
 
 class _Board:
@@ -38,8 +85,8 @@ class _Board:
         return self._value
 
 
-_stats_queue = queue.Queue()
-_logs_queue = queue.Queue()
+_stats_queue: queue.Queue = queue.Queue()
+_logs_queue: queue.Queue = queue.Queue()
 _board = _Board()
 
 
@@ -52,48 +99,119 @@ Hub.register("logs_queue", callable=lambda: _logs_queue)
 Hub.register("board", callable=lambda: _board, exposed=("get", "set"))
 
 
-def _manager_init():
-    # Ctrl-C reaches the whole process group; the master decides when the
-    # Manager stops, so it must outlive the workers' last shipments.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def _manager_init(inherited_fds):
+    # The master's process group gets Ctrl-C and TERM; the master decides when
+    # the Manager stops, so it must outlive the workers' last shipments.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                   signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(signum, signal.SIG_IGN)
+    die_with_parent()
+    for fd in inherited_fds:   # listeners, log files, the control socket...
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     multiprocessing.current_process().name = "prefork-manager"
+    from setproctitle import setproctitle
+    setproctitle("prefork: manager")
+
+
+def die_with_parent(signum=signal.SIGKILL) -> None:
+    """Ask the kernel to send signum when the process that forked us dies."""
     try:
-        from setproctitle import setproctitle
-        setproctitle("prefork: manager")
-    except ImportError:  # pragma: no cover - setproctitle is a dependency
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):   # pragma: no cover - Linux has prctl
         pass
 
 
-class MasterChannels:
-    """Master side: starts the Manager, drains queues, publishes snapshots."""
+def _forget_connections(address):
+    """Proxies share one cached connection per Manager address (a class
+    attribute, inherited through fork): drop it, so the next call connects
+    afresh (after a fork, or to a replacement Manager at the same address)."""
+    BaseProxy._address_to_local.pop(address, None)
 
-    def __init__(self):
-        # A unix socket in a private temp directory (multiprocessing's default
-        # on Linux): TCP loopback here costs ~40 ms per call, because
-        # multiprocessing writes length and payload separately (Nagle + delayed ACK).
-        self._hub = Hub(authkey=multiprocessing.current_process().authkey,
+
+class MasterChannels:
+    """Master side: starts the Manager, checks it each tick, replaces it when
+    it died or stopped answering, drains the queues, publishes snapshots."""
+
+    def __init__(self, inherited_fds, worker_uid=None):
+        """inherited_fds(): descriptors the Manager must close (it is forked
+        from the master). worker_uid: a user the workers will run as."""
+        self.inherited_fds = inherited_fds
+        self.directory = tempfile.mkdtemp(prefix="prefork-")   # 0700
+        if worker_uid is not None and os.geteuid() == 0:
+            os.chown(self.directory, worker_uid, -1)   # workers running as it must connect
+        self.address = os.path.join(self.directory, "manager.sock")
+        self.authkey = os.urandom(32)
+        self.restarts = 0
+        self.last_error = ""
+        self.answered_at = time.monotonic()
+        self._last_start = 0.0
+        self._broken = False
+        self._hub = self._stats = self._logs = self._board = None
+        self.start()
+
+    @property
+    def pid(self):
+        return self._hub._process.pid if self._hub is not None else None
+
+    def start(self):
+        try:
+            os.unlink(self.address)
+        except FileNotFoundError:
+            pass
+        _forget_connections(self.address)
+        self._hub = Hub(address=self.address, authkey=self.authkey,
                         ctx=multiprocessing.get_context("fork"))
-        self._hub.start(initializer=_manager_init)
-        self.address = self._hub.address
-        self._stats = self._hub.stats_queue()
-        self._logs = self._hub.logs_queue()
-        self._board = self._hub.board()
+        self._hub.start(initializer=_manager_init, initargs=(self.inherited_fds(),))
+        self._last_start = time.monotonic()
+        try:
+            self._stats = self._hub.stats_queue()
+            self._logs = self._hub.logs_queue()
+            self._board = self._hub.board()
+            self._broken = False
+        except (OSError, EOFError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc):
+        if not self._broken:
+            self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.error("manager (pid %s) did not answer: %s", self.pid, self.last_error)
+        self._broken = True
+
+    def check(self, now) -> bool:
+        """Each tick: replace a Manager that died or stopped answering.
+        True when one was replaced."""
+        process = self._hub._process
+        dead = not process.is_alive()
+        if not (dead or self._broken) or now - self._last_start < RESTART_EVERY:
+            return False
+        old = process.pid
+        if not dead:
+            os.kill(old, signal.SIGKILL)   # stopped or hung: it cannot be asked
+        process.join(CALL_TIMEOUT)
+        self.restarts += 1
+        self.start()
+        log.error("manager (pid %s) %s; replaced by pid %s (restart %d)", old,
+                  "died" if dead else f"did not answer within {CALL_TIMEOUT:g}s",
+                  self.pid, self.restarts)
+        return True
 
     def worker_sink(self) -> "WorkerSink":
-        return WorkerSink(self.address, bytes(multiprocessing.current_process().authkey))
+        return WorkerSink(self.address, self.authkey)
 
-    @staticmethod
-    def _drain(proxy, limit):
-        items = []
+    def _drain(self, proxy, limit):
+        items: list = []
+        if self._broken:
+            return items
         try:
             while len(items) < limit:
                 items.append(proxy.get_nowait())
         except queue.Empty:
-            pass
+            self.answered_at = time.monotonic()
         except (OSError, EOFError) as exc:
-            log.error("manager queue unreachable: %s", exc)
+            self._fail(exc)
         return items
 
     def drain_stats(self, limit=DRAIN_LIMIT):
@@ -103,61 +221,115 @@ class MasterChannels:
         return self._drain(self._logs, limit)
 
     def publish(self, snapshot: dict) -> None:
+        if self._broken:
+            return
         try:
             self._board.set(snapshot)
         except (OSError, EOFError) as exc:
-            log.error("cannot publish snapshot: %s", exc)
+            self._fail(exc)
+
+    def describe(self) -> dict:
+        return {"pid": self.pid, "restarts": self.restarts,
+                "state": "unreachable" if self._broken else "ok", "last_error": self.last_error}
 
     def shutdown(self):
-        try:
-            self._hub.shutdown()
-        except (OSError, EOFError):
-            pass
+        process = self._hub._process
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)   # its queues are drained: nothing to keep
+        process.join(CALL_TIMEOUT * 2)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class WorkerSink:
-    """Worker side: plain data until connect() runs in the child."""
+    """Worker side: plain data until connect() runs in the child. Shipping
+    never blocks serving for more than CALL_TIMEOUT; what cannot be shipped
+    is held (stats always, log text up to HOLD_BYTES) or counted as lost."""
 
     def __init__(self, address, authkey: bytes):
         self.address = address
         self.authkey = authkey
         self._stats = self._logs = self._board = None
-        self._broken = False
+        self._next_attempt = 0.0
+        self._held_stats: list = []
+        self._held_logs: list = []
+        self._held_bytes = 0
+        self.lost_lines = 0          # not yet reported in a delta
+        self._announced = False
+        self._forked = False
 
-    def connect(self):
-        # Proxies share one cached connection per manager address (a class
-        # attribute inherited through os.fork): without this, the worker's new
-        # proxies would talk over the master's socket and replies would cross.
-        # multiprocessing runs these hooks in its own children; we fork by hand.
-        multiprocessing.util._run_after_forkers()
-        hub = Hub(address=self.address, authkey=self.authkey)
-        hub.connect()
-        self._stats = hub.stats_queue()
-        self._logs = hub.logs_queue()
-        self._board = hub.board()
-
-    def _put(self, proxy, item):
-        if proxy is None or self._broken:
-            return
+    def connect(self) -> bool:
+        if not self._forked:
+            self._forked = True
+            multiprocessing.util._run_after_forkers()   # what multiprocessing's own children do
+        _forget_connections(self.address)
+        self._next_attempt = time.monotonic() + RECONNECT_EVERY
         try:
-            proxy.put_nowait(item)
+            hub = Hub(address=self.address, authkey=self.authkey)
+            hub.connect()
+            self._stats = hub.stats_queue()
+            self._logs = hub.logs_queue()
+            self._board = hub.board()
+        except (OSError, EOFError, multiprocessing.AuthenticationError):
+            self._stats = self._logs = self._board = None
+            return False
+        return True
+
+    def _usable(self) -> bool:
+        if self._stats is not None:
+            return True
+        if time.monotonic() < self._next_attempt:
+            return False
+        return self.connect()
+
+    def _broken(self, exc):
+        if not self._announced:
+            self._announced = True
+            # Through logging: the line is held with the others and shipped later.
+            log.error("cannot ship to the master (%s: %s); holding lines until it is back",
+                      type(exc).__name__, exc)
+        self._stats = self._logs = self._board = None
+        _forget_connections(self.address)
+
+    def _flush_held(self) -> bool:
+        """Ship what was held, oldest first; False when the channel broke."""
+        try:
+            while self._held_stats:
+                self._stats.put_nowait(self._held_stats[0])
+                self._held_stats.pop(0)
+            while self._held_logs:
+                self._logs.put_nowait(self._held_logs[0])
+                self._held_bytes -= len(self._held_logs.pop(0)[1])
         except (OSError, EOFError) as exc:
-            # The Manager is gone (master stopping or crashed): keep serving.
-            self._broken = True
-            log.error("cannot ship to the master: %s", exc)
+            self._broken(exc)
+            return False
+        self._announced = False
+        return True
 
     def ship_stats(self, delta):
-        self._put(self._stats, delta)
+        self._held_stats.append(delta)   # deltas are small: every one is kept
+        if self._usable():
+            self._flush_held()
 
     def ship_logs(self, batch):
-        self._put(self._logs, batch)
+        if self._held_bytes + len(batch[1]) > HOLD_BYTES:
+            self.lost_lines += batch[1].count("\n")
+        else:
+            self._held_logs.append(batch)
+            self._held_bytes += len(batch[1])
+        if self._usable():
+            self._flush_held()
+
+    def take_lost_lines(self) -> int:
+        lost, self.lost_lines = self.lost_lines, 0
+        return lost
 
     def snapshot(self) -> dict:
-        if self._board is None or self._broken:
+        if not self._usable():
             return {}
         try:
             return self._board.get()
-        except (OSError, EOFError):
+        except (OSError, EOFError) as exc:
+            self._broken(exc)
             return {}
 
     def close(self):

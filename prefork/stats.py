@@ -32,6 +32,7 @@ class StatsDelta:
     histogram: tuple
     duration_sum: float
     open_connections: int = 0     # a gauge: the worker's count when it shipped
+    lost_lines: int = 0           # log lines dropped during a Manager outage
 
 
 class WorkerStats:
@@ -68,12 +69,12 @@ class WorkerStats:
     def due(self, now: float, interval: float) -> bool:
         return now - self._last_ship >= interval
 
-    def take_delta(self, now: float, open_connections: int = 0) -> StatsDelta:
+    def take_delta(self, now: float, open_connections: int = 0, lost_lines: int = 0) -> StatsDelta:
         requests = sum(self.statuses.values()) - self.rejected   # rejected: no request
         delta = StatsDelta(self.pid, requests, self.statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,
-                           open_connections)
+                           open_connections, lost_lines)
         self._last_ship = now
         self._reset()
         return delta
@@ -92,8 +93,10 @@ class Totals:
     timeouts: int = 0
     histogram: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     duration_sum: float = 0.0
+    lost_lines: int = 0
 
     def fold(self, delta: StatsDelta) -> None:
+        self.lost_lines += delta.lost_lines
         self.requests += delta.requests
         for status, count in delta.statuses.items():
             self.statuses[status] = self.statuses.get(status, 0) + count

@@ -42,7 +42,7 @@ class LogFile:
         self.backups = config.backups if config else 0
         self.when = config.when if config else ""
         self.compress = config.compress if config else False
-        self._fd = None
+        self.fd = None
         self.size = 0
         self.rollover_at = next_rollover(self.when, time.time())
         self.error = None
@@ -59,16 +59,16 @@ class LogFile:
         if not self.path:
             return
         if self.path == "-":
-            self._fd = self._dash.fileno()
+            self.fd = self._dash.fileno()
             return
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                0o644)
-            self.size = os.fstat(self._fd).st_size
+            self.size = os.fstat(self.fd).st_size
             self.error = None
         except OSError as exc:
-            self._fd = None
+            self.fd = None
             self.fail(f"cannot open {self.path}: {exc.strerror}")
 
     def fail(self, message):
@@ -84,20 +84,20 @@ class LogFile:
         if not self.path:
             return
         if self.is_file:
-            if self._fd is None or not os.path.exists(self.path):
+            if self.fd is None or not os.path.exists(self.path):
                 self.reopen()   # retry after a failure, or after the file vanished
             if self.when and time.time() >= self.rollover_at:
                 self.rotate(timed=True)
             elif self.max_bytes and self.size and self.size + len(text) > self.max_bytes:
                 self.rotate(timed=False)
-        if self._fd is None:
+        if self.fd is None:
             self.lost_lines += text.count("\n")
             return
         data = text.encode("utf-8", "replace")
         try:
             view = memoryview(data)
             while view:
-                written = os.write(self._fd, view)
+                written = os.write(self.fd, view)
                 view = view[written:]
             self.size += len(data)
         except OSError as exc:
@@ -153,9 +153,9 @@ class LogFile:
 
     def close(self):
         self.wait_compression()
-        if self._fd is not None and self.is_file:
-            os.close(self._fd)
-        self._fd = None
+        if self.fd is not None and self.is_file:
+            os.close(self.fd)
+        self.fd = None
 
     def describe(self) -> dict:
         return {"path": self.path, "error": self.error, "lost_lines": self.lost_lines,
@@ -203,6 +203,10 @@ class LogFiles:
 
     def describe(self) -> dict:
         return {"access": self.access.describe(), "error": self.error.describe()}
+
+    def descriptors(self) -> list:
+        """Open file descriptors of the log files (not stdout/stderr)."""
+        return [f.fd for f in (self.access, self.error) if f.fd is not None and f.is_file]
 
 
 class MasterHandler(logging.Handler):

@@ -23,6 +23,7 @@ from setproctitle import setproctitle
 
 from .. import __version__, sockets
 from ..ipc import MasterChannels
+from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
 from ..signals import SignalInbox
 from ..sockets import BindError, close_listener, create_listener, describe
@@ -84,7 +85,7 @@ class Master:
             log.error("%s", exc)
             self.reporter.failed(str(exc))
             return 1
-        self.channels = MasterChannels()
+        self.channels = MasterChannels(self.manager_must_close, worker_uid(self.config.server.user))
         self.inbox = SignalInbox(SIGNALS)
         self.control = control.ControlServer(self.config.control_socket)
         self.write_pidfile()
@@ -151,6 +152,7 @@ class Master:
 
     def supervise(self):
         now = self.now
+        self.channels.check(now)
         self.pool.enforce(now, self.config.workers.boot_timeout)
         if self.stopping:
             self.finished = not len(self.pool)
@@ -176,6 +178,14 @@ class Master:
         upgrade.retire_predecessor()
 
     # -- workers ------------------------------------------------------------------
+    def manager_must_close(self) -> list:
+        """What a freshly forked Manager closes: it must hold no listener, log
+        file, control socket or report pipe of ours."""
+        fds = [sock.fileno() for sock in self.listeners.values()] + self.files.descriptors()
+        if self.control is not None:
+            fds.append(self.control.sock.fileno())
+        return fds + [rec.report.fd for rec in self.pool if rec.report.fd is not None]
+
     def run_worker(self, config, listeners, slot, generation, report_fd):
         """In the forked child: drop what is the master's alone, then serve."""
         self.inbox.close()
@@ -302,6 +312,9 @@ class Master:
         deltas = self.channels.drain_stats()
         for delta in deltas:
             self.totals.fold(delta)
+            if delta.lost_lines:
+                log.error("worker pid %d lost %d log line(s) while the manager was unreachable",
+                          delta.pid, delta.lost_lines)
             if self.pool.get(delta.pid) is not None:
                 self.open_connections[delta.pid] = delta.open_connections
         batches = self.channels.drain_logs()
@@ -342,7 +355,8 @@ class Master:
                     self.config.source, list(self.listeners.values()), self.urls(),
                     self.state(), self.target, self.pool, self.reloader.describe(),
                     self.totals, self.watchdog.timeouts, self.open_connections,
-                    self.rates.rates(), self.files.describe() if self.files else {})
+                    self.rates.rates(), self.files.describe() if self.files else {},
+                    self.channels.describe() if self.channels else {})
 
     def snapshot(self) -> dict:
         self.now = time.monotonic()

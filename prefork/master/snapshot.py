@@ -38,6 +38,7 @@ class View:
     open_connections: dict   # pid -> connections
     rates: dict
     logs: dict
+    manager: dict            # the Manager channel: pid, restarts, state
 
 
 class SnapshotBuilder:
@@ -106,6 +107,7 @@ class SnapshotBuilder:
                 "connections_open": sum(view.open_connections.get(r["pid"], 0) for r in rows),
                 "app_exceptions": totals.app_exceptions, "rejected": totals.rejected,
                 "timeouts": totals.timeouts + view.timeouts,
+                "lost_log_lines": totals.lost_lines,
             },
             "rates": view.rates,
             "latency": {
@@ -118,4 +120,5 @@ class SnapshotBuilder:
             "listen_queue": self.listen_queue(view.listeners),
             "workers": rows,
             "logs": view.logs,
+            "manager": view.manager,
         }

@@ -34,6 +34,7 @@ from .. import scoreboard as sb
 from .. import templates
 from ..http.errors import AppError
 from ..http.response import http_date
+from ..ipc import die_with_parent
 from ..signals import DUMP_SIGNAL, SignalInbox
 from ..sockets import queue_depth
 from ..stats import WorkerStats
@@ -50,6 +51,13 @@ TICK_SECONDS = 0.5
 FRESH_SECONDS = 0.002   # a ready list older than this is refreshed mid-round
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 log = logging.getLogger("prefork.worker")
+
+
+def worker_uid(user: str):
+    """The uid workers switch to ([server] user, when started as root), else None."""
+    if not user or os.geteuid() != 0:
+        return None
+    return pwd.getpwnam(user).pw_uid
 
 
 def drop_privileges(user: str, group: str) -> None:
@@ -104,6 +112,7 @@ class Worker:
     # -- boot -----------------------------------------------------------------
     def boot(self, report_fd):
         setproctitle(f"prefork: worker {self.slot}")
+        die_with_parent()   # a master killed with -9 leaves no worker holding the port
         self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -241,7 +250,8 @@ class Worker:
             conn.on_deadline()
         if self.stats.due(now, self.config.status.interval):
             self.flush_logs()
-            self.sink.ship_stats(self.stats.take_delta(now, len(self.conns)))
+            self.sink.ship_stats(self.stats.take_delta(now, len(self.conns),
+                                                       self.sink.take_lost_lines()))
         if os.getppid() != self.master_pid:
             log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
             self.exit(1)
@@ -288,7 +298,7 @@ class Worker:
 
     def exit(self, code):
         self.flush_logs()
-        self.sink.ship_stats(self.stats.take_delta(time.monotonic(), 0))
+        self.sink.ship_stats(self.stats.take_delta(time.monotonic(), 0, self.sink.take_lost_lines()))
         self.sink.close()
         os._exit(code)
 

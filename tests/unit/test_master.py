@@ -40,6 +40,16 @@ class RecordingPool(Pool):
         self.sent.append((rec.pid, signum))
 
 
+class NullChannels:
+    """No Manager in these tests."""
+
+    def check(self, now):
+        return False
+
+    def describe(self):
+        return {}
+
+
 class DecisionMaster(Master):
     """The real Master, its parts real, with a recording pool: no processes."""
 
@@ -48,6 +58,7 @@ class DecisionMaster(Master):
         super().__init__(configmod.load(None, overrides), overrides, Reporter())
         self.listeners = {"127.0.0.1:0": create_listener("127.0.0.1:0", 16)}
         self.last_publish = float("inf")   # no snapshot publishing in these tests
+        self.channels = NullChannels()
 
     def make_pool(self):
         return RecordingPool(self.scoreboard, self.selector, None)
