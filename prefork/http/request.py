@@ -65,6 +65,7 @@ class RequestReader:
         self._headers = []
         self._header_bytes = 0
         self._head_fed = 0
+        self._head_began_in_feed = False
         self._body_chunks = None   # made by the first body fragment
         self._body_size = 0
         self._body_file = None
@@ -96,7 +97,14 @@ class RequestReader:
         if self.in_head:
             # httptools buffers a header line internally until it is complete,
             # so bound the bytes of an unfinished head here as well.
-            self._head_fed += len(data)
+            # Only whole feeds inside one head count: in the feed where the
+            # head began, the bytes before it were other requests' (a
+            # pipelined burst is not a large head). That feed's share of the
+            # head is at most one read, which the caller bounds.
+            if self._head_began_in_feed:
+                self._head_began_in_feed = False
+            else:
+                self._head_fed += len(data)
             if self._head_fed > self._head_limit:
                 raise HeadersTooLarge()
 
@@ -104,6 +112,7 @@ class RequestReader:
     def on_message_begin(self):
         self.in_message = True
         self.in_head = True
+        self._head_began_in_feed = True
 
     def on_url(self, fragment):
         url = self._url + fragment

@@ -144,3 +144,11 @@ def test_http_shaped_bytes_parse_or_give_an_http_error(tokens):
         reader.feed(b"".join(tokens))
     except HttpError as exc:
         assert 400 <= exc.status < 600
+
+
+def test_a_pipelined_burst_longer_than_the_head_limit_is_not_a_large_head():
+    reader = RequestReader(HttpConfig(max_request_line=100, max_header_size=256))
+    burst = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * 50    # 1,400 bytes of whole requests
+    reader.feed(burst + b"GET /y HTTP/1.1\r\nHo")          # ...then one unfinished head
+    reader.feed(b"st: x\r\n\r\n")
+    assert len(reader.ready) == 51

@@ -1,0 +1,156 @@
+"""Faults done to the real server: a stopped or killed Manager, a killed
+master, a pipelined flood, a hostile control request, a reload to an invalid
+pool, apps that return nonsense. Each checks that service goes on and that
+nothing is lost uncounted."""
+import json
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from prefork.master import control
+from tests.conftest import read_until_close, wait_for
+
+
+def manager_pid(server):
+    return server.status()["manager"]["pid"]
+
+
+def access_lines(server):
+    return [line for line in server.log("access").splitlines() if line]
+
+
+def test_a_stopped_manager_stalls_nothing_and_is_replaced(make_server):
+    server = make_server()
+    old = manager_pid(server)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        # Serving and the master's own answers go on while it is stopped...
+        for _ in range(20):
+            assert server.get("/", timeout=5).status_code == 200
+        assert server.status()["server"]["state"] in ("running", "degraded")
+        # ...and the master replaces it within seconds.
+        wait_for(lambda: manager_pid(server) != old, timeout=15, message="a new manager")
+    finally:
+        try:
+            os.kill(old, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+    wait_for(lambda: server.status()["manager"]["state"] == "ok", message="the manager answering")
+    before = len(access_lines(server))
+    for _ in range(10):
+        server.get("/")
+    wait_for(lambda: len(access_lines(server)) >= before + 10, timeout=15,
+             message="access lines written again")
+    assert "did not answer" in server.log("error")
+
+
+def test_a_killed_manager_is_replaced_and_nothing_is_lost_uncounted(make_server):
+    server = make_server()
+    for _ in range(5):
+        server.get("/")
+    wait_for(lambda: len(access_lines(server)) == 5, message="5 lines")
+    old = manager_pid(server)
+    os.kill(old, signal.SIGKILL)
+    sent = 5
+    for _ in range(30):
+        assert server.get("/").status_code == 200
+        sent += 1
+    wait_for(lambda: manager_pid(server) != old, timeout=15, message="a new manager")
+    wait_for(lambda: server.status()["manager"]["state"] == "ok", message="the manager answering")
+    # Every line written or counted as lost: none vanish.
+    wait_for(lambda: len(access_lines(server)) + server.status()["totals"]["lost_log_lines"]
+             >= sent, timeout=15, message="every line written or counted")
+    # A worker killed afterwards is replaced: new workers reach the new manager.
+    victim = next(iter(server.worker_pids()))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2,
+             message="the replacement worker")
+    assert server.get("/").status_code == 200
+    assert "manager (pid %d) died" % old in server.log("error")
+
+
+def test_a_master_killed_with_sigkill_leaves_nothing_behind(make_server):
+    server = make_server()
+    children = psutil.Process(server.pid).children(recursive=True)
+    assert len(children) == 3   # the manager and two workers
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(5)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    with socket.socket() as probe:   # the port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((server.host, server.port))
+
+
+def test_two_thousand_pipelined_requests_in_one_write_are_all_answered_and_logged(server):
+    with server.connect() as sock:
+        requests_ = b"".join(b"GET /hello?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(1999))
+        sock.sendall(requests_ + b"GET /hello?n=1999 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = read_until_close(sock, timeout=20)
+    assert data.count(b"HTTP/1.1 200 OK") == 2000
+    wait_for(lambda: len([line for line in access_lines(server) if "/hello?n=" in line]) == 2000,
+             timeout=15, message="2000 access lines")
+    numbers = [int(line.split("/hello?n=")[1].split()[0]) for line in access_lines(server)
+               if "/hello?n=" in line]
+    assert numbers == list(range(2000))
+
+
+def test_a_hostile_control_request_is_refused_and_the_master_goes_on(server):
+    path = os.path.join(server.dir, "prefork.sock")
+    for line in (b"[" * 60000 + b"\n", b"[" * 3000 + b"\n", b"not json\n"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            try:
+                sock.sendall(line)
+            except OSError:
+                pass   # it may stop reading early; what matters is what follows
+            answer = sock.makefile("rb").readline()
+        assert answer == b"" or json.loads(answer)["ok"] is False
+    assert control.request(path, {"cmd": "status"}, 5)["ok"]
+    assert server.get("/").status_code == 200
+
+
+def test_a_reload_to_an_invalid_pool_size_keeps_the_old_generation(server):
+    with open(server.config, "a") as fh:
+        fh.write("\n")
+    text = open(server.config).read().replace("workers = 2", "workers = 300")
+    with open(server.config, "w") as fh:
+        fh.write(text)
+    result = server.cli("reload")
+    assert result.returncode == 1 and "between 1 and 128" in result.stderr
+    status = server.status()
+    assert status["server"]["generation"] == 1 and len(server.worker_pids()) == 2
+    assert server.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("scale,ok", [("0", False), ("-1", False), ("1000", False), ("3", True)])
+def test_scale_refuses_what_it_cannot_do_and_says_why(server, scale, ok):
+    result = server.cli("scale", "--", scale) if scale.startswith("-") else server.cli("scale", scale)
+    assert (result.returncode == 0) is ok
+    assert (result.stdout if ok else result.stderr).strip()
+
+
+def test_an_app_returning_none_gets_500_and_the_worker_survives(server):
+    pids = server.worker_pids()
+    for _ in range(4):
+        assert server.get("/returns-none").status_code == 500
+    assert server.worker_pids() == pids
+    assert server.get("/").status_code == 200
+
+
+def test_many_quick_manager_kills_never_stop_service(make_server):
+    server = make_server()
+    for _ in range(3):
+        old = manager_pid(server)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while manager_pid(server) == old:
+            assert server.get("/").status_code == 200
+            assert time.monotonic() < deadline, "no new manager"
+    assert server.status()["manager"]["restarts"] == 3
