@@ -161,7 +161,8 @@ def returns_none(environ, start_response):
 
 
 ROUTES = {
-    "/": hello, "/hello": hello, "/returns-none": returns_none, "/pid": pid, "/echo": echo, "/environ": environ_dump, "/slow": slow,
+    "/": hello, "/hello": hello, "/returns-none": returns_none, "/pid": pid, "/echo": echo,
+    "/environ": environ_dump, "/slow": slow,
     "/stream": stream, "/big": big, "/crash": crash, "/crash-midway": crash_midway,
     "/bad-header": bad_header, "/204": no_content, "/304": not_modified,
     "/write": legacy_write, "/exc-info": exc_info_retry, "/app-close": app_close,
