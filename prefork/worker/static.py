@@ -55,6 +55,15 @@ def _close(fh):
         fh.close()
 
 
+def _position(text: str):
+    """A byte position of a Range header: ASCII digits only (int() would take
+    other scripts' digits); None if it is not one. Positions past any file
+    size are all the same, so a huge number costs nothing."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text) if len(text) <= 18 else 10 ** 18
+
+
 def _stat_key(st):
     return st.st_mtime_ns, st.st_size, st.st_ino
 
@@ -90,6 +99,9 @@ class StaticFiles:
         return "%2f" in raw or "%5c" in raw or "\\" in relative or "\0" in relative
 
     def resolve(self, environ, relative: str) -> str:
+        # PATH_INFO is latin-1 text over the raw bytes; the file system wants
+        # those bytes as its own names (UTF-8 here), so /static/%C3%A9.txt finds é.txt.
+        relative = os.fsdecode(relative.encode("latin-1"))
         parts = [p for p in relative.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise NotServable(404)
@@ -99,6 +111,8 @@ class StaticFiles:
             raise NotServable(404)   # a symlink pointing outside the root
         if os.path.isdir(real):
             real = os.path.join(real, self.index)
+        elif relative.endswith("/"):
+            raise NotServable(404)   # a file is not a directory: /a.txt/ names nothing
         return real
 
     # -- serving ---------------------------------------------------------------
@@ -190,15 +204,17 @@ class StaticFiles:
         candidates = [(name, path + ext) for name, ext in ENCODINGS if name in accepted]
         for encoding, candidate in candidates + [(None, path)]:
             try:
-                fh = open(candidate, "rb")
+                # O_NONBLOCK: opening a FIFO must not wait for a writer.
+                fd = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
             except PermissionError:
                 raise NotServable(403) from None
-            st = os.fstat(fh.fileno())
-            if stat.S_ISREG(st.st_mode):
-                return encoding, candidate, fh, st
-            fh.close()
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):   # regular files only: no FIFO, device, socket
+                os.set_blocking(fd, True)
+                return encoding, candidate, os.fdopen(fd, "rb"), st
+            os.close(fd)
         raise NotServable(404)
 
     def base_headers(self, path, encoding, st, variant):
@@ -244,18 +260,17 @@ class StaticFiles:
         if if_range and if_range != etag and if_range != http_date(mtime):
             return None
         first, sep, last = header[6:].strip().partition("-")
-        if not sep or not (first.isdigit() or last.isdigit()):
-            return None
-        if not first:                       # suffix: the last N bytes
-            length = int(last)
-            if length == 0:
+        start, end = _position(first), _position(last)
+        if not sep or (start is None and end is None) or (first and start is None) \
+                or (last and end is None):
+            return None   # not a valid range: ignored, the whole file (RFC 9110 14.2)
+        if start is None:                   # suffix: the last N bytes
+            if end == 0:
                 return "unsatisfiable"
-            return max(0, size - length), size - 1
-        start = int(first)
-        end = min(int(last), size - 1) if last.isdigit() else size - 1
-        if start >= size or (last.isdigit() and int(last) < start):
+            return max(0, size - end), size - 1
+        if start >= size or (end is not None and end < start):
             return "unsatisfiable"
-        return start, end
+        return start, size - 1 if end is None else min(end, size - 1)
 
     @staticmethod
     def not_found(start_response, status):

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import Server, wait_for
+from tests.conftest import Server, read_until_close, wait_for
 
 
 @pytest.fixture
@@ -24,6 +24,8 @@ def files(tmp_path):
     (tmp_path / "secret.txt").write_text("outside the root")
     os.symlink(tmp_path / "secret.txt", root / "escape.txt")
     os.symlink(root / "hello.txt", root / "inside-link.txt")
+    (root / "é.txt").write_text("accented\n")
+    os.mkfifo(root / "pipe.txt")
     return root
 
 
@@ -266,3 +268,25 @@ def test_python_m_prefork_serves_the_built_in_site_from_any_directory(tmpdir_sho
     finally:
         server.stop(graceful=False)
         server.kill_all()
+
+
+def test_only_regular_files_are_served_and_a_fifo_never_blocks(static_server):
+    started = time.monotonic()
+    assert static_server.get("/static/pipe.txt", timeout=5).status_code == 404
+    assert time.monotonic() - started < 4
+    assert static_server.get("/static/hello.txt").status_code == 200
+
+
+def test_non_ascii_names_are_reachable_and_a_file_is_not_a_directory(static_server):
+    response = static_server.get("/static/%C3%A9.txt")
+    assert response.status_code == 200 and response.text == "accented\n"
+    assert static_server.get("/static/hello.txt/").status_code == 404
+
+
+@pytest.mark.parametrize("header", ["bytes=\u0663-5", "bytes=0-" + "9" * 4400, "bytes=" + "9" * 4400 + "-"])
+def test_an_odd_range_is_ignored_or_unsatisfiable_never_a_500(static_server, header):
+    with static_server.connect() as sock:
+        sock.sendall(b"GET /static/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\nRange: "
+                     + header.encode("utf-8") + b"\r\n\r\n")
+        status = read_until_close(sock).split(b" ", 2)[1]
+    assert status in (b"200", b"206", b"416")

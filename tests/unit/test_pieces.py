@@ -26,6 +26,9 @@ MTIME = 1_700_000_000
     ("bytes=0-1,5-6", None),      # several ranges: the whole file
     ("items=0-4", None),
     ("bytes=a-b", None),
+    ("bytes=\u0663-5", None),          # a digit, but not an ASCII one: invalid, ignored
+    ("bytes=0-" + "9" * 4400, (0, 99)),   # int() refuses 4,300+ digits; we do not ask it
+    ("bytes=" + "9" * 4400 + "-", "unsatisfiable"),
 ])
 def test_byte_ranges(header, expected):
     assert StaticFiles.range_for({"HTTP_RANGE": header}, ETAG, MTIME, 100) == expected
