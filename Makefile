@@ -18,7 +18,7 @@ run: install
 	bin/prefork start --foreground -c conf/prefork.toml
 
 test: install
-	$(VPY) -m pytest -q -n 4 tests
+	$(VPY) -m pytest -q -n 6 tests
 
 lint: install
 	$(VENV)/bin/ruff check prefork tests

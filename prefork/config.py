@@ -139,8 +139,11 @@ Most header fields accepted in one request (else 431).""")
 Largest header section accepted, in bytes, all fields together (else 431).""")
     max_body: int = _setting(10 * 1024 * 1024, _check_non_negative, doc="""\
 Largest request body accepted, in bytes (else 413). 0 accepts no body.""")
-    spool_threshold: int = _setting(1024 * 1024, _check_non_negative, doc="""\
+    spool_threshold: int = _setting(64 * 1024, _check_non_negative, doc="""\
 Bodies larger than this many bytes are spooled to a temporary file.""")
+    spool_dir: str = _setting("", path=True, doc="""\
+Directory for spooled bodies ("": the system's temporary directory). If a body
+cannot be written there (disk full), that request gets 507; serving goes on.""")
     server_header: str = _setting("prefork", doc="""\
 Value of the Server response header.""")
 
@@ -176,6 +179,10 @@ connections already queued; keep-alive clients are answered with
 Connection: close. What is left at the deadline is cut and counted in the log.""")
     boot_timeout: float = _setting(60.0, _check_positive, doc="""\
 Seconds a new worker gets to import the app and report ready.""")
+    max_connections: int = _setting(1000, _check_positive, doc="""\
+Open connections one worker holds at most; more wait in the listen queue or go
+to another worker. With the [http] sizes this bounds a worker's memory: about
+max_connections x (64 KiB read + 256 KiB unsent output + spool_threshold).""")
 
 
 def _check_access_format(value):

@@ -111,6 +111,9 @@ def _manager_init(inherited_fds):
             os.close(fd)
         except OSError:
             pass
+    # The socket's own mode lets anyone connect; the private directory
+    # (0700, owned by the workers' user) decides who can reach it.
+    os.umask(0)
     multiprocessing.current_process().name = "prefork-manager"
     from setproctitle import setproctitle
     setproctitle("prefork: manager")
@@ -129,6 +132,17 @@ def _forget_connections(address):
     attribute, inherited through fork): drop it, so the next call connects
     afresh (after a fork, or to a replacement Manager at the same address)."""
     BaseProxy._address_to_local.pop(address, None)
+
+
+def _abandon(*proxies):
+    """Drop proxies of a Manager that failed without telling any Manager.
+    A proxy decrements its object's count when collected; every Manager is
+    forked from the master, so its objects have the same ids as the last
+    one's, and a stale decrement would free them under the live proxies."""
+    for proxy in proxies:
+        close = getattr(proxy, "_close", None)
+        if close is not None:
+            close.cancel()
 
 
 class MasterChannels:
@@ -161,6 +175,7 @@ class MasterChannels:
             os.unlink(self.address)
         except FileNotFoundError:
             pass
+        _abandon(self._stats, self._logs, self._board)
         _forget_connections(self.address)
         self._hub = Hub(address=self.address, authkey=self.authkey,
                         ctx=multiprocessing.get_context("fork"))
@@ -188,6 +203,8 @@ class MasterChannels:
         if not (dead or self._broken) or now - self._last_start < RESTART_EVERY:
             return False
         old = process.pid
+        process.join(0.05)   # a killed one may still be on its way out
+        dead = not process.is_alive()
         if not dead:
             os.kill(old, signal.SIGKILL)   # stopped or hung: it cannot be asked
         process.join(CALL_TIMEOUT)
@@ -287,6 +304,7 @@ class WorkerSink:
             # Through logging: the line is held with the others and shipped later.
             log.error("cannot ship to the master (%s: %s); holding lines until it is back",
                       type(exc).__name__, exc)
+        _abandon(self._stats, self._logs, self._board)
         self._stats = self._logs = self._board = None
         _forget_connections(self.address)
 

@@ -79,6 +79,8 @@ ERROR_DETAILS = {
     500: "The application failed; the error log has the details.",
     501: "This transfer coding is not supported.",
     503: "The server is not ready to answer; try again shortly.",
+    505: "This HTTP version is not supported.",
+    507: "The request body could not be stored.",
 }
 ERROR_FALLBACK = ("<!doctype html><title>{status} {reason}</title>"
                   "<h1>{status} {reason}</h1><p>{detail}</p>\n")

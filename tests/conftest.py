@@ -60,7 +60,8 @@ level = "info"
 class Server:
     """A real prefork master in the foreground, as a child of the test."""
 
-    def __init__(self, directory, config_path, args=(), command=(sys.executable, PREFORK)):
+    def __init__(self, directory, config_path, args=(), command=(sys.executable, PREFORK),
+                 preexec_fn=None):
         self.dir = directory
         self.config = config_path
         self.stdout_path = os.path.join(directory, "stdout.txt")
@@ -68,7 +69,7 @@ class Server:
         self.proc = subprocess.Popen(
             [*command, "start", "--foreground", "-c", config_path, *args],
             stdout=open(self.stdout_path, "w"), stderr=open(self.stderr_path, "w"),
-            cwd=directory, start_new_session=True)
+            cwd=directory, start_new_session=True, preexec_fn=preexec_fn)
         self.url = None
 
     def wait_ready(self, timeout=15.0):

@@ -44,6 +44,11 @@ class UnsupportedTransferCoding(HttpError):
     status = 501
 
 
+class SpoolFailed(HttpError):
+    """The request body could not be stored (disk full, spool directory gone)."""
+    status = 507
+
+
 class AppError(HttpError):
     """The application failed."""
     status = 500

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import httptools
 
-from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError,
+from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, SpoolFailed,
                      UnsupportedTransferCoding, RequestLineTooLong)
 
 
@@ -28,6 +28,7 @@ class Limits(Protocol):
     max_header_size: int
     max_body: int
     spool_threshold: int
+    spool_dir: str
 
 
 class Request:
@@ -165,14 +166,20 @@ class RequestReader:
         if self._body_size > self.limits.max_body:
             raise BodyTooLarge()
         if self._body_file is not None:
-            self._body_file.write(data)
+            try:
+                self._body_file.write(data)
+            except OSError as exc:
+                raise SpoolFailed(f"cannot spool the body: {exc.strerror}") from None
             return
         if self._body_chunks is None:
             self._body_chunks = []
         self._body_chunks.append(data)
         if self._body_size > self.limits.spool_threshold:
-            self._body_file = tempfile.TemporaryFile()
-            self._body_file.write(b"".join(self._body_chunks))
+            try:
+                self._body_file = tempfile.TemporaryFile(dir=self.limits.spool_dir or None)
+                self._body_file.write(b"".join(self._body_chunks))
+            except OSError as exc:
+                raise SpoolFailed(f"cannot spool the body: {exc.strerror}") from None
             self._body_chunks = []
 
     def on_message_complete(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import selectors
 import signal
 import sys
@@ -77,6 +78,7 @@ class Master:
     # -- start ------------------------------------------------------------------
     def run(self) -> int:
         setproctitle("prefork: master")
+        raise_fd_limit()
         self.files = LogFiles(self.config.logging, mirror_stderr=self.foreground and sys.stderr.isatty())
         install_master_logging(self.files, self.config.logging.level)
         try:
@@ -381,6 +383,17 @@ class Master:
             pass
         log.info("stopped")
         self.files.close()
+
+
+def raise_fd_limit():
+    """The soft RLIMIT_NOFILE up to the hard one: each connection is a
+    descriptor, and 1024 (a common soft default) is far below what a pool holds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _scale_by(delta):

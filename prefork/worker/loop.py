@@ -50,6 +50,9 @@ ACCEPT_BATCH = 64
 TICK_SECONDS = 0.5
 FRESH_SECONDS = 0.002   # a ready list older than this is refreshed mid-round
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
+ACCEPT_PAUSE = 0.5   # seconds without accepting after running out of descriptors (as nginx)
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PRERENDERED = (400, 404, 408, 413, 414, 431, 500, 501, 503, 505, 507)
 log = logging.getLogger("prefork.worker")
 
 
@@ -90,6 +93,9 @@ class Worker:
         self.stopping = False
         self.stop_deadline = 0.0
         self.declined = False
+        self.listening = True            # listeners registered with the poller
+        self.accept_paused_until = 0.0   # out of descriptors: no accepts until then
+        self.accept_failures = 0         # since the last report
         self.now = time.monotonic()
         self.tick_seconds = min(TICK_SECONDS, config.status.interval)
         self._next_tick = 0.0
@@ -135,6 +141,8 @@ class Worker:
         self.poller.register(self.inbox.wakeup_fd, select.EPOLLIN)
         for fd in self.listeners:
             self.poller.register(fd, select.EPOLLIN)
+        for status in PRERENDERED:
+            self.error_page(status)
         self.scoreboard.set_state(self.slot, sb.IDLE)
         os.write(report_fd, b"OK\n")
 
@@ -211,15 +219,16 @@ class Worker:
         Declining is allowed once in a row, so a busy peer never strands one."""
         share = self.fair_share(listener)
         fresh = 0
-        while fresh < ACCEPT_BATCH and (len(self.conns) < share
-                                        or (self.declined and not fresh)):
+        room = self.config.workers.max_connections - len(self.conns)
+        while fresh < min(ACCEPT_BATCH, room) and (len(self.conns) < share
+                                                   or (self.declined and not fresh)):
             try:
                 sock, addr = listener.accept()
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s", exc)
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    self.pause_accepting(exc)
                 break
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
@@ -232,6 +241,36 @@ class Worker:
         if fresh:
             self.stats.connections_accepted += fresh
             self.scoreboard.set_connections(self.slot, len(self.conns))
+        if len(self.conns) >= self.config.workers.max_connections:
+            self.listen(False)   # the listen queue holds the rest, or a peer takes them
+
+    def listen(self, on):
+        """Watch the listeners or not: a worker that cannot accept must not be
+        woken by them (level-triggered epoll would spin on a waiting queue)."""
+        if on == self.listening:
+            return
+        self.listening = on
+        for fd in self.listeners:
+            if on:
+                self.poller.register(fd, select.EPOLLIN)
+            else:
+                self.poller.unregister(fd)
+
+    def pause_accepting(self, exc):
+        """Out of descriptors: stop accepting for ACCEPT_PAUSE; the tick
+        resumes and reports how often it happened (not once per failure)."""
+        self.accept_failures += 1
+        if not self.accept_paused_until:
+            self.accept_paused_until = self.now + ACCEPT_PAUSE
+            self.listen(False)
+            if self.accept_failures == 1:
+                log.error("accept failed: %s; pausing accepts for %gs", exc.strerror, ACCEPT_PAUSE)
+
+    def resume_accepting(self, now):
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            if len(self.conns) < self.config.workers.max_connections:
+                self.listen(True)
 
     def fair_share(self, listener) -> int:
         # Read fresh on every call: during a burst, a count even a few
@@ -248,7 +287,13 @@ class Worker:
             self.cut_at_deadline()
         for conn in [c for c in self.conns.values() if c.deadline <= now and c.fd not in spare]:
             conn.on_deadline()
+        self.resume_accepting(now)
+        reap_children()
         if self.stats.due(now, self.config.status.interval):
+            if self.accept_failures > 1:
+                log.error("accept failed %d more time(s) for want of file descriptors",
+                          self.accept_failures - 1)
+            self.accept_failures = 0
             self.flush_logs()
             self.sink.ship_stats(self.stats.take_delta(now, len(self.conns),
                                                        self.sink.take_lost_lines()))
@@ -273,7 +318,8 @@ class Worker:
         # on our behalf: serve them rather than let them be reset.
         for sock in self.listeners.values():
             self.accept(sock)
-            self.poller.unregister(sock.fileno())
+        self.listen(False)
+        for sock in self.listeners.values():
             sock.close()
         self.listeners.clear()
         # Idle keep-alive connections are not closed at once: under load their
@@ -311,6 +357,8 @@ class Worker:
         if self.conns.pop(conn.fd, None) is not None:
             self.poller.unregister(conn.fd)
             self.scoreboard.set_connections(self.slot, len(self.conns))
+            if not self.listening and not self.accept_paused_until:
+                self.listen(True)
 
     def begin_request(self, request):
         # struct's "s" fields truncate: a long target costs nothing extra.
@@ -349,11 +397,29 @@ class Worker:
         self.stats.timeouts += 1
 
     def error_page(self, status):
-        """templates/error.html rendered once per status (bytes), else built in."""
+        """templates/error.html rendered once per status (bytes). The common
+        ones are rendered at boot: rendering needs files and imports, which a
+        worker out of descriptors cannot have; then a plain page is sent."""
         page = self._error_pages.get(status)
         if page is None:
-            page = self._error_pages[status] = self.templates.render_error(status).encode()
+            try:
+                page = self._error_pages[status] = self.templates.render_error(status).encode()
+            except Exception:   # out of descriptors, memory...: never a crash
+                page = f"<!doctype html><title>{status}</title><h1>{status}</h1>\n".encode()
         return page
+
+
+def reap_children():
+    """Children the app forked and left behind would pile up as zombies: the
+    worker reaps them each tick. (An app that polls a subprocess.Popen across
+    ticks then sees returncode 0, as Python reports a child it cannot wait for.)"""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, sink):

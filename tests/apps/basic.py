@@ -155,13 +155,21 @@ def yields_str(environ, start_response):
     yield "a str, not bytes"
 
 
+def fork(environ, start_response):
+    """Forks a child that exits at once and never waits for it."""
+    if os.fork() == 0:
+        os._exit(0)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"forked"]
+
+
 def returns_none(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return None
 
 
 ROUTES = {
-    "/": hello, "/hello": hello, "/returns-none": returns_none, "/pid": pid, "/echo": echo,
+    "/": hello, "/hello": hello, "/returns-none": returns_none, "/fork": fork, "/pid": pid, "/echo": echo,
     "/environ": environ_dump, "/slow": slow,
     "/stream": stream, "/big": big, "/crash": crash, "/crash-midway": crash_midway,
     "/bad-header": bad_header, "/204": no_content, "/304": not_modified,

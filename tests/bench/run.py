@@ -420,7 +420,8 @@ def compare_idle(args, idle=10000):
         for name in (loaded, alone):
             port = free_port()
             workdir = server_dir(parent, name)
-            extra = log_section(workdir) + "[http]\nkeepalive_timeout = 600\n"
+            extra = (log_section(workdir) + "[http]\nkeepalive_timeout = 600\n"
+                     "[workers]\nmax_connections = 10000\n")
             commands[name] = (prefork_command(APPS["hello"], port, workdir, extra),
                               f"http://127.0.0.1:{port}")
         results = side_by_side(args, commands, prepare=hold_idle_connections)

@@ -71,7 +71,8 @@ def test_a_killed_manager_is_replaced_and_nothing_is_lost_uncounted(make_server)
     wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2,
              message="the replacement worker")
     assert server.get("/").status_code == 200
-    assert "manager (pid %d) died" % old in server.log("error")
+    log = server.log("error")
+    assert "manager (pid %d) died" % old in log, log
 
 
 def test_a_master_killed_with_sigkill_leaves_nothing_behind(make_server):
@@ -154,3 +155,83 @@ def test_many_quick_manager_kills_never_stop_service(make_server):
             assert server.get("/").status_code == 200
             assert time.monotonic() < deadline, "no new manager"
     assert server.status()["manager"]["restarts"] == 3
+
+
+def test_out_of_descriptors_pauses_accepting_without_spinning_and_recovers(tmpdir_short):
+    import resource
+    from tests.conftest import Server, write_config
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+    config = write_config(tmpdir_short)
+    server = Server(tmpdir_short, config, preexec_fn=low_limit).wait_ready()
+    held = []
+    try:
+        for _ in range(400):   # more than two workers can hold: the rest wait in the queue
+            sock = server.connect()
+            held.append(sock)
+        workers = [psutil.Process(pid) for pid in server.worker_pids()]
+        wait_for(lambda: "pausing accepts" in server.log("error"), message="the pause logged")
+        before = [sum(w.cpu_times()[:2]) for w in workers]
+        time.sleep(1)   # a spinning worker would burn this second
+        used = [sum(w.cpu_times()[:2]) - b for w, b in zip(workers, before, strict=True)]
+        assert max(used) < 0.5, used
+        assert len(server.log("error")) < 100_000
+        for sock in held:
+            sock.close()
+        held = []
+        wait_for(lambda: server.get("/").status_code == 200, timeout=15, message="service again")
+        assert server.worker_pids() == {w.pid for w in workers}   # nobody crashed
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop(graceful=False)
+        server.kill_all()
+
+
+def test_a_worker_holds_at_most_max_connections_and_the_queue_waits(make_server):
+    server = make_server(workers=1, extra="[workers]\nmax_connections = 3\n")
+    held = []
+    for _ in range(3):
+        sock = server.connect()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(sock)
+    waiting = server.connect()
+    waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    waiting.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        waiting.recv(4096)            # the worker is full: it is still in the queue
+    held.pop().close()                # one leaves...
+    assert read_until_close(waiting, timeout=10).startswith(b"HTTP/1.1 200")   # ...it is served
+    for sock in held:
+        sock.close()
+
+
+def test_a_body_that_cannot_be_spooled_gets_507_and_the_worker_goes_on(make_server):
+    server = make_server(extra='[http]\nspool_threshold = 1000\nspool_dir = "/nonexistent/spool"\n')
+    pids = server.worker_pids()
+    response = requests_post(server, b"x" * 200_000)
+    assert response.status_code == 507
+    assert requests_post(server, b"small").status_code == 200
+    assert server.worker_pids() == pids
+
+
+def requests_post(server, body):
+    import requests
+    return requests.post(server.url + "/echo", data=body, timeout=10)
+
+
+def test_children_an_app_forks_are_reaped(server):
+    for _ in range(3):
+        assert server.get("/fork").status_code == 200
+    def zombies():
+        found = []
+        for pid in server.worker_pids():
+            for child in psutil.Process(pid).children():
+                try:
+                    found.append(child.status() == psutil.STATUS_ZOMBIE)
+                except psutil.NoSuchProcess:
+                    pass   # reaped while we looked
+        return any(found)
+    wait_for(lambda: not zombies(), message="no zombie children")

@@ -254,6 +254,10 @@ def test_user_setting_makes_workers_run_as_that_user(tmpdir_short, make_server):
         assert uids == {nobody}
         assert psutil.Process(server2.pid).uids().real == 0   # the master keeps root
         assert server2.get("/").text == "hello"
+        for _ in range(10):   # workers running as nobody reach the Manager: every line arrives
+            server2.get("/")
+        wait_for(lambda: len(server2.log("access").splitlines()) == 11, message="11 lines")
+        assert server2.status()["totals"]["requests"] == 11
     finally:
         server2.stop()
         server2.kill_all()
