@@ -71,6 +71,12 @@ def _check_url_path(value):
     return None if value.startswith("/") else "must start with /"
 
 
+def _check_mount(value):
+    if value and (not value.startswith("/") or value.endswith("/")):
+        return 'must be "" or start with / and not end with /'
+    return None
+
+
 def _check_url_prefix(value):
     return None if value.startswith("/") and value.endswith("/") else "must start and end with /"
 
@@ -105,6 +111,9 @@ Port 0 picks a free port (the ready line prints the real one).""")
 Number of worker processes (1 to 128): an integer, or "auto" for one per CPU core.""")
     app: str = _setting("prefork.apps.site:app", _check_app, flag="--app", doc="""\
 The WSGI application, as "module:callable" (the callable may be dotted).""")
+    script_name: str = _setting("", _check_mount, doc="""\
+The URL prefix the app is mounted under ("" or "/prefix"): it becomes
+SCRIPT_NAME, and PATH_INFO is the rest of the path.""")
     pythonpath: tuple = _setting((), kind="strlist", path=True, doc="""\
 Extra directories put in front of sys.path before the app is imported.""")
     pidfile: str = _setting("logs/prefork.pid", path=True, flag="--pidfile", doc="""\

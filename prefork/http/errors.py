@@ -39,6 +39,16 @@ class HeadersTooLarge(HttpError):
     status = 431
 
 
+class NotImplementedMethod(HttpError):
+    """A valid method token that this server does not implement (RFC 9110 9.1)."""
+    status = 501
+
+
+class VersionNotSupported(HttpError):
+    """An HTTP major version other than 1."""
+    status = 505
+
+
 class UnsupportedTransferCoding(HttpError):
     """The request uses a transfer coding the server cannot decode."""
     status = 501

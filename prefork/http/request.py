@@ -11,13 +11,33 @@ means: answer with its status and close; the reader is unusable afterwards.
 from __future__ import annotations
 
 import collections
+import re
 import tempfile
 from typing import Protocol
 
 import httptools
 
-from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, SpoolFailed,
+from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, NotImplementedMethod,
+                     SpoolFailed, VersionNotSupported,
                      UnsupportedTransferCoding, RequestLineTooLong)
+
+
+_SP_HTAB = (32, 9)
+_GOOD_HOSTS = {b""}   # Host values already found valid ("": HTTP/1.0 without one)
+# RFC 9112 3.2 Host: uri-host [":" port]; uri-host is an IP literal or a reg-name.
+_IP_LITERAL = re.compile(rb"\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
+_REG_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+# A method the reader refused is 501 only in a request line of the right shape.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
+
+
+def valid_authority(host: bytes) -> bool:
+    """Host's value: reg-name or [IP literal], then an optional :port. The
+    common case is one C-level pass (translate), not a regex."""
+    if host[:1] == b"[":
+        return _IP_LITERAL.fullmatch(host) is not None
+    name, _, port = host.partition(b":")
+    return not name.translate(None, _REG_NAME_CHARS) and (not port or port.isdigit())
 
 
 class Limits(Protocol):
@@ -57,7 +77,11 @@ class RequestReader:
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet
+        self._completed_in_feed = 0        # requests completed by the current feed()
         self._parser = httptools.HttpRequestParser(self)
+        # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
+        # served as the highest we speak. The major version is checked below.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self._head_limit = limits.max_request_line + limits.max_header_size + 64
         self._reset_message()
 
@@ -67,6 +91,7 @@ class RequestReader:
         self._header_bytes = 0
         self._head_fed = 0
         self._head_began_in_feed = False
+        self._chunked = False
         self._body_chunks = None   # made by the first body fragment
         self._body_size = 0
         self._body_file = None
@@ -74,6 +99,7 @@ class RequestReader:
 
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        self._completed_in_feed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -87,8 +113,14 @@ class RequestReader:
             if self.ready:
                 self.ready[-1].upgrade = True
             return
-        except httptools.HttpParserInvalidMethodError as exc:
-            raise BadRequest(f"invalid method: {exc}") from None
+        except httptools.HttpParserInvalidMethodError:
+            # llhttp knows a fixed set of methods; any other token is a valid
+            # method we do not implement (RFC 9110 9.1): 501, not 400.
+            line = self._pending_line(data)
+            if _REQUEST_LINE.match(line):
+                method = line.split(b" ", 1)[0].decode("latin-1")
+                raise NotImplementedMethod(f"method {method!r}") from None
+            raise BadRequest("invalid method") from None
         except httptools.HttpParserError as exc:
             text = str(exc)
             if "invalid `Transfer-Encoding`" in text:
@@ -108,6 +140,19 @@ class RequestReader:
                 self._head_fed += len(data)
             if self._head_fed > self._head_limit:
                 raise HeadersTooLarge()
+
+    def _pending_line(self, data: bytes) -> bytes:
+        """The request line of the request llhttp refused, when this feed
+        began with it (llhttp checks the method first); else b"" (400)."""
+        if self._completed_in_feed:
+            return b""
+        return data.lstrip(b"\r\n").partition(b"\n")[0] + b"\n"
+
+    def partial(self) -> tuple:
+        """(method, target, version) of the request being read, as far as
+        known: what the access log shows for a rejected request."""
+        method = self._parser.get_method().decode("latin-1", "replace") if self._url else "-"
+        return method, (self._url or b"-").decode("latin-1"), "-"
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self):
@@ -131,35 +176,82 @@ class RequestReader:
             headers = self._headers
             if len(headers) >= self.limits.max_headers:
                 raise HeadersTooLarge(f"more than {self.limits.max_headers} headers")
+            # Whitespace around a field value is not part of it (RFC 9110
+            # 5.5); llhttp drops only the leading part.
+            if value and value[-1] in _SP_HTAB:
+                value = value.rstrip(b" \t")
             headers.append((name, value))
 
     def on_headers_complete(self):
         parser = self._parser
         version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            if version[:2] != "1.":
+                raise VersionNotSupported(f"HTTP/{version}")
+            version = "1.1"   # a higher 1.x minor: served as 1.1
         hosts = 0
-        expects_body = False
+        host = b""
+        content_types = 0
+        expects_body = chunked = False
         expect_continue = False
         for name, value in self._headers:
             # Lower-case only names as long as the few that matter here.
             size = len(name)
             if size == 4:
-                hosts += name.lower() == b"host"
+                if name.lower() == b"host":
+                    hosts += 1
+                    host = value
             elif size == 14 and name.lower() == b"content-length":
                 if int(value) > self.limits.max_body:
                     raise BodyTooLarge()
                 expects_body = int(value) > 0
             elif size == 17 and name.lower() == b"transfer-encoding":
-                expects_body = True
+                if version == "1.0":
+                    raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+                if value.lower() != b"chunked":
+                    # llhttp takes "gzip, chunked"; we decode no coding but chunked.
+                    raise UnsupportedTransferCoding(f"transfer coding {value.decode('latin-1')!r}")
+                expects_body = chunked = True
+            elif size == 12 and name.lower() == b"content-type":
+                content_types += 1
+                if content_types > 1:
+                    raise BadRequest("more than one Content-Type")
             elif size == 6 and name.lower() == b"expect":
                 expect_continue = value.lower() == b"100-continue"
-        if hosts > 1 or (hosts == 0 and version == "1.1"):
-            raise BadRequest("HTTP/1.1 needs exactly one Host header")
-        if not self._url:
+        url = self._url
+        if not url:
             raise BadRequest("empty request target")
+        if url[:1] != b"/":
+            self._check_target(url, parser.get_method())
+        if hosts > 1 or (not hosts and version == "1.1"):
+            raise BadRequest("HTTP/1.1 needs exactly one Host header")
+        if host not in _GOOD_HOSTS:   # most requests name one of a few hosts
+            if not valid_authority(host):
+                raise BadRequest("Host is not a valid authority (RFC 9112 3.2)")
+            if len(_GOOD_HOSTS) < 256:   # bounded: the values are the client's
+                _GOOD_HOSTS.add(host)
         self.in_head = False
-        self._request = Request(parser.get_method().decode("ascii"), self._url,
+        self._request = Request(parser.get_method().decode("ascii"), url,
                                 version, self._headers, parser.should_keep_alive())
+        self._chunked = chunked
         self.continue_pending = expect_continue and expects_body and version == "1.1"
+
+    def _check_target(self, url, method):
+        """Asterisk-form only for OPTIONS; absolute-form names the host, which
+        then stands in place of the Host header (RFC 9112 3.2.2)."""
+        if url == b"*":
+            if method != b"OPTIONS":
+                raise BadRequest("* is a target for OPTIONS only")
+            return
+        if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            try:
+                authority = httptools.parse_url(url).host
+            except httptools.HttpParserInvalidURLError:
+                raise BadRequest("invalid absolute URL") from None
+            self._headers = [(n, v) for n, v in self._headers if n.lower() != b"host"]
+            self._headers.append((b"Host", authority or b""))
+            return
+        raise BadRequest("request target must be a path, an absolute URL or *")
 
     def on_body(self, data):
         self._body_size += len(data)
@@ -185,12 +277,17 @@ class RequestReader:
     def on_message_complete(self):
         request = self._request
         request.keep_alive = self._parser.should_keep_alive()
+        if self._chunked:
+            # Its length is known now that it is read: the app gets a
+            # Content-Length (Django reads nothing without one).
+            request.headers.append((b"Content-Length", b"%d" % self._body_size))
         if self._body_file is not None:
             self._body_file.seek(0)
             request.body_file = self._body_file
         elif self._body_chunks:
             request.body = b"".join(self._body_chunks)
         self.ready.append(request)
+        self._completed_in_feed += 1
         self.in_message = False
         self.continue_pending = False
         self._reset_message()

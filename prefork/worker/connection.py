@@ -45,16 +45,25 @@ class ConnectionHost(Protocol):
     http: Any                  # [http] settings: the four timeouts
     app: Callable
     wsgi_errors: Any
+    script_name: str           # the mount prefix ([server] script_name)
 
     def begin_request(self, request) -> float: ...
     def end_request(self, exchange: "Exchange", status: int, received: int) -> None: ...
-    def on_rejected(self, status: int, received: int) -> None: ...
+    def on_rejected(self, status: int, received: int, environ: dict) -> None: ...
     def on_timeout(self) -> None: ...
     def app_failed(self, exchange: "Exchange | None") -> AppError: ...
     def app_problem(self, exchange: "Exchange | None", text: str) -> None: ...
     def error_page(self, status: int) -> bytes: ...
     def modify(self, fd: int, events: int) -> None: ...
     def closed(self, conn: "Connection", received: int) -> None: ...
+
+
+def server_options(environ, start_response):
+    """OPTIONS * asks about the server, not a resource: the server answers
+    (the app never sees a PATH_INFO that does not start with /)."""
+    start_response("200 OK", [("Allow", "OPTIONS, GET, HEAD, POST, PUT, PATCH, DELETE"),
+                              ("Content-Length", "0")])
+    return []
 
 
 class ClientGone(Exception):
@@ -81,7 +90,7 @@ class Exchange(ResponseFraming):
 
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "base", "out", "out_size",
-                 "state", "deadline", "events", "exchange", "close_after", "received")
+                 "state", "deadline", "events", "exchange", "close_after", "received", "refused")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -90,11 +99,12 @@ class Connection:
         self.reader = RequestReader(host.limits)
         if sock.family == socket.AF_UNIX:
             server = (server_addr or "localhost", "0")
-            remote = ("127.0.0.1", "0")
+            remote = ("", "")   # a unix-socket peer has no address (none is made up)
         else:
             server = (server_addr[0], str(server_addr[1]))
             remote = (addr[0], str(addr[1]))
-        self.base = base_environ(server[0], server[1], remote[0], remote[1], host.wsgi_errors)
+        self.base = base_environ(server[0], server[1], remote[0], remote[1], host.wsgi_errors,
+                                 host.script_name)
         self.out = []
         self.out_size = 0
         self.state = READING
@@ -103,6 +113,7 @@ class Connection:
         self.exchange = None
         self.close_after = False
         self.received = 0       # bytes read since the last report to the host
+        self.refused = None     # an HttpError to answer once the requests before it are
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
@@ -122,7 +133,11 @@ class Connection:
         try:
             reader.feed(data)
         except HttpError as exc:
-            return self.reject(exc)
+            if not reader.ready:
+                return self.reject(exc)
+            # Valid requests came before the bad bytes: answer them first,
+            # in order; the error follows (after_response), then the close.
+            self.refused = exc
         if reader.in_message:
             host = self.host
             if not was_in_message and reader.in_head:
@@ -189,9 +204,10 @@ class Connection:
         host = self.host
         ex = self.exchange = Exchange(request, host.begin_request(request))
         ex.sr = StartResponse(self.write)
+        app = host.app if request.target != b"*" else server_options   # OPTIONS *
         try:
             ex.environ = build_environ(request, self.base)
-            result = ex.result = host.app(ex.environ, ex.sr)
+            result = ex.result = app(ex.environ, ex.sr)
         except HttpError as exc:
             return self.fail(exc)
         except Exception:
@@ -363,6 +379,8 @@ class Connection:
         host = self.host
         self.state = READING
         if not self.reader.ready:
+            if self.refused is not None:
+                return self.reject(self.refused)
             if host.stopping:
                 return self.close()
             self.want(EPOLLIN)
@@ -396,7 +414,9 @@ class Connection:
         """The parser refused the request (or it came too slowly): answer its
         status and close."""
         received, self.received = self.received, 0
-        self.host.on_rejected(exc.status, received)
+        method, target, version = self.reader.partial()
+        self.host.on_rejected(exc.status, received, dict(
+            self.base, REQUEST_METHOD=method, RAW_URI=target, SERVER_PROTOCOL=version))
         self.close_with(self.error_bytes(exc.status))
 
     def close_with(self, data):

@@ -94,7 +94,7 @@ def check_format(fmt: str):
 
 def combined_line(environ, status, sent, duration, stamp):
     """Apache/nginx combined format, plus the request time in microseconds."""
-    return (f'{environ["REMOTE_ADDR"]} - - {stamp} "{environ["REQUEST_METHOD"]} '
+    return (f'{environ["REMOTE_ADDR"] or "-"} - - {stamp} "{environ["REQUEST_METHOD"]} '
             f'{_quote(environ["RAW_URI"])} {environ["SERVER_PROTOCOL"]}" {status} {sent} '
             f'"{_quote(environ.get("HTTP_REFERER", "-"))}" '
             f'"{_quote(environ.get("HTTP_USER_AGENT", "-"))}" {int(duration * 1e6)}\n')

@@ -88,6 +88,7 @@ class Worker:
         self.sink = sink                 # where stats deltas and log batches go
         self.limits = config.http
         self.http = config.http
+        self.script_name = config.server.script_name
         self.server_name = config.http.server_header
         self.conns = {}
         self.stopping = False
@@ -389,9 +390,10 @@ class Worker:
         log.error("app error on %s %s:\n%s", environ.get("REQUEST_METHOD", "?"),
                   environ.get("RAW_URI", "?"), text)
 
-    def on_rejected(self, status, received):
+    def on_rejected(self, status, received, environ):
         self.stats.bytes_in += received
         self.stats.record_rejected(status)
+        self.access_log.record(environ, status, len(self.error_page(status)), 0.0)
 
     def on_timeout(self):
         self.stats.timeouts += 1

@@ -72,15 +72,16 @@ class FileWrapper:
 
 
 def base_environ(server_name: str, server_port: str, remote_addr: str,
-                 remote_port: str, errors) -> dict:
+                 remote_port: str, errors, script_name: str = "") -> dict:
     """The part of the environ that is the same for every request on a
-    connection; copied per request."""
+    connection; copied per request. A unix-socket peer has no address: ""."""
     return {
         "SERVER_NAME": server_name,
         "SERVER_PORT": server_port,
         "REMOTE_ADDR": remote_addr,
         "REMOTE_PORT": remote_port,
-        "SCRIPT_NAME": "",
+        "SCRIPT_NAME": script_name,
+        "wsgi.input_terminated": True,   # bodies are read whole before the app runs
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
         "wsgi.errors": errors,
@@ -97,6 +98,9 @@ def build_environ(request, base: dict) -> dict:
     if b"%" in path:
         path = unquote_to_bytes(path)
     environ["REQUEST_METHOD"] = request.method
+    prefix = base["SCRIPT_NAME"]
+    if prefix and path.startswith(prefix.encode("latin-1")):
+        path = path[len(prefix):]   # mounted under a prefix: the app sees the rest
     environ["PATH_INFO"] = path.decode("latin-1")
     environ["QUERY_STRING"] = query.decode("latin-1")
     environ["RAW_URI"] = request.target.decode("latin-1")

@@ -20,6 +20,7 @@ class FakeHost:
         self.date = "Sun, 22 Nov 2026 00:00:00 GMT"
         self.server_name = "prefork"
         self.fixed_headers = f"Server: prefork\r\nDate: {self.date}\r\n"
+        self.script_name = http.pop("script_name", "")
         self.http = self.limits = HttpConfig(**http)
         self.app = app
         self.wsgi_errors = None
@@ -36,8 +37,9 @@ class FakeHost:
         self.ended.append((exchange.request.target, status, exchange.sent))
         self.received += received
 
-    def on_rejected(self, status, received):
+    def on_rejected(self, status, received, environ):
         self.rejected.append(status)
+        self.rejected_environ = environ
         self.received += received
 
     def on_timeout(self):
