@@ -67,6 +67,18 @@ def _check_cidrs(values):
     return None
 
 
+def _check_trusted(values):
+    return _check_cidrs([v for v in values if v != "unix"])
+
+
+def _check_mode(value):
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        return 'must be an octal mode such as "0660"'
+    return None if 0 <= mode <= 0o777 else "must be between 0000 and 0777"
+
+
 def _check_url_path(value):
     return None if value.startswith("/") else "must start with /"
 
@@ -75,6 +87,10 @@ def _check_mount(value):
     if value and (not value.startswith("/") or value.endswith("/")):
         return 'must be "" or start with / and not end with /'
     return None
+
+
+def _check_health(value):
+    return None if not value or value.startswith("/") else 'must be "" or start with /'
 
 
 def _check_url_prefix(value):
@@ -121,6 +137,11 @@ The master writes its pid here (mode 0600); the control socket sits beside
 it with the same name and a .sock suffix (mode 0600).""")
     backlog: int = _setting(2048, _check_positive, doc="""\
 Listen queue length passed to listen(2).""")
+    socket_mode: str = _setting("0660", _check_mode, doc="""\
+Unix-socket listeners: their mode, owner and group ("" keeps the master's),
+so that the front proxy's user (www-data, nginx) may connect.""")
+    socket_owner: str = _setting("")
+    socket_group: str = _setting("")
     user: str = _setting("", doc="""\
 When started as root: the user and group workers switch to after the
 listeners are bound (the master stays root to re-bind on reload). "" keeps.""")
@@ -188,6 +209,9 @@ connections already queued; keep-alive clients are answered with
 Connection: close. What is left at the deadline is cut and counted in the log.""")
     boot_timeout: float = _setting(60.0, _check_positive, doc="""\
 Seconds a new worker gets to import the app and report ready.""")
+    drain_time: float = _setting(0.0, _check_non_negative, doc="""\
+Seconds the server keeps serving after TERM with the health path answering 503,
+so a health-checking load balancer takes it out before its listeners close.""")
     max_connections: int = _setting(1000, _check_positive, doc="""\
 Open connections one worker holds at most; more wait in the listen queue or go
 to another worker. With the [http] sizes this bounds a worker's memory: about
@@ -241,6 +265,10 @@ Serve live statistics at `path` (HTML; ?format=json; ?format=prometheus).""")
     path: str = _setting("/_status", _check_url_path)
     allow: tuple = _setting(("127.0.0.0/8", "::1/128"), _check_cidrs, kind="strlist", doc="""\
 Client addresses (CIDR) allowed to see it; others get 403.""")
+    health: str = _setting("", _check_health, doc="""\
+A path answering 200 while this server takes traffic and 503 once it is
+draining (see [workers] drain_time), for load balancers' health checks ("": off).
+Like the status path it is matched on the raw request target.""")
     statistics: bool = _setting(True, doc="""\
 Count requests, bytes and latencies in the workers (false: count nothing;
 status and `bin/prefork status` then show no traffic figures).""")
@@ -273,6 +301,21 @@ Point it at a copy to change a page. A broken template falls back to a plain
 built-in page and the error log says why.""")
 
 
+@dataclass(frozen=True)
+class ProxyConfig:
+    trusted: tuple = _setting((), _check_trusted, kind="strlist", doc="""\
+Peers whose forwarding headers are believed: CIDRs, and "unix" for clients of
+unix-socket listeners (a proxy on the same host). From them, X-Forwarded-For,
+X-Forwarded-Proto and Forwarded (RFC 7239) set REMOTE_ADDR (the rightmost
+address that is not itself trusted) and wsgi.url_scheme; the status endpoint's
+allow list and the access log then use that address. From anyone else these
+headers are passed to the app untouched and never believed.""")
+    proxy_protocol: bool = _setting(False, doc="""\
+Expect the PROXY protocol (v1 or v2, as HAProxy and nginx send it) before each
+connection's first request, from trusted peers only; a connection without a
+valid header, or from an untrusted peer, is closed.""")
+
+
 SECTIONS = {
     "server": ServerConfig,
     "http": HttpConfig,
@@ -281,6 +324,7 @@ SECTIONS = {
     "status": StatusConfig,
     "static": StaticConfig,
     "site": SiteConfig,
+    "proxy": ProxyConfig,
 }
 
 
@@ -293,6 +337,7 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig)
     static: StaticConfig = field(default_factory=StaticConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     source: str = ""  # the config file this came from ("" = built-in defaults)
 
     @property
@@ -464,7 +509,13 @@ def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
     sections["server"] = _resolve_binds(dataclasses.replace(server, base=base), base)
     for name, cls in SECTIONS.items():
         sections[name] = _resolve_paths(sections.get(name, cls()), base)
-    return Config(source=source, **sections)
+    config = Config(source=source, **sections)
+    for bind in config.server.bind:
+        if bind.startswith("unix:") and bind[5:] in (config.control_socket, config.server.pidfile):
+            raise ConfigError(f"{path or 'config'}: [server] bind: {bind} is where the "
+                              f"{'control socket' if bind[5:] == config.control_socket else 'pidfile'}"
+                              " goes (beside [server] pidfile): choose another path")
+    return config
 
 
 # -- what the table generates -------------------------------------------------------

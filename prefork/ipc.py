@@ -272,12 +272,11 @@ class WorkerSink:
         self._held_bytes = 0
         self.lost_lines = 0          # not yet reported in a delta
         self._announced = False
-        self._forked = False
 
     def connect(self) -> bool:
-        if not self._forked:
-            self._forked = True
-            multiprocessing.util._run_after_forkers()   # what multiprocessing's own children do
+        # Not multiprocessing's own after-fork hooks: they would re-register
+        # the master's proxies from here (three handshakes per worker, for
+        # nothing); dropping the cached connection is what this process needs.
         _forget_connections(self.address)
         self._next_attempt = time.monotonic() + RECONNECT_EVERY
         try:

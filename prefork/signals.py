@@ -11,6 +11,7 @@ import os
 import signal
 
 DUMP_SIGNAL = signal.SIGUSR2   # to a worker: write every thread's stack (faulthandler)
+DRAIN_SIGNAL = signal.SIGUSR1  # to a worker: the server is draining, health answers 503
 
 
 class SignalInbox:

@@ -5,8 +5,10 @@ describing them as URLs. Must not: accept connections (workers do).
 """
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -18,17 +20,26 @@ class BindError(Exception):
     pass
 
 
-def create_listener(text: str, backlog: int) -> socket.socket:
+def create_listener(text: str, backlog: int, mode: int = 0o660, owner: str = "",
+                    group: str = "") -> socket.socket:
+    """A bound, listening, non-blocking socket. A unix socket gets mode,
+    owner and group ([server] socket_*), so that the front proxy may connect."""
     family, address = parse_bind(text)
     try:
         if family == "unix":
-            return bind_unix(address, 0o660, backlog)   # the front proxy's group may connect
+            sock = bind_unix(address, mode, backlog)
+            if owner or group:
+                os.chown(address, pwd.getpwnam(owner).pw_uid if owner else -1,
+                         grp.getgrnam(group).gr_gid if group else -1)
+            return sock
         sock = socket.socket(socket.AF_INET6 if family == "inet6" else socket.AF_INET,
                              socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == "inet6":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
+    except KeyError as exc:
+        raise BindError(f"cannot listen on {text}: no such user or group {exc}") from None
     except OSError as exc:
         raise BindError(f"cannot listen on {text}: {exc.strerror or exc}") from None
     sock.listen(backlog)
@@ -114,3 +125,9 @@ def close_listener(sock: socket.socket, unlink: bool) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def listener_for(bind: str, server) -> socket.socket:
+    """create_listener with the [server] settings that shape a listener."""
+    return create_listener(bind, server.backlog, int(server.socket_mode, 8),
+                           server.socket_owner, server.socket_group)

@@ -26,8 +26,8 @@ from .. import __version__, sockets
 from ..ipc import MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
-from ..signals import SignalInbox
-from ..sockets import BindError, close_listener, create_listener, describe
+from ..signals import DRAIN_SIGNAL, SignalInbox
+from ..sockets import BindError, close_listener, describe, listener_for
 from ..stats import RateWindow, Totals
 from ..worker import loop as worker_loop
 from . import control, systemd, upgrade
@@ -55,6 +55,7 @@ class Master:
         self.listeners = {}             # bind text -> socket
         self.starting = True            # until the first generation is ready
         self.stopping = False
+        self.draining_until = 0.0       # TERM with [workers] drain_time: serving until then
         self.finished = False
         self.exit_code = 0
         self.started_wall = time.time()
@@ -111,8 +112,7 @@ class Master:
             return
         adopted = sockets.inherited()
         for bind in self.config.server.bind:
-            self.listeners[bind] = adopted.pop(bind, None) or create_listener(
-                bind, self.config.server.backlog)
+            self.listeners[bind] = adopted.pop(bind, None) or listener_for(bind, self.config.server)
         for sock in adopted.values():
             sock.close()   # a bind the new config dropped
 
@@ -159,6 +159,10 @@ class Master:
         if self.stopping:
             self.finished = not len(self.pool)
             return
+        if self.draining_until:
+            if now >= self.draining_until:
+                self.stop(graceful=True)
+            return   # serving as is: no spawning, reloading or recycling while it drains
         committed = self.reloader.advance(now, self.generation, self.listeners)
         if committed is not None:
             self.adopt(committed)
@@ -218,7 +222,7 @@ class Master:
             log.error("worker %d failed to boot (%s):\n%s", rec.slot, gone.how, report)
             self.reporter.failed(f"worker failed to boot ({gone.how}):\n{report}")
             self.exit_code = 1
-            return self.begin_stop(graceful=False)
+            return self.stop(graceful=False)
         # A crash loop is reported once with its traceback, then briefly.
         log.error("worker %d (pid %d) failed to boot (%s), %d time(s) in a row; next "
                   "attempt in %.1fs%s", rec.slot, rec.pid, gone.how, self.pool.boot_failures,
@@ -232,8 +236,19 @@ class Master:
         return self.config.workers.graceful_timeout + self.config.workers.kill_grace
 
     def begin_stop(self, graceful=True):
+        """TERM (graceful) or INT/QUIT: with drain_time, a graceful stop
+        drains first; a second TERM while draining changes nothing."""
+        drain = self.config.workers.drain_time
+        if graceful and drain and not self.starting and not self.stopping:
+            if not self.draining_until:
+                self.begin_drain(drain)
+            return
+        self.stop(graceful)
+
+    def stop(self, graceful=True):
         if self.stopping and graceful:
             return
+        self.draining_until = 0.0
         if not self.stopping:
             log.info("%s stop requested", "graceful" if graceful else "fast")
             systemd.notify("STOPPING=1", "STATUS=stopping")
@@ -243,6 +258,15 @@ class Master:
         # Workers keep their own copies until they have drained the queue.
         self.close_listeners()
         self.pool.stop_all("stop", self.now, self.stop_grace(), fast=not graceful)
+
+    def begin_drain(self, seconds):
+        """TERM with drain_time: keep serving while the health path says 503,
+        so a load balancer stops sending before the listeners close."""
+        self.draining_until = self.now + seconds
+        log.info("draining for %gs (health answers 503), then stopping gracefully", seconds)
+        systemd.notify("STATUS=draining")
+        for rec in self.pool:
+            self.pool.signal(rec, DRAIN_SIGNAL)
 
     def begin_reload(self, waiter=None):
         if self.stopping:
@@ -348,6 +372,8 @@ class Master:
     def state(self) -> str:
         if self.stopping:
             return "stopping"
+        if self.draining_until:
+            return "draining"
         if self.reloader.pending is not None:
             return "reloading"
         return "degraded" if self.pool.boot_failures else "running"

@@ -17,7 +17,7 @@ import logging
 import time
 
 from .. import config as configmod
-from ..sockets import BindError, close_listener, create_listener
+from ..sockets import BindError, close_listener, listener_for
 from . import control, systemd
 
 log = logging.getLogger("prefork.master")
@@ -57,7 +57,7 @@ class Reloader:
         opened = {}
         try:
             for bind in new.server.bind:
-                opened[bind] = listeners.get(bind) or create_listener(bind, new.server.backlog)
+                opened[bind] = listeners.get(bind) or listener_for(bind, new.server)
         except BindError as exc:
             close_new(opened, listeners)
             return self.failed_with(str(exc), waiters, generation)

@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from ..http.errors import AppError, HttpError, RequestTimeout
+from ..http.proxy import BadProxyHeader, Trusted, forwarded_client, parse_proxy_header
 from ..http.request import Limits, RequestReader
 from ..http.response import CONTINUE, ResponseFraming, error_response
 from .wsgi import FileWrapper, StartResponse, base_environ, build_environ
@@ -46,6 +47,8 @@ class ConnectionHost(Protocol):
     app: Callable
     wsgi_errors: Any
     script_name: str           # the mount prefix ([server] script_name)
+    trusted: Trusted           # [proxy] trusted
+    proxy_protocol: bool       # [proxy] proxy_protocol
 
     def begin_request(self, request) -> float: ...
     def end_request(self, exchange: "Exchange", status: int, received: int) -> None: ...
@@ -56,6 +59,15 @@ class ConnectionHost(Protocol):
     def error_page(self, status: int) -> bytes: ...
     def modify(self, fd: int, events: int) -> None: ...
     def closed(self, conn: "Connection", received: int) -> None: ...
+
+
+def believe_forwarding(environ, trusted):
+    """A trusted proxy's forwarding headers name the client and the scheme."""
+    client, scheme = forwarded_client(environ, trusted)
+    if client is not None:
+        environ["REMOTE_ADDR"] = client
+    if scheme in ("http", "https"):
+        environ["wsgi.url_scheme"] = scheme
 
 
 def server_options(environ, start_response):
@@ -89,8 +101,8 @@ class Exchange(ResponseFraming):
 
 
 class Connection:
-    __slots__ = ("host", "sock", "fd", "reader", "base", "out", "out_size",
-                 "state", "deadline", "events", "exchange", "close_after", "received", "refused")
+    __slots__ = ("host", "sock", "fd", "reader", "base", "out", "out_size", "state", "deadline",
+                 "events", "exchange", "close_after", "received", "refused", "believed", "preamble")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -114,6 +126,10 @@ class Connection:
         self.close_after = False
         self.received = 0       # bytes read since the last report to the host
         self.refused = None     # an HttpError to answer once the requests before it are
+        # A trusted proxy's word about the client is believed (http/proxy.py);
+        # with the PROXY protocol its header comes first, and nothing else does.
+        self.believed = host.trusted.peer(remote[0]) if host.trusted else False
+        self.preamble = b"" if host.proxy_protocol else None
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
@@ -128,6 +144,10 @@ class Connection:
         if self.state == LINGERING:
             return  # discarding what the client still sends after our close
         self.received += len(data)
+        if self.preamble is not None:
+            data = self.take_preamble(data)
+            if not data:
+                return
         reader = self.reader
         was_in_message = reader.in_message
         try:
@@ -171,6 +191,28 @@ class Connection:
             return self.abort()
         self.close()   # idle keep-alive, or lingering done
 
+    def take_preamble(self, data):
+        """The PROXY header, from a trusted peer only: -> the bytes after it
+        (b"" while it is incomplete). Anything else closes without a word:
+        what follows is not HTTP from a client we know."""
+        if not self.believed:
+            self.close()
+            return b""
+        buffered = self.preamble + data
+        try:
+            parsed = parse_proxy_header(buffered)
+        except BadProxyHeader:
+            self.close()
+            return b""
+        if parsed is None:
+            self.preamble = buffered
+            return b""
+        consumed, client = parsed
+        self.preamble = None
+        if client is not None:
+            self.base = dict(self.base, REMOTE_ADDR=client[0], REMOTE_PORT=client[1])
+        return buffered[consumed:]
+
     # -- what the worker may ask ---------------------------------------------
     def idle(self) -> bool:
         """Between requests on a kept-alive connection: nothing half-read,
@@ -206,8 +248,10 @@ class Connection:
         ex.sr = StartResponse(self.write)
         app = host.app if request.target != b"*" else server_options   # OPTIONS *
         try:
-            ex.environ = build_environ(request, self.base)
-            result = ex.result = app(ex.environ, ex.sr)
+            environ = ex.environ = build_environ(request, self.base)
+            if self.believed:
+                believe_forwarding(environ, host.trusted)
+            result = ex.result = app(environ, ex.sr)
         except HttpError as exc:
             return self.fail(exc)
         except Exception:

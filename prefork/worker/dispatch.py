@@ -35,17 +35,22 @@ def load_app(spec: str, pythonpath=()):
     return target
 
 
-def compose(app, status, static):
-    """The app behind the status endpoint and static files (either may be None)."""
-    if status is None and static is None:
+def compose(app, status, static, health=None):
+    """The app behind the status endpoint, the health path and static files
+    (any may be None). The server's own paths are matched on the raw target
+    too, so an encoded form (/%5Fstatus) that a proxy's literal deny rule
+    would not catch never reaches them: it goes to the app like any path."""
+    if status is None and static is None and health is None:
         return app
-    status_path = status.path if status is not None else None
+    own = {handler.path: handler for handler in (status, health) if handler is not None}
     prefix = static.prefix if static is not None else None
 
     def dispatch(environ, start_response):
         path = environ["PATH_INFO"]
-        if path == status_path:
-            return status(environ, start_response)
+        handler = own.get(path)
+        if handler is not None and \
+                environ["RAW_URI"].partition("?")[0] == environ["SCRIPT_NAME"] + path:
+            return handler(environ, start_response)
         if prefix is not None:
             if path.startswith(prefix):
                 return static.serve(environ, start_response, path[len(prefix):])
@@ -53,6 +58,20 @@ def compose(app, status, static):
                 return static.app_or_index(app, environ, start_response)
         return app(environ, start_response)
     return dispatch
+
+
+class Health:
+    """[status] health: 200 while this worker takes traffic, 503 once it drains."""
+
+    def __init__(self, path, worker):
+        self.path = path
+        self.worker = worker
+
+    def __call__(self, environ, start_response):
+        draining = self.worker.draining
+        start_response("503 Service Unavailable" if draining else "200 OK",
+                       [("Content-Type", "text/plain"), ("Cache-Control", "no-store")])
+        return [b"draining\n" if draining else b"ok\n"]
 
 
 def read_only(start_response):

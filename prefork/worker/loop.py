@@ -33,13 +33,14 @@ from setproctitle import setproctitle
 from .. import scoreboard as sb
 from .. import templates
 from ..http.errors import AppError
+from ..http.proxy import Trusted
 from ..http.response import http_date
 from ..ipc import die_with_parent
-from ..signals import DUMP_SIGNAL, SignalInbox
+from ..signals import DRAIN_SIGNAL, DUMP_SIGNAL, SignalInbox
 from ..sockets import queue_depth
 from ..stats import WorkerStats
 from .connection import Connection
-from .dispatch import compose, load_app
+from .dispatch import Health, compose, load_app
 from .logship import AccessLog, install_worker_logging
 from .static import StaticFiles
 from .status import StatusApp
@@ -52,7 +53,6 @@ FRESH_SECONDS = 0.002   # a ready list older than this is refreshed mid-round
 IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful stop
 ACCEPT_PAUSE = 0.5   # seconds without accepting after running out of descriptors (as nginx)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-PRERENDERED = (400, 404, 408, 413, 414, 431, 500, 501, 503, 505, 507)
 log = logging.getLogger("prefork.worker")
 
 
@@ -89,6 +89,9 @@ class Worker:
         self.limits = config.http
         self.http = config.http
         self.script_name = config.server.script_name
+        self.trusted = Trusted(config.proxy.trusted)
+        self.proxy_protocol = config.proxy.proxy_protocol
+        self.draining = False            # health answers 503 ([workers] drain_time)
         self.server_name = config.http.server_header
         self.conns = {}
         self.stopping = False
@@ -120,9 +123,8 @@ class Worker:
     def boot(self, report_fd):
         setproctitle(f"prefork: worker {self.slot}")
         die_with_parent()   # a master killed with -9 leaves no worker holding the port
-        self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+        self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, DRAIN_SIGNAL])
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.scoreboard.claim(self.slot, os.getpid(), self.generation, time.monotonic())
         faulthandler.register(DUMP_SIGNAL, file=report_fd, all_threads=True, chain=False)
         try:
@@ -134,7 +136,8 @@ class Worker:
             status = (StatusApp(self.config.status, self.sink, self.scoreboard, self.templates)
                       if self.config.status.enabled else None)
             static = StaticFiles(self.config.static) if self.config.static.enabled else None
-            self.app = compose(app, status, static)
+            health = Health(self.config.status.health, self) if self.config.status.health else None
+            self.app = compose(app, status, static, health)
         except BaseException:
             os.write(report_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
             os._exit(BOOT_FAILED)
@@ -142,8 +145,6 @@ class Worker:
         self.poller.register(self.inbox.wakeup_fd, select.EPOLLIN)
         for fd in self.listeners:
             self.poller.register(fd, select.EPOLLIN)
-        for status in PRERENDERED:
-            self.error_page(status)
         self.scoreboard.set_state(self.slot, sb.IDLE)
         os.write(report_fd, b"OK\n")
 
@@ -304,7 +305,9 @@ class Worker:
 
     def on_signals(self, signums):
         for signum in signums:
-            if signum == signal.SIGTERM:
+            if signum == DRAIN_SIGNAL:
+                self.draining = True   # health says 503; serving goes on
+            elif signum == signal.SIGTERM:
                 self.begin_graceful_stop()
             else:
                 self.exit(0)
@@ -399,9 +402,10 @@ class Worker:
         self.stats.timeouts += 1
 
     def error_page(self, status):
-        """templates/error.html rendered once per status (bytes). The common
-        ones are rendered at boot: rendering needs files and imports, which a
-        worker out of descriptors cannot have; then a plain page is sent."""
+        """templates/error.html rendered once per status (bytes). Rendering
+        needs files and imports (jinja2 is imported on first use, to keep it
+        out of idle workers), which a worker out of descriptors cannot have:
+        then a plain page is sent, and rendering is tried again next time."""
         page = self._error_pages.get(status)
         if page is None:
             try:

@@ -235,3 +235,21 @@ def test_children_an_app_forks_are_reaped(server):
                     pass   # reaped while we looked
         return any(found)
     wait_for(lambda: not zombies(), message="no zombie children")
+
+
+def test_an_encoded_status_path_is_not_the_status_path(server):
+    """A proxy denying the literal /_status must not be bypassed by encoding it."""
+    assert server.get("/_status").status_code == 200
+    for path in (b"/%5Fstatus", b"/_statu%73", b"/%5f%73tatus"):   # raw: requests would unquote
+        reply = server.raw(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404 ")   # the app's answer, not the status page
+
+
+def test_drain_time_keeps_serving_with_health_503_then_stops(make_server):
+    server = make_server(extra="[status]\nhealth = \"/_health\"\n[workers]\ndrain_time = 2\n")
+    assert server.get("/_health").status_code == 200
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: server.get("/_health").status_code == 503, message="health 503")
+    assert server.get("/").status_code == 200          # still serving while it drains
+    assert server.status()["server"]["state"] == "draining"
+    assert server.proc.wait(20) == 0                  # then a graceful stop

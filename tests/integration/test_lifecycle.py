@@ -8,8 +8,9 @@ import time
 
 import psutil
 import requests
+import socket
 
-from tests.conftest import PREFORK, ROOT, wait_for, write_config
+from tests.conftest import PREFORK, ROOT, read_until_close, wait_for, write_config
 
 
 class Load:
@@ -278,3 +279,43 @@ def test_worker_processes_are_named(server):
     titles = {" ".join(child.cmdline()).strip() for child in master.children()}
     assert "prefork: worker 0" in titles and "prefork: worker 1" in titles
     assert " ".join(master.cmdline()).strip() == "prefork: master"
+
+
+def test_unix_socket_listener_mode_and_group_and_no_clash_with_the_control_socket(tmpdir_short):
+    import grp
+    import stat as stat_module
+
+    from tests.conftest import Server
+    path = os.path.join(tmpdir_short, "http.sock")
+    group = grp.getgrgid(os.getgid()).gr_name
+    config = write_config(tmpdir_short)
+    text = open(config).read().replace(
+        'pidfile = "prefork.pid"', f'pidfile = "prefork.pid"\nsocket_mode = "0666"\n'
+                                   f'socket_group = "{group}"\nbind = ["unix:{path}"]')
+    text = text.replace('bind = ["127.0.0.1:0"]\n', "")
+    with open(config, "w") as fh:
+        fh.write(text)
+    server = Server(tmpdir_short, config)
+    try:
+        wait_for(lambda: "ready" in server.stdout() or server.proc.poll() is not None,
+                 message="ready")
+        check_unix_listener(server, path, tmpdir_short, stat_module)
+    finally:
+        server.stop(graceful=False)
+        server.kill_all()
+
+
+def check_unix_listener(server, path, tmpdir_short, stat_module):
+    assert stat_module.S_IMODE(os.stat(path).st_mode) == 0o666
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(b"GET /environ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = read_until_close(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and b"\nREMOTE_ADDR=\n" in reply   # none made up
+    clash = os.path.join(tmpdir_short, "clash.toml")   # the control socket's own path
+    with open(clash, "w") as fh:
+        fh.write('[server]\npidfile = "p.pid"\nbind = ["unix:p.sock"]\n')
+    result = subprocess.run([sys.executable, PREFORK, "check", "-c", clash],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "control socket" in result.stderr

@@ -7,6 +7,7 @@ import pytest
 
 from prefork.config import HttpConfig
 from prefork.http.errors import AppError
+from prefork.http.proxy import Trusted
 from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
 from prefork.worker.wsgi import FileWrapper
 
@@ -21,6 +22,8 @@ class FakeHost:
         self.server_name = "prefork"
         self.fixed_headers = f"Server: prefork\r\nDate: {self.date}\r\n"
         self.script_name = http.pop("script_name", "")
+        self.trusted = Trusted(http.pop("trusted", ()))
+        self.proxy_protocol = http.pop("proxy_protocol", False)
         self.http = self.limits = HttpConfig(**http)
         self.app = app
         self.wsgi_errors = None
@@ -74,12 +77,18 @@ class Pair:
     """A connection on one end of a socketpair, the client on the other; run()
     plays the worker loop: deliver readable/writable events until quiet."""
 
-    def __init__(self, app=hello, **http):
+    def __init__(self, app=hello, family=socket.AF_UNIX, **http):
         self.host = FakeHost(app, **http)
-        server, self.client = socket.socketpair()
+        if family == socket.AF_UNIX:
+            server, self.client = socket.socketpair()
+        else:   # a TCP pair on loopback, for what depends on the peer's address
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                self.client = socket.create_connection(listener.getsockname())
+                server, _ = listener.accept()
         server.setblocking(False)
         self.client.settimeout(5)
-        self.conn = Connection(self.host, server, ("10.0.0.1", 5555), ("10.0.0.2", 80))
+        peer = ("10.0.0.1", 5555) if family == socket.AF_UNIX else server.getpeername()
+        self.conn = Connection(self.host, server, peer, ("10.0.0.2", 80))
 
     def run(self, turns=10_000):
         for _ in range(turns):
