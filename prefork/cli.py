@@ -22,21 +22,10 @@ import psutil
 from . import __version__, config as configmod
 from .master import control
 from .master.loop import Master
-from .master.upgrade import UPGRADE_ENV
+from .master.upgrade import REPORT_FD_ENV, UPGRADE_ENV
 
 DEFAULT_CONFIG = "conf/prefork.toml"
 CONFIG_ENV = "PREFORK_CONFIG"
-
-
-class ForegroundReporter:
-    def close_in_child(self):
-        pass
-
-    def ready(self, pid, urls, workers):
-        print(ready_line(pid, urls, workers), flush=True)
-
-    def failed(self, message):
-        print(f"prefork: start failed: {message}", file=sys.stderr, flush=True)
 
 
 class PipeReporter:
@@ -70,6 +59,24 @@ class PipeReporter:
         self._send("FAIL " + message)
 
 
+class ForegroundReporter(PipeReporter):
+    """Prints how boot went; a master started by `upgrade` also reports it on
+    the pipe its predecessor gave it (REPORT_FD_ENV), so a failure is known
+    at once, with its reason."""
+
+    def __init__(self):
+        fd = os.environ.pop(REPORT_FD_ENV, "")
+        super().__init__(int(fd) if fd.isdigit() else None)
+
+    def ready(self, pid, urls, workers):
+        print(ready_line(pid, urls, workers), flush=True)
+        super().ready(pid, urls, workers)
+
+    def failed(self, message):
+        print(f"prefork: start failed: {message}", file=sys.stderr, flush=True)
+        super().failed(message)
+
+
 def ready_line(pid, urls, workers):
     return f"prefork: ready: master pid {pid}, {workers} workers, listening on {' '.join(urls)}"
 
@@ -94,16 +101,22 @@ def parse_args(argv):
                 p.add_argument(flag, dest=key, action="append", help=doc + " (repeatable)")
             else:
                 p.add_argument(flag, dest=key, help=doc)
-    p = command("stop", "stop the server (graceful)")
+    def control(name, help_text):
+        """A command for a running master: found by its config, or --pidfile."""
+        p = command(name, help_text)
+        p.add_argument("--pidfile", help="the pidfile `start --pidfile` was given")
+        return p
+
+    p = control("stop", "stop the server (graceful)")
     p.add_argument("--fast", action="store_true", help="do not wait for in-flight requests")
-    command("reload", "reload config and app with no downtime")
-    p = command("status", "what the server and each worker is doing")
+    control("reload", "reload config and app with no downtime")
+    p = control("status", "what the server and each worker is doing")
     p.add_argument("--json", action="store_true")
     command("check", "validate the config and import the app")
-    p = command("scale", "set the number of workers")
+    p = control("scale", "set the number of workers")
     p.add_argument("workers", type=int)
-    command("reopen", "reopen log files (after logrotate)")
-    command("upgrade", "re-exec the master on the same sockets (zero downtime)")
+    control("reopen", "reopen log files (after logrotate)")
+    control("upgrade", "re-exec the master on the same sockets (zero downtime)")
     return parser.parse_args(argv)
 
 
@@ -123,8 +136,8 @@ def overrides_from(args) -> dict:
         if key == "bind":
             value = [b if not b.startswith("unix:") else "unix:" + os.path.abspath(b[5:])
                      for b in value]
-        elif key == "pidfile":
-            value = os.path.abspath(value)
+        elif key in ("pidfile", "access_log", "error_log") and value not in ("", "-"):
+            value = os.path.abspath(value)   # a path on the command line is the shell's
         overrides.setdefault(section, {})[key] = value
     return overrides
 
@@ -352,19 +365,19 @@ def cmd_upgrade(args, config) -> int:
     if old is None:
         print(f"prefork: not running (no live master in {config.server.pidfile})", file=sys.stderr)
         return 1
-    os.kill(old, signal.SIGUSR2)
-    timeout = config.workers.boot_timeout + config.workers.graceful_timeout + 15
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        new = live_master_pid(config)
-        if new not in (None, old):
-            if wait_gone(old, max(1.0, deadline - time.monotonic())):
-                print(f"prefork: upgraded: master pid {new} replaced {old}")
-                return 0
-            break
-        time.sleep(0.1)
-    print(f"prefork: upgrade did not complete within {timeout:g}s; see {config.logging.error_log}",
-          file=sys.stderr)
+    answer = ask_master(config, {"cmd": "upgrade"}, config.workers.boot_timeout + 15)
+    if answer is None:
+        return 1
+    if not answer.get("ok"):
+        print(f"prefork: upgrade failed (master pid {old} keeps serving): {answer.get('error')}",
+              file=sys.stderr)
+        return 1
+    timeout = config.workers.graceful_timeout + config.workers.kill_grace + 10
+    if wait_gone(old, timeout):
+        print(f"prefork: upgraded: master pid {answer['pid']} replaced {old}")
+        return 0
+    print(f"prefork: the new master pid {answer['pid']} serves, but the old one ({old}) is "
+          f"still there after {timeout:g}s; see {config.logging.error_log}", file=sys.stderr)
     return 1
 
 
@@ -387,10 +400,21 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except BrokenPipeError:
+        # `prefork status | head`: the reader left; nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args)
     except configmod.ConfigError as exc:
+        if args.command == "start" and args.foreground and REPORT_FD_ENV in os.environ:
+            PipeReporter(int(os.environ[REPORT_FD_ENV])).failed(f"config error: {exc}")
         print(f"prefork: config error: {exc}", file=sys.stderr)
         return 2
     return COMMANDS[args.command](args, config)

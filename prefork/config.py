@@ -19,6 +19,7 @@ import dataclasses
 import json
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 
@@ -233,9 +234,9 @@ def _check_when(value):
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    access_log: str = _setting("logs/access.log", path=True, doc="""\
+    access_log: str = _setting("logs/access.log", path=True, flag="--access-log", doc="""\
 Access log: a path, "-" for standard output, or "" to turn it off.""")
-    error_log: str = _setting("logs/error.log", path=True, doc="""\
+    error_log: str = _setting("logs/error.log", path=True, flag="--error-log", doc="""\
 Error log (start, stop, reload, worker exits, app tracebacks): a path or "-".""")
     level: str = _setting("info", _check_level, doc="""\
 Error log level: debug, info, warning, error or critical.""")
@@ -482,10 +483,26 @@ def load_for_control(path: str | None, overrides: dict | None = None) -> Config:
         try:
             server = _read(path).get("server", {}) if path else {}
         except ConfigError:
-            server = {}
+            server = _scan_locating_keys(path)   # not even TOML: read the two lines we need
         kept = {k: server[k] for k in ("base", "pidfile")
                 if isinstance(server, dict) and isinstance(server.get(k), str)}
-        return _build({"server": kept}, path, None)
+        pidfile = (overrides or {}).get("server", {}).get("pidfile")
+        return _build({"server": kept}, path, {"server": {"pidfile": pidfile}} if pidfile else None)
+
+
+def _scan_locating_keys(path) -> dict:
+    """base and pidfile from a file that does not parse: their lines as
+    written (`key = "value"`), the first of each."""
+    found = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                match = re.match(r'\s*(base|pidfile)\s*=\s*"([^"]*)"\s*(#.*)?$', line)
+                if match and match.group(1) not in found:
+                    found[match.group(1)] = match.group(2)
+    except OSError:
+        pass
+    return found
 
 
 def _build(data: dict, path: str | None, overrides: dict | None) -> Config:

@@ -22,10 +22,19 @@ class ControlError(Exception):
 
 
 class ControlServer:
-    def __init__(self, path: str):
+    def __init__(self, path: str, provisional: bool = False):
+        """provisional: a master started by `upgrade` binds beside the path and
+        takes the path over only once it is ready (promote), so that one that
+        fails leaves its predecessor reachable."""
         self.path = path
-        self.sock = bind_unix(path, 0o600, 16)   # only the owner may steer the master
-        self.inode = os.stat(path).st_ino
+        self.bound_at = f"{path}.{os.getpid()}" if provisional else path
+        self.sock = bind_unix(self.bound_at, 0o600, 16)   # only the owner may steer the master
+        self.inode = os.stat(self.bound_at).st_ino
+
+    def promote(self):
+        if self.bound_at != self.path:
+            os.replace(self.bound_at, self.path)
+            self.bound_at = self.path
 
     def accept(self):
         """-> (connection, request dict), or None when the client misbehaved."""
@@ -50,8 +59,8 @@ class ControlServer:
         self.sock.close()
         try:
             # After an upgrade the path is the new master's socket: leave it.
-            if unlink and os.stat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
+            if unlink and os.stat(self.bound_at).st_ino == self.inode:
+                os.unlink(self.bound_at)
         except OSError:
             pass
 

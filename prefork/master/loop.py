@@ -54,6 +54,7 @@ class Master:
         self.target = config.server.workers
         self.listeners = {}             # bind text -> socket
         self.starting = True            # until the first generation is ready
+        self.upgrading = False          # started by `upgrade`: pidfile and control path wait
         self.stopping = False
         self.draining_until = 0.0       # TERM with [workers] drain_time: serving until then
         self.finished = False
@@ -80,7 +81,8 @@ class Master:
     def run(self) -> int:
         setproctitle("prefork: master")
         raise_fd_limit()
-        self.files = LogFiles(self.config.logging, mirror_stderr=self.foreground and sys.stderr.isatty())
+        # In the foreground the error log goes to the terminal too (make run, containers).
+        self.files = LogFiles(self.config.logging, mirror_stderr=self.foreground)
         install_master_logging(self.files, self.config.logging.level)
         try:
             self.open_listeners()
@@ -90,8 +92,13 @@ class Master:
             return 1
         self.channels = MasterChannels(self.manager_must_close, worker_uid(self.config.server.user))
         self.inbox = SignalInbox(SIGNALS)
-        self.control = control.ControlServer(self.config.control_socket)
-        self.write_pidfile()
+        # A master started by `upgrade` takes the pidfile and the control
+        # socket's path only once it is ready: one that fails leaves its
+        # predecessor findable.
+        self.upgrading = bool(os.environ.get(upgrade.UPGRADE_ENV))
+        self.control = control.ControlServer(self.config.control_socket, self.upgrading)
+        if not self.upgrading:
+            self.write_pidfile()
         self.selector.register(self.inbox.wakeup_fd, selectors.EVENT_READ, self.on_wakeup)
         self.selector.register(self.control.sock, selectors.EVENT_READ, self.on_control)
         log.info("prefork %s starting: master pid %d, %d workers, app %s, listening on %s",
@@ -155,6 +162,7 @@ class Master:
     def supervise(self):
         now = self.now
         self.channels.check(now)
+        self.upgrader.watch()   # also while stopping: the new master's READY is why we stop
         self.pool.enforce(now, self.config.workers.boot_timeout)
         if self.stopping:
             self.finished = not len(self.pool)
@@ -171,13 +179,15 @@ class Master:
         self.pool.keep_size(self.target, self.config, self.generation, self.listeners, now)
         if self.starting and self.pool.ready_count(self.generation) >= self.target:
             self.on_ready()
-        self.upgrader.watch()
         if now - self.last_publish >= self.config.status.interval:
             self.last_publish = now
             self.channels.publish(self.snapshot())
 
     def on_ready(self):
         self.starting = False
+        if self.upgrading:
+            self.write_pidfile()
+            self.control.promote()
         log.info("ready: %d workers serving on %s", self.target, " ".join(self.urls()))
         self.reporter.ready(self.pid, self.urls(), self.target)
         systemd.notify("READY=1", f"MAINPID={self.pid}", self.status_line())
@@ -220,7 +230,8 @@ class Master:
             return
         if self.starting:
             log.error("worker %d failed to boot (%s):\n%s", rec.slot, gone.how, report)
-            self.reporter.failed(f"worker failed to boot ({gone.how}):\n{report}")
+            self.reporter.failed(f"worker failed to boot: {summarize_traceback(report)} "
+                                 f"(the error log has the traceback)")
             self.exit_code = 1
             return self.stop(graceful=False)
         # A crash loop is reported once with its traceback, then briefly.
@@ -301,12 +312,15 @@ class Master:
             control.reply(waiter, {"ok": True, "generation": self.generation,
                                    "urls": self.urls()})
 
-    def begin_upgrade(self):
+    def begin_upgrade(self, waiter=None):
         if self.upgrader.under_way or self.reloader.pending is not None or self.stopping:
-            log.warning("upgrade refused: %s", "one is under way" if self.upgrader.under_way
-                        else "a reload or stop is under way")
+            why = ("one is under way" if self.upgrader.under_way
+                   else "a reload or stop is under way")
+            log.warning("upgrade refused: %s", why)
+            if waiter:
+                control.reply(waiter, {"ok": False, "error": f"refused: {why}"})
             return
-        self.upgrader.begin(self.pid, self.config, self.overrides, self.listeners)
+        self.upgrader.begin(self.pid, self.config, self.overrides, self.listeners, waiter)
 
     def scale(self, workers) -> str | None:
         """Set the pool size; the reason when refused."""
@@ -359,6 +373,8 @@ class Master:
             control.reply(conn, {"ok": True, "status": self.snapshot()})
         elif name == "reload":
             self.begin_reload(waiter=conn)
+        elif name == "upgrade":
+            self.begin_upgrade(waiter=conn)
         elif name == "reopen":
             problem = self.reopen_logs()
             control.reply(conn, {"ok": False, "error": problem} if problem else {"ok": True})
@@ -409,6 +425,23 @@ class Master:
             pass
         log.info("stopped")
         self.files.close()
+
+
+def summarize_traceback(report: str) -> str:
+    """One line from a boot traceback: the exception and where in the user's
+    code it was raised (the last frame that is neither prefork's nor the
+    import machinery's)."""
+    lines = report.strip().splitlines()
+    if not lines:
+        return "no report"
+    where = ""
+    for line in lines:
+        text = line.strip()
+        if text.startswith('File "') and "/prefork/" not in text and "<frozen" not in text \
+                and "/importlib/" not in text:
+            path, _, rest = text[6:].partition('", line ')
+            where = f" ({os.path.basename(path)}:{rest.split(',')[0]})"
+    return lines[-1].strip() + where
 
 
 def raise_fd_limit():

@@ -119,3 +119,15 @@ def test_override_args_give_the_same_overrides_back():
     assert config.override_args(overrides) == [
         "--bind", "127.0.0.1:0", "--bind", "unix:/tmp/x.sock", "--workers", "3",
         "--app", "a:b", "--pidfile", "/tmp/p.pid"]
+
+
+def test_the_operations_files_say_what_upgrade_and_reload_need():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "conf", "prefork.service")) as fh:
+        unit = fh.read()
+    assert "\nNotifyAccess=all\n" in unit            # the new master of an upgrade is heard
+    assert "\nExecReload=/srv/app/bin/prefork reload " in unit   # waits for the outcome
+    assert "\nLimitNOFILE=65536\n" in unit
+    with open(os.path.join(root, "conf", "logrotate.example")) as fh:
+        rotate = fh.read()
+    assert "prefork reopen" in rotate and "max_bytes = 0" in rotate

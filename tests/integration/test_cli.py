@@ -1,0 +1,88 @@
+"""The command line as an operator meets it: exact exit codes and lines."""
+import os
+import subprocess
+import sys
+
+from tests.conftest import PREFORK, wait_for, write_config
+
+
+def run(*args, cwd=None, timeout=60):
+    return subprocess.run([sys.executable, PREFORK, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_a_broken_config_file_never_hides_the_running_master(server):
+    with open(server.config, "a") as fh:
+        fh.write("\n[server\nthis is not toml\n")
+    status = server.cli("status")
+    assert status.returncode == 0 and "master" in status.stdout
+    reload = server.cli("reload")
+    assert reload.returncode == 1 and "invalid TOML" in reload.stderr
+    stop = server.cli("stop")
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert server.proc.wait(20) == 0
+
+
+def test_control_commands_take_the_pidfile_start_was_given(tmpdir_short):
+    config = write_config(tmpdir_short)
+    pidfile = os.path.join(tmpdir_short, "elsewhere", "p.pid")
+    started = run("start", "-c", config, "--pidfile", pidfile, cwd=tmpdir_short)
+    assert started.returncode == 0, started.stderr
+    try:
+        assert run("status", "-c", config, "--pidfile", pidfile).returncode == 0
+        unreachable = run("status", "-c", config, cwd=tmpdir_short)
+        assert unreachable.returncode == 1
+    finally:
+        stop = run("stop", "-c", config, "--pidfile", pidfile)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+
+
+def test_start_with_an_app_that_fails_to_import_says_one_line(tmpdir_short):
+    config = write_config(tmpdir_short, app="tests.apps.broken:app")
+    result = run("start", "-c", config, cwd=tmpdir_short)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Error" in lines[0] and "broken.py:" in lines[0] and "error log" in lines[0]
+    with open(os.path.join(tmpdir_short, "logs", "error.log")) as fh:
+        assert "Traceback" in fh.read()
+
+
+def test_check_exits_2_on_a_config_error_and_flags_are_blamed_as_flags(tmpdir_short):
+    bad = os.path.join(tmpdir_short, "bad.toml")
+    with open(bad, "w") as fh:
+        fh.write("[server]\nworkers = 'many'\n")
+    result = run("check", "-c", bad)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    config = write_config(tmpdir_short)
+    flag = run("start", "-c", config, "--workers", "0", cwd=tmpdir_short)
+    assert flag.returncode == 2 and "--workers: must be between 1 and 128" in flag.stderr
+    assert config not in flag.stderr
+
+
+def test_status_into_a_closed_pipe_is_quiet(server):
+    result = subprocess.run(f"{sys.executable} {PREFORK} status -c {server.config} | head -c 10",
+                            shell=True, capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_reopen_says_what_it_did(server):
+    result = server.cli("reopen")
+    assert result.returncode == 0 and result.stdout.strip() == "prefork: log files reopened"
+
+
+def test_an_upgrade_that_cannot_start_fails_at_once_with_the_reason(server):
+    with open(server.config) as fh:
+        text = fh.read()
+    with open(server.config, "w") as fh:
+        fh.write(text.replace('app = "tests.apps.basic:app"', 'app = "tests.apps.broken:app"'))
+    result = server.cli("upgrade", timeout=60)
+    assert result.returncode == 1
+    assert "upgrade failed" in result.stderr and "Error" in result.stderr
+    assert server.get("/").status_code == 200   # the old master keeps serving
+    wait_for(lambda: server.status()["server"]["pid"] == server.pid, message="the old master")
+
+
+def test_the_foreground_error_log_reaches_the_terminal(server):
+    server.get("/crash")
+    wait_for(lambda: "app error on GET /crash" in server.stderr(), message="the error on stderr")
