@@ -17,7 +17,6 @@ import os
 import resource
 import selectors
 import signal
-import sys
 import time
 
 from setproctitle import setproctitle
