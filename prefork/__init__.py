@@ -8,3 +8,9 @@ __version__ = "0.1.0"
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUILTIN_TEMPLATES = os.path.join(ASSETS, "templates")
 BUILTIN_STATIC = os.path.join(ASSETS, "static")
+
+
+def title(role: str, name: str = "") -> str:
+    """A process title: "prefork: worker 3 [shop]" ([server] name tells
+    two instances apart in ps)."""
+    return f"prefork: {role} [{name}]" if name else f"prefork: {role}"

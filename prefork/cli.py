@@ -52,8 +52,8 @@ class PipeReporter:
             pass   # `start` was interrupted; nobody is waiting
         self.fd = None
 
-    def ready(self, pid, urls, workers):
-        self._send("READY " + ready_line(pid, urls, workers))
+    def ready(self, pid, urls, workers, serving=""):
+        self._send("READY " + ready_line(pid, urls, workers, serving))
 
     def failed(self, message):
         self._send("FAIL " + message)
@@ -68,17 +68,18 @@ class ForegroundReporter(PipeReporter):
         fd = os.environ.pop(REPORT_FD_ENV, "")
         super().__init__(int(fd) if fd.isdigit() else None)
 
-    def ready(self, pid, urls, workers):
-        print(ready_line(pid, urls, workers), flush=True)
-        super().ready(pid, urls, workers)
+    def ready(self, pid, urls, workers, serving=""):
+        print(ready_line(pid, urls, workers, serving), flush=True)
+        super().ready(pid, urls, workers, serving)
 
     def failed(self, message):
         print(f"prefork: start failed: {message}", file=sys.stderr, flush=True)
         super().failed(message)
 
 
-def ready_line(pid, urls, workers):
-    return f"prefork: ready: master pid {pid}, {workers} workers, listening on {' '.join(urls)}"
+def ready_line(pid, urls, workers, serving=""):
+    return (f"prefork: ready: master pid {pid}, {workers} workers, "
+            f"{serving + ', ' if serving else ''}listening on {' '.join(urls)}")
 
 
 def parse_args(argv):
@@ -96,9 +97,13 @@ def parse_args(argv):
     for name, text in (("start", "start the server"), ("restart", "stop, then start")):
         p = command(name, text)
         p.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the effective settings and where each came from, then exit")
         for flag, _, key, kind, doc in configmod.start_flags():
             if kind == "strlist":
                 p.add_argument(flag, dest=key, action="append", help=doc + " (repeatable)")
+            elif kind == "bool":
+                p.add_argument(flag, dest=key, action="store_const", const=True, help=doc)
             else:
                 p.add_argument(flag, dest=key, help=doc)
     def control(name, help_text):
@@ -189,6 +194,9 @@ def wait_gone(pid, timeout) -> bool:
 
 
 def cmd_start(args, config) -> int:
+    if args.print_config:
+        print(configmod.describe(config, config.source or None, overrides_from(args)))
+        return 0
     pid = live_master_pid(config)
     if pid is not None and str(pid) != os.environ.get(UPGRADE_ENV):
         print(f"prefork: already running (master pid {pid}, pidfile {config.server.pidfile})",

@@ -24,6 +24,9 @@ import tomllib
 from dataclasses import dataclass, field
 
 
+DEFAULT_APP = "prefork.apps.site:app"   # the built-in site
+
+
 class ConfigError(Exception):
     """One readable line: file, key, what is wrong."""
 
@@ -126,11 +129,20 @@ Addresses to listen on: "host:port", "[::1]:port" or "unix:/path/to.sock".
 Port 0 picks a free port (the ready line prints the real one).""")
     workers: int = _setting(2, _check_workers, kind="workers", flag="--workers", doc="""\
 Number of worker processes (1 to 128): an integer, or "auto" for one per CPU core.""")
-    app: str = _setting("prefork.apps.site:app", _check_app, flag="--app", doc="""\
+    app: str = _setting(DEFAULT_APP, _check_app, flag="--app", doc="""\
 The WSGI application, as "module:callable" (the callable may be dotted).""")
     script_name: str = _setting("", _check_mount, doc="""\
 The URL prefix the app is mounted under ("" or "/prefix"): it becomes
 SCRIPT_NAME, and PATH_INFO is the rest of the path.""")
+    chdir: str = _setting("", path=True, doc="""\
+Directory the workers change to before importing the app ("": stay in base).""")
+    name: str = _setting("", flag="--name", doc="""\
+A name for this instance in process titles: "prefork: master [name]"
+(two servers on one host are told apart in ps and top).""")
+    reload_on_change: bool = _setting(False, flag="--reload", doc="""\
+Development: reload (as HUP does) when a .py file of the app changes. The
+master polls the files' mtimes once a second: no extra dependency, and a few
+hundred stats a second cost nothing.""")
     pythonpath: tuple = _setting((), kind="strlist", path=True, doc="""\
 Extra directories put in front of sys.path before the app is imported.""")
     pidfile: str = _setting("logs/prefork.pid", path=True, flag="--pidfile", doc="""\
@@ -261,8 +273,10 @@ Gzip rotated files (in the background; the master's loop does not wait).""")
 
 @dataclass(frozen=True)
 class StatusConfig:
-    enabled: bool = _setting(True, doc="""\
-Serve live statistics at `path` (HTML; ?format=json; ?format=prometheus).""")
+    enabled: str = _setting("auto", kind="switch", doc="""\
+Serve live statistics at `path` (HTML; ?format=json; ?format=prometheus):
+true, false, or "auto": on for the built-in site, off for your own app (its
+URL space is its own until you say otherwise).""")
     path: str = _setting("/_status", _check_url_path)
     allow: tuple = _setting(("127.0.0.0/8", "::1/128"), _check_cidrs, kind="strlist", doc="""\
 Client addresses (CIDR) allowed to see it; others get 403.""")
@@ -279,11 +293,12 @@ Seconds between the statistics (and log lines) each worker ships to the master."
 
 @dataclass(frozen=True)
 class StaticConfig:
-    enabled: bool = _setting(True, doc="""\
+    enabled: str = _setting("auto", kind="switch", doc="""\
 Serve files from `root` under the URL prefix `url` (GET and HEAD; ETag,
 Last-Modified, 304, single ranges, precompressed .br/.gz siblings, sendfile).
 Paths under `url` never reach the app. For "/", the app is asked first and
-a 404 from it falls back to root/index.html.""")
+a 404 from it falls back to root/index.html. true, false, or "auto": on for
+the built-in site, or when `root` is set; off for your own app otherwise.""")
     url: str = _setting("/static/", _check_url_prefix)
     root: str = _setting("", path=True, doc="""\
 Directory served ("": the files shipped with prefork, prefork/assets/static).""")
@@ -339,7 +354,28 @@ class Config:
     static: StaticConfig = field(default_factory=StaticConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    env: tuple = ()   # [env]: (name, value) pairs set in the workers before the app loads
     source: str = ""  # the config file this came from ("" = built-in defaults)
+
+    def serves(self, section: str) -> bool:
+        """Is the server's own handler for "status" or "static" mounted? "auto"
+        mounts it only for the built-in site (or static when a root is set):
+        a user's app keeps its URL space."""
+        enabled = getattr(self, section).enabled
+        if enabled != "auto":
+            return enabled
+        return self.server.app == DEFAULT_APP or (section == "static" and bool(self.static.root))
+
+    def serving(self) -> str:
+        """What is served where, for the ready line."""
+        parts = [f"app {self.server.app} at {self.server.script_name or '/'}"]
+        if self.serves("static"):
+            parts.append(f"static files at {self.static.url}")
+        if self.serves("status"):
+            parts.append(f"status at {self.status.path}")
+        if self.status.health:
+            parts.append(f"health at {self.status.health}")
+        return ", ".join(parts)
 
     @property
     def control_socket(self) -> str:
@@ -367,12 +403,18 @@ def parse_bind(text: str):
 
 def _coerce(kind, default, value):
     """Check a TOML value against the setting's type; return (value, problem)."""
+    if isinstance(default, bool) and value in ("true", "false"):
+        value = value == "true"   # from a flag
     if kind == "strlist":
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return None, "expected a list of strings"
         return tuple(value), None
+    if kind == "switch":   # true, false or "auto" (decided by Config.serves)
+        if value in (True, False, "auto"):
+            return value, None
+        return None, 'expected true, false or "auto"'
     if kind == "workers":
         if value == "auto":
             return os.cpu_count() or 1, None
@@ -490,6 +532,17 @@ def load_for_control(path: str | None, overrides: dict | None = None) -> Config:
         return _build({"server": kept}, path, {"server": {"pidfile": pidfile}} if pidfile else None)
 
 
+def _env_table(table, path) -> tuple:
+    """[env]: environment variables for the app, strings only."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path or 'config'}: env: expected an [env] table")
+    for key, value in table.items():
+        if not isinstance(value, str) or not key or "=" in key:
+            raise ConfigError(f"{path or 'config'}: [env] {key}: expected a string value "
+                              f"(got {value!r})")
+    return tuple(table.items())
+
+
 def _scan_locating_keys(path) -> dict:
     """base and pidfile from a file that does not parse: their lines as
     written (`key = "value"`), the first of each."""
@@ -512,6 +565,7 @@ def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
         data.setdefault(name, {}).update(table)
 
     sections = {}
+    env = _env_table(data.pop("env", {}), path)
     for name, table in data.items():
         if name not in SECTIONS:
             raise ConfigError(f"{path or 'config'}: [{name}]: unknown section "
@@ -526,7 +580,7 @@ def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
     sections["server"] = _resolve_binds(dataclasses.replace(server, base=base), base)
     for name, cls in SECTIONS.items():
         sections[name] = _resolve_paths(sections.get(name, cls()), base)
-    config = Config(source=source, **sections)
+    config = Config(source=source, env=env, **sections)
     for bind in config.server.bind:
         if bind.startswith("unix:") and bind[5:] in (config.control_socket, config.server.pidfile):
             raise ConfigError(f"{path or 'config'}: [server] bind: {bind} is where the "
@@ -599,3 +653,27 @@ def override_args(overrides: dict) -> list:
         for item in (value if isinstance(value, (list, tuple)) else [value]):
             argv += [flag, str(item)]
     return argv
+
+
+def describe(config: Config, path: str | None, overrides: dict | None) -> str:
+    """The effective settings, each with where it came from (--print-config)."""
+    try:
+        from_file = _read(path) if path else {}
+    except ConfigError:
+        from_file = {}
+    lines = [f"# effective settings; file: {config.source or '(none: built-in defaults)'}"]
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        section = getattr(config, name)
+        for spec in dataclasses.fields(cls):
+            if name in (overrides or {}) and spec.name in overrides[name]:
+                origin = f"flag {spec.metadata['flag']}"
+            elif spec.name in from_file.get(name, {}):
+                origin = "file"
+            else:
+                origin = "default"
+            lines.append(f"{spec.name} = {_toml_value(getattr(section, spec.name))}   # {origin}")
+    if config.env:
+        lines.append("[env]")
+        lines += [f"{key} = {_toml_value(value)}   # file" for key, value in config.env]
+    return "\n".join(lines)

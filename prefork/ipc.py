@@ -99,7 +99,7 @@ Hub.register("logs_queue", callable=lambda: _logs_queue)
 Hub.register("board", callable=lambda: _board, exposed=("get", "set"))
 
 
-def _manager_init(inherited_fds):
+def _manager_init(inherited_fds, name):
     # The master's process group gets Ctrl-C and TERM; the master decides when
     # the Manager stops, so it must outlive the workers' last shipments.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
@@ -116,7 +116,9 @@ def _manager_init(inherited_fds):
     os.umask(0)
     multiprocessing.current_process().name = "prefork-manager"
     from setproctitle import setproctitle
-    setproctitle("prefork: manager")
+
+    from . import title
+    setproctitle(title("manager", name))
 
 
 def die_with_parent(signum=signal.SIGKILL) -> None:
@@ -149,10 +151,11 @@ class MasterChannels:
     """Master side: starts the Manager, checks it each tick, replaces it when
     it died or stopped answering, drains the queues, publishes snapshots."""
 
-    def __init__(self, inherited_fds, worker_uid=None):
+    def __init__(self, inherited_fds, worker_uid=None, name=""):
         """inherited_fds(): descriptors the Manager must close (it is forked
         from the master). worker_uid: a user the workers will run as."""
         self.inherited_fds = inherited_fds
+        self.name = name
         self.directory = tempfile.mkdtemp(prefix="prefork-")   # 0700
         if worker_uid is not None and os.geteuid() == 0:
             os.chown(self.directory, worker_uid, -1)   # workers running as it must connect
@@ -179,7 +182,7 @@ class MasterChannels:
         _forget_connections(self.address)
         self._hub = Hub(address=self.address, authkey=self.authkey,
                         ctx=multiprocessing.get_context("fork"))
-        self._hub.start(initializer=_manager_init, initargs=(self.inherited_fds(),))
+        self._hub.start(initializer=_manager_init, initargs=(self.inherited_fds(), self.name))
         self._last_start = time.monotonic()
         try:
             self._stats = self._hub.stats_queue()

@@ -35,6 +35,13 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
 
 def write_config(directory, app="tests.apps.basic:app", workers=2, extra="", logging=""):
     # [server] base is the temp directory; the tests' apps import from ROOT.
+    # The tests watch the status endpoint, which a user's app gets when asked for.
+    if "[status]\nenabled" in extra:
+        pass
+    elif "[status]\n" in extra:
+        extra = extra.replace("[status]\n", "[status]\nenabled = true\n", 1)
+    else:
+        extra += "\n[status]\nenabled = true\n"
     text = f"""
 [server]
 bind = ["127.0.0.1:0"]

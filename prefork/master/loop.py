@@ -21,7 +21,7 @@ import time
 
 from setproctitle import setproctitle
 
-from .. import __version__, sockets
+from .. import __version__, sockets, title
 from ..ipc import MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
@@ -30,6 +30,7 @@ from ..sockets import BindError, close_listener, describe, listener_for
 from ..stats import RateWindow, Totals
 from ..worker import loop as worker_loop
 from . import control, systemd, upgrade
+from .autoreload import CodeWatcher
 from .logfiles import LogFiles, install_master_logging
 from .pool import MAX_SLOTS, MAX_WORKERS, Pool
 from .reload import Reloader
@@ -64,7 +65,7 @@ class Master:
         self.rates = RateWindow()
         self.open_connections = {}      # pid -> latest gauge from its delta
         self.last_publish = 0.0
-        self.files = self.channels = self.inbox = self.control = None
+        self.files = self.channels = self.inbox = self.control = self.watcher = None
         self.selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard(MAX_SLOTS)
         self.pool = self.make_pool()
@@ -78,7 +79,7 @@ class Master:
 
     # -- start ------------------------------------------------------------------
     def run(self) -> int:
-        setproctitle("prefork: master")
+        setproctitle(title("master", self.config.server.name))
         raise_fd_limit()
         # In the foreground the error log goes to the terminal too (make run, containers).
         self.files = LogFiles(self.config.logging, mirror_stderr=self.foreground)
@@ -89,7 +90,9 @@ class Master:
             log.error("%s", exc)
             self.reporter.failed(str(exc))
             return 1
-        self.channels = MasterChannels(self.manager_must_close, worker_uid(self.config.server.user))
+        self.channels = MasterChannels(self.manager_must_close, worker_uid(self.config.server.user),
+                                       self.config.server.name)
+        self.watcher = CodeWatcher(self.config) if self.config.server.reload_on_change else None
         self.inbox = SignalInbox(SIGNALS)
         # A master started by `upgrade` takes the pidfile and the control
         # socket's path only once it is ready: one that fails leaves its
@@ -170,6 +173,11 @@ class Master:
             if now >= self.draining_until:
                 self.stop(graceful=True)
             return   # serving as is: no spawning, reloading or recycling while it drains
+        if self.watcher is not None and self.reloader.pending is None:
+            changed = self.watcher.changed(now)
+            if changed:
+                log.info("%s changed: reloading", changed)
+                self.begin_reload()
         committed = self.reloader.advance(now, self.generation, self.listeners)
         if committed is not None:
             self.adopt(committed)
@@ -188,7 +196,7 @@ class Master:
             self.write_pidfile()
             self.control.promote()
         log.info("ready: %d workers serving on %s", self.target, " ".join(self.urls()))
-        self.reporter.ready(self.pid, self.urls(), self.target)
+        self.reporter.ready(self.pid, self.urls(), self.target, self.config.serving())
         systemd.notify("READY=1", f"MAINPID={self.pid}", self.status_line())
         upgrade.retire_predecessor()
 

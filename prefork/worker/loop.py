@@ -31,6 +31,7 @@ import traceback
 from setproctitle import setproctitle
 
 from .. import scoreboard as sb
+from .. import title
 from .. import templates
 from ..http.errors import AppError
 from ..http.proxy import Trusted
@@ -121,7 +122,7 @@ class Worker:
 
     # -- boot -----------------------------------------------------------------
     def boot(self, report_fd):
-        setproctitle(f"prefork: worker {self.slot}")
+        setproctitle(title(f"worker {self.slot}", self.config.server.name))
         die_with_parent()   # a master killed with -9 leaves no worker holding the port
         self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, DRAIN_SIGNAL])
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -131,11 +132,14 @@ class Worker:
             self.sink.connect()
             self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
             drop_privileges(self.config.server.user, self.config.server.group)
+            os.environ.update(self.config.env)   # [env]: before the app reads them
+            if self.config.server.chdir:
+                os.chdir(self.config.server.chdir)
             app = load_app(self.config.server.app,
                            self.config.server.pythonpath + (self.config.server.base,))
             status = (StatusApp(self.config.status, self.sink, self.scoreboard, self.templates)
-                      if self.config.status.enabled else None)
-            static = StaticFiles(self.config.static) if self.config.static.enabled else None
+                      if self.config.serves("status") else None)
+            static = StaticFiles(self.config.static) if self.config.serves("static") else None
             health = Health(self.config.status.health, self) if self.config.status.health else None
             self.app = compose(app, status, static, health)
         except BaseException:

@@ -63,7 +63,7 @@ def make_worker(app_spec, settings=()):
         overrides.setdefault(section, {})[key] = tomllib.loads(f"v = {value}")["v"]
     config = config_mod.load(None, overrides)
     worker = Worker(config, [], Scoreboard(1), 0, 1, os.getppid(), NullSink())
-    static = StaticFiles(config.static) if config.static.enabled else None
+    static = StaticFiles(config.static) if config.serves("static") else None
     worker.app = compose(load_app(app_spec, (ROOT, os.path.join(ROOT, "tests", "bench"))),
                          None, static)
     worker.poller = select.epoll()

@@ -86,3 +86,59 @@ def test_an_upgrade_that_cannot_start_fails_at_once_with_the_reason(server):
 def test_the_foreground_error_log_reaches_the_terminal(server):
     server.get("/crash")
     wait_for(lambda: "app error on GET /crash" in server.stderr(), message="the error on stderr")
+
+
+def test_development_reload_env_chdir_name_and_print_config(tmpdir_short):
+    from tests.conftest import Server
+    app_file = os.path.join(tmpdir_short, "devapp.py")
+    source = ('import os\n'
+              'def app(environ, start_response):\n'
+              '    start_response("200 OK", [("Content-Type", "text/plain")])\n'
+              '    return [("%s " + os.environ["GREETING"] + " " + os.getcwd()).encode()]\n')
+    with open(app_file, "w") as fh:
+        fh.write(source % "v1")
+    os.makedirs(os.path.join(tmpdir_short, "work"))
+    config = write_config(tmpdir_short, app="devapp:app",
+                          extra='[env]\nGREETING = "hello"\n')
+    text = open(config).read().replace(
+        'pythonpath = [', f'chdir = "work"\nname = "shop"\npythonpath = ["{tmpdir_short}", ')
+    with open(config, "w") as fh:
+        fh.write(text)
+    printed = run("start", "-c", config, "--print-config", "--reload", cwd=tmpdir_short)
+    assert printed.returncode == 0
+    assert 'reload_on_change = true   # flag --reload' in printed.stdout
+    assert 'name = "shop"   # file' in printed.stdout and "backlog = 2048   # default" in printed.stdout
+    server = Server(tmpdir_short, config, args=("--reload",)).wait_ready()
+    try:
+        body = server.get("/").text
+        assert body == f"v1 hello {os.path.join(tmpdir_short, 'work')}"
+        import psutil
+        titles = {" ".join(p.cmdline()).strip() for p in [psutil.Process(server.pid)]
+                  + psutil.Process(server.pid).children()}
+        assert "prefork: master [shop]" in titles and "prefork: worker 0 [shop]" in titles
+        with open(app_file, "w") as fh:
+            fh.write(source % "v2")
+        os.utime(app_file, ns=(1, 10**18))   # a surely different mtime
+        wait_for(lambda: server.get("/").text.startswith("v2"), timeout=20, message="v2 served")
+    finally:
+        server.stop(graceful=False)
+        server.kill_all()
+
+
+def test_a_users_app_keeps_its_url_space_unless_told_otherwise(tmpdir_short):
+    from tests.conftest import Server
+    config = os.path.join(tmpdir_short, "user.toml")
+    with open(config, "w") as fh:
+        fh.write(f'[server]\nbind = ["127.0.0.1:0"]\napp = "tests.apps.flask_app:app"\n'
+                 f'pythonpath = ["{os.path.dirname(os.path.dirname(os.path.dirname(__file__)))}"]\n'
+                 f'pidfile = "p.pid"\n[logging]\naccess_log = "a.log"\nerror_log = "e.log"\n')
+    server = Server(tmpdir_short, config).wait_ready()
+    try:
+        assert "app tests.apps.flask_app:app at /, listening on" in server.stdout()
+        assert "status at" not in server.stdout() and "static files at" not in server.stdout()
+        assert server.get("/_status").status_code == 404          # Flask's own 404
+        # prefork's own stylesheet would be here if its static files were mounted
+        assert server.get("/static/style.css").status_code == 404
+    finally:
+        server.stop(graceful=False)
+        server.kill_all()

@@ -57,7 +57,7 @@ def test_workers_auto():
     ("[http]\nkeepalive_timeout = 'soon'\n", ["[http] keepalive_timeout", "number"]),
     ("[logging]\nlevel = 'loud'\n", ["[logging] level", "one of"]),
     ("[status]\nallow = ['not-a-net']\n", ["[status] allow", "CIDR"]),
-    ("[status]\nenabled = 'yes'\n", ["[status] enabled", "true or false"]),
+    ("[status]\nenabled = 'yes'\n", ["[status] enabled", 'true, false or "auto"']),
     ("[server\n", ["invalid TOML"]),
 ])
 def test_errors_name_file_key_and_problem_on_one_line(tmp_path, text, words):

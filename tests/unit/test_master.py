@@ -15,7 +15,7 @@ class Reporter:
     def __init__(self):
         self.ready_calls, self.failures = [], []
 
-    def ready(self, pid, urls, workers):
+    def ready(self, pid, urls, workers, serving=""):
         self.ready_calls.append(workers)
 
     def failed(self, message):
