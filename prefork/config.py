@@ -661,12 +661,13 @@ def describe(config: Config, path: str | None, overrides: dict | None) -> str:
         from_file = _read(path) if path else {}
     except ConfigError:
         from_file = {}
+    overrides = overrides or {}
     lines = [f"# effective settings; file: {config.source or '(none: built-in defaults)'}"]
     for name, cls in SECTIONS.items():
         lines.append(f"[{name}]")
         section = getattr(config, name)
         for spec in dataclasses.fields(cls):
-            if name in (overrides or {}) and spec.name in overrides[name]:
+            if spec.name in overrides.get(name, {}):
                 origin = f"flag {spec.metadata['flag']}"
             elif spec.name in from_file.get(name, {}):
                 origin = "file"
