@@ -29,6 +29,7 @@ class Templates:
             import jinja2
             self._env = jinja2.Environment(loader=jinja2.FileSystemLoader(self.directory),
                                            autoescape=True, auto_reload=False)
+            self._env.filters["bytes"] = human_bytes
         return self._env
 
     def render(self, template: str, fallback: str, /, **context) -> str:
@@ -50,6 +51,16 @@ class Templates:
         return self.render("error.html", ERROR_FALLBACK, status=status,
                            reason=REASONS.get(status, "Error"),
                            detail=detail or ERROR_DETAILS.get(status, ""))
+
+
+def human_bytes(count) -> str:
+    """22113831 -> "21.1 MiB" (the dashboard's units; its script does the same)."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 _shared = None

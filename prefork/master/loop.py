@@ -188,6 +188,7 @@ class Master:
             self.on_ready()
         if now - self.last_publish >= self.config.status.interval:
             self.last_publish = now
+            self.snapshots.sample(self.totals, now, time.time())
             self.channels.publish(self.snapshot())
 
     def on_ready(self):

@@ -248,6 +248,8 @@ class Pool:
         failure = rec.report.failure
         if failure is None and rec.state == "booting" and not rec.killed:
             failure = f"exited while booting ({Exit(rec, code, None).how})"
+        if rec.state == "stopping" and not rec.killed:
+            failure = None   # asked to go before it booted (an aborted reload): not a failure
         exit = Exit(rec, code, failure)
         if failure is not None:
             self.exits["crashed"] += 1

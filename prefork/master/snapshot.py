@@ -8,6 +8,7 @@ Must not: change anything in the master: it reads the View it is given.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import platform
 
@@ -41,11 +42,29 @@ class View:
     manager: dict            # the Manager channel: pid, restarts, state
 
 
+HISTORY_POINTS = 300   # samples of the traffic charts: 5 minutes at the default interval
+
+
 class SnapshotBuilder:
     def __init__(self, scoreboard):
         self.scoreboard = scoreboard
         self._processes = {}          # pid -> psutil.Process
         self.listen_queue_max = 0
+        # (wall time, requests/s, p50, p99) per interval, for the dashboard's charts
+        self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
+        self._last_sample = None      # (monotonic time, requests, histogram)
+
+    def sample(self, totals, now: float, wall: float) -> None:
+        """One point of the charts: the interval's rate and percentiles (from
+        the histogram's growth since the last point, not the totals')."""
+        counts = list(totals.histogram)
+        if self._last_sample is not None:
+            then, requests, before = self._last_sample
+            grown = [a - b for a, b in zip(counts, before, strict=True)]
+            rate = (totals.requests - requests) / (now - then) if now > then else 0.0
+            self.history.append((round(wall, 1), round(rate, 1), percentile(grown, 0.50),
+                                 percentile(grown, 0.99)))
+        self._last_sample = (now, totals.requests, counts)
 
     def process_figures(self, pid: int) -> tuple:
         """(rss bytes, cpu percent since the last call) for a worker."""
@@ -121,4 +140,6 @@ class SnapshotBuilder:
             "workers": rows,
             "logs": view.logs,
             "manager": view.manager,
+            "history": {key: [point[i] for point in self.history]
+                        for i, key in enumerate(("t", "rps", "p50", "p99"))},
         }

@@ -57,7 +57,8 @@ class StatusApp:
         else:
             body = self.templates.render("status.html", HTML_FALLBACK, s=snapshot,
                                          refresh=max(1, int(self.interval * 2)),
-                                         json=json.dumps(snapshot, indent=1)).encode()
+                                         json=json.dumps(snapshot, indent=1),
+                                         charts=charts(snapshot["history"])).encode()
             ctype = "text/html; charset=utf-8"
         start_response("200 OK", [("Content-Type", ctype), ("Cache-Control", "no-store")])
         return [body]
@@ -66,6 +67,23 @@ class StatusApp:
     def plain(start_response, status, text):
         start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
         return [text.encode()]
+
+
+CHART_W, CHART_H = 600, 120
+
+
+def charts(history) -> dict:
+    """SVG polyline points for the traffic charts, scaled 0 to the largest
+    value shown (the page's script redraws them from the JSON the same way)."""
+    def points(series, top):
+        step = CHART_W / max(1, len(series) - 1)
+        return " ".join(f"{i * step:.1f},{CHART_H - v / top * (CHART_H - 4):.1f}"
+                        for i, v in enumerate(series))
+    rps_top = max(history["rps"], default=0) or 1
+    latency_top = max(history["p50"] + history["p99"], default=0) or 1
+    return {"rps": points(history["rps"], rps_top), "rps_max": rps_top,
+            "p50": points(history["p50"], latency_top), "p99": points(history["p99"], latency_top),
+            "latency_max": latency_top}
 
 
 def negotiate(environ) -> str:
@@ -162,4 +180,18 @@ def prometheus(s) -> str:
             [({"slot": w["slot"]}, w["cpu"]) for w in workers])
     _metric(lines, "prefork_worker_age_seconds", "gauge", "Seconds since the worker started.",
             [({"slot": w["slot"]}, w["age"]) for w in workers])
+    reloads = pool.get("reloads", {})
+    _metric(lines, "prefork_reloads_total", "counter", "Reloads by outcome.",
+            [({"result": "ok"}, reloads.get("ok", 0)), ({"result": "failed"}, reloads.get("failed", 0))])
+    logs = s.get("logs", {})
+    _metric(lines, "prefork_log_healthy", "gauge", "1 while the log file is written without error.",
+            [({"log": k}, int(not v["error"])) for k, v in logs.items()])
+    _metric(lines, "prefork_log_lost_lines_total", "counter", "Lines the master could not write.",
+            [({"log": k}, v["lost_lines"]) for k, v in logs.items()])
+    _metric(lines, "prefork_lost_log_lines_total", "counter",
+            "Lines workers dropped while the Manager was unreachable.",
+            [({}, totals.get("lost_log_lines", 0))])
+    manager = s.get("manager", {})
+    _metric(lines, "prefork_manager_restarts_total", "counter", "Manager processes replaced.",
+            [({}, manager.get("restarts", 0))])
     return "\n".join(lines) + "\n"
