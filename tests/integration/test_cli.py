@@ -142,3 +142,10 @@ def test_a_users_app_keeps_its_url_space_unless_told_otherwise(tmpdir_short):
     finally:
         server.stop(graceful=False)
         server.kill_all()
+
+
+def test_access_log_dash_goes_to_stdout_in_the_foreground(make_server):
+    server = make_server(args=("--access-log", "-"))
+    server.get("/hello?from=stdout")
+    wait_for(lambda: '"GET /hello?from=stdout HTTP/1.1" 200' in server.stdout(),
+             message="the access line on stdout")
