@@ -17,6 +17,9 @@ Rules:
 - While the Manager is away a worker keeps its unshipped stats and up to
   HOLD_BYTES of log lines and ships them afterwards; lines beyond that are
   counted (StatsDelta.lost_lines) and reported, never silently dropped.
+- Log batches are (kind, text, pid, lines shipped before it): a Manager that
+  dies with batches in its queue leaves a gap the master counts (LineLedger),
+  and a batch sent twice (its answer timed out, but it had arrived) is dropped.
 - The Manager holds no listening socket and no log file (they are closed in it
   at start), ignores the signals meant for the master's process group, and
   dies with the master (PR_SET_PDEATHSIG).
@@ -147,6 +150,32 @@ def _abandon(*proxies):
             close.cancel()
 
 
+class LineLedger:
+    """Master side: per worker, the lines expected next; counts gaps, drops repeats."""
+
+    def __init__(self):
+        self.expected: dict[int, int] = {}
+        self.lost = 0
+
+    def admit(self, pid: int, before: int, lines: int) -> bool:
+        """True when the batch is new (write it); counts a gap before it."""
+        expected = self.expected.get(pid, 0)   # every worker's first batch starts at 0
+        if before < expected:
+            return False              # already written
+        if before > expected:
+            self.lost += before - expected
+            log.error("%d log line(s) from worker pid %d were lost with a manager",
+                      before - expected, pid)
+        self.expected[pid] = before + lines
+        return True
+
+    def prune(self, alive) -> None:
+        """Forget workers long gone (a late batch of theirs may still come
+        after the reap, so not at once: when the table grows)."""
+        if len(self.expected) > 1024:
+            self.expected = {pid: n for pid, n in self.expected.items() if pid in alive}
+
+
 class MasterChannels:
     """Master side: starts the Manager, checks it each tick, replaces it when
     it died or stopped answering, drains the queues, publishes snapshots."""
@@ -274,9 +303,12 @@ class WorkerSink:
         self._held_logs: list = []
         self._held_bytes = 0
         self.lost_lines = 0          # not yet reported in a delta
+        self.shipped_lines = 0       # log lines the Manager took from this worker
+        self.pid = 0                 # set by connect(), in the worker
         self._announced = False
 
     def connect(self) -> bool:
+        self.pid = os.getpid()
         # Not multiprocessing's own after-fork hooks: they would re-register
         # the master's proxies from here (three handshakes per worker, for
         # nothing); dropping the cached connection is what this process needs.
@@ -317,7 +349,12 @@ class WorkerSink:
                 self._stats.put_nowait(self._held_stats[0])
                 self._held_stats.pop(0)
             while self._held_logs:
-                self._logs.put_nowait(self._held_logs[0])
+                kind, text = self._held_logs[0]
+                # Numbered by the lines shipped before it: the master sees a
+                # gap (lines lost in a Manager that died with them) or a repeat
+                # (a put whose answer timed out but which had arrived).
+                self._logs.put_nowait((kind, text, self.pid, self.shipped_lines))
+                self.shipped_lines += text.count("\n")
                 self._held_bytes -= len(self._held_logs.pop(0)[1])
         except (OSError, EOFError) as exc:
             self._broken(exc)

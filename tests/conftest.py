@@ -21,7 +21,7 @@ PREFORK = os.path.join(ROOT, "bin", "prefork")
 READY = re.compile(r"listening on (\S+)")
 
 
-def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
+def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
     """Poll until predicate() is truthy; return its value or fail."""
     deadline = time.monotonic() + timeout
     while True:

@@ -22,7 +22,7 @@ import time
 from setproctitle import setproctitle
 
 from .. import __version__, sockets, title
-from ..ipc import MasterChannels
+from ..ipc import LineLedger, MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
 from ..signals import DRAIN_SIGNAL, SignalInbox
@@ -64,6 +64,7 @@ class Master:
         self.totals = Totals()
         self.rates = RateWindow()
         self.open_connections = {}      # pid -> latest gauge from its delta
+        self.ledger = LineLedger()      # log lines lost in transit (a Manager died with them)
         self.last_publish = 0.0
         self.files = self.channels = self.inbox = self.control = self.watcher = None
         self.selector = selectors.DefaultSelector()
@@ -223,6 +224,7 @@ class Master:
     def reap(self):
         for gone in self.pool.reap(self.now):
             self.watchdog.forget(gone.rec.pid)
+            self.ledger.prune(self.pool.workers)
             self.open_connections.pop(gone.rec.pid, None)
             if gone.boot_failure is not None:
                 self.on_boot_failure(gone)
@@ -366,8 +368,9 @@ class Master:
             if self.pool.get(delta.pid) is not None:
                 self.open_connections[delta.pid] = delta.open_connections
         batches = self.channels.drain_logs()
-        for kind, text in batches:
-            self.files.write(kind, text)
+        for kind, text, pid, before in batches:
+            if self.ledger.admit(pid, before, text.count("\n")):
+                self.files.write(kind, text)
         self.rates.observe(self.now, self.totals.requests)
         return len(deltas) + len(batches)
 
@@ -406,7 +409,7 @@ class Master:
         return View(self.pid, self.started_wall, self.now - self.started, self.generation,
                     self.config.source, list(self.listeners.values()), self.urls(),
                     self.state(), self.target, self.pool, self.reloader.describe(),
-                    self.totals, self.watchdog.timeouts, self.open_connections,
+                    self.totals, self.watchdog.timeouts, self.ledger.lost, self.open_connections,
                     self.rates.rates(), self.files.describe() if self.files else {},
                     self.channels.describe() if self.channels else {})
 
