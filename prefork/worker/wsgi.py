@@ -118,6 +118,39 @@ def build_environ(request, base: dict) -> dict:
     return environ
 
 
+# What an app's header item is, once checked: kept, its Content-Length, or a
+# hop-by-hop header dropped (framing and connection management are the
+# server's job), "Connection: close" noted. Items already checked are looked
+# up instead of checked again; bounded, as values may carry client data.
+KEEP, LENGTH, DROP, CLOSE = "keep", "length", "drop", "close"
+_CHECKED: dict = {}
+_CHECKED_MAX = 1024
+
+
+def _classify(item):
+    try:
+        name, value = item
+    except (TypeError, ValueError):
+        raise AppError(f"header {item!r} is not a pair of str") from None
+    if type(name) is not str or type(value) is not str:
+        raise AppError(f"header {item!r} is not a pair of str")
+    if "\r" in name or "\n" in name or "\0" in name \
+            or "\r" in value or "\n" in value or "\0" in value:
+        raise AppError(f"header {name!r} contains CR, LF or NUL")
+    lname = name.lower()
+    if lname == "content-length":
+        if not (value.isascii() and value.isdigit()):
+            raise AppError(f"invalid Content-Length {value!r}")
+        kind = LENGTH
+    elif lname in _HOP_BY_HOP:
+        kind = CLOSE if lname == "connection" and "close" in value.lower() else DROP
+    else:
+        kind = KEEP
+    if type(item) is tuple and len(_CHECKED) < _CHECKED_MAX:
+        _CHECKED[item] = kind
+    return kind
+
+
 class StartResponse:
     """The start_response callable for one request, and what it recorded."""
     __slots__ = ("status", "status_code", "headers", "content_length", "close",
@@ -159,25 +192,20 @@ class StartResponse:
         kept = []
         content_length = None
         close = False
+        checked = _CHECKED.get
         for item in headers:
-            name, value = item
-            if type(name) is not str or type(value) is not str:
-                raise AppError(f"header {item!r} is not a pair of str")
-            if "\r" in name or "\n" in name or "\0" in name \
-                    or "\r" in value or "\n" in value or "\0" in value:
-                raise AppError(f"header {name!r} contains CR, LF or NUL")
-            lname = name.lower()
-            if lname == "content-length":
-                if not value.isdigit():
-                    raise AppError(f"invalid Content-Length {value!r}")
-                content_length = int(value)
-                continue   # the connection writes it, once, with the framing
-            if lname in _HOP_BY_HOP:
-                # Framing and connection management are the server's job.
-                if lname == "connection" and "close" in value.lower():
-                    close = True
-                continue
-            kept.append(item)
+            try:
+                kind = checked(item)   # most apps send the same few headers again and again
+            except TypeError:          # unhashable: not a tuple of str
+                kind = None
+            if kind is None:
+                kind = _classify(item)
+            if kind is KEEP:
+                kept.append(item)
+            elif kind is LENGTH:
+                content_length = int(item[1])   # the connection writes it, once, with the framing
+            elif kind is CLOSE:
+                close = True
         self.status = status
         self.status_code = int(status[:3])
         self.headers = kept
