@@ -278,8 +278,10 @@ Serve live statistics at `path` (HTML; ?format=json; ?format=prometheus):
 true, false, or "auto": on for the built-in site, off for your own app (its
 URL space is its own until you say otherwise).""")
     path: str = _setting("/_status", _check_url_path)
-    allow: tuple = _setting(("127.0.0.0/8", "::1/128"), _check_cidrs, kind="strlist", doc="""\
-Client addresses (CIDR) allowed to see it; others get 403.""")
+    allow: tuple = _setting(("127.0.0.0/8", "::1/128"), _check_trusted, kind="strlist", doc="""\
+Client addresses (CIDR) allowed to see it, and "unix" for clients of unix-socket
+listeners; others get 403. Behind a trusted proxy ([proxy] trusted) this is the
+client's address, not the proxy's.""")
     health: str = _setting("", _check_health, doc="""\
 A path answering 200 while this server takes traffic and 503 once it is
 draining (see [workers] drain_time), for load balancers' health checks ("": off).

@@ -1,6 +1,7 @@
 """Fixtures that run the real bin/prefork on port 0 in a temporary directory."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -183,6 +184,20 @@ def tmpdir_short():
     directory = tempfile.mkdtemp(prefix="pf", dir="/tmp")
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_server(**settings):
+    """A server for a whole module of tests that only read from it (one
+    start instead of one per test); make_server's arguments."""
+    directory = tempfile.mkdtemp(prefix="pf", dir="/tmp")
+    server = Server(directory, write_config(directory, **settings)).wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop(timeout=20, graceful=False)
+        server.kill_all()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 (v1 text, v2 binary, as HAProxy and nginx send it) and the forwarding
 headers (X-Forwarded-For, X-Forwarded-Proto, RFC 7239 Forwarded). No I/O.
 
-Owns: parsing both, and the rule for which peers are believed (Trusted): a
+Owns: parsing both, and the rule for which peers are believed (Networks): a
 header is only ever believed from a trusted peer, and the client is the
 rightmost address of a forwarding chain that is not itself trusted (the
 leftmost entries were written by whoever sent the request, so they prove
@@ -24,8 +24,9 @@ class BadProxyHeader(BadRequest):
     """A connection that must start with a PROXY header did not."""
 
 
-class Trusted:
-    """The [proxy] trusted list: networks, and "unix" for unix-socket peers."""
+class Networks:
+    """A list of networks, and "unix" for unix-socket peers: [proxy] trusted
+    (whose forwarding headers are believed) and [status] allow."""
 
     def __init__(self, entries):
         self.unix = "unix" in entries
@@ -107,7 +108,7 @@ def _bad(why):
     raise BadProxyHeader(why)
 
 
-def forwarded_client(environ: dict, trusted: Trusted):
+def forwarded_client(environ: dict, trusted: Networks):
     """(client address or None, scheme or None) from the forwarding headers
     of a request that came from a trusted peer."""
     forwarded = environ.get("HTTP_FORWARDED")

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from ..http.errors import AppError, HttpError, RequestTimeout
-from ..http.proxy import BadProxyHeader, Trusted, forwarded_client, parse_proxy_header
+from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
 from ..http.request import Limits, RequestReader
 from ..http.response import CONTINUE, ResponseFraming, error_response
 from .wsgi import FileWrapper, StartResponse, base_environ, build_environ
@@ -47,7 +47,7 @@ class ConnectionHost(Protocol):
     app: Callable
     wsgi_errors: Any
     script_name: str           # the mount prefix ([server] script_name)
-    trusted: Trusted           # [proxy] trusted
+    trusted: Networks           # [proxy] trusted
     proxy_protocol: bool       # [proxy] proxy_protocol
 
     def begin_request(self, request) -> float: ...

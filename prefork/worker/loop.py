@@ -34,7 +34,7 @@ from .. import scoreboard as sb
 from .. import title
 from .. import templates
 from ..http.errors import AppError
-from ..http.proxy import Trusted
+from ..http.proxy import Networks
 from ..http.response import http_date
 from ..ipc import die_with_parent
 from ..signals import DRAIN_SIGNAL, DUMP_SIGNAL, SignalInbox
@@ -90,7 +90,7 @@ class Worker:
         self.limits = config.http
         self.http = config.http
         self.script_name = config.server.script_name
-        self.trusted = Trusted(config.proxy.trusted)
+        self.trusted = Networks(config.proxy.trusted)
         self.proxy_protocol = config.proxy.proxy_protocol
         self.draining = False            # health answers 503 ([workers] drain_time)
         self.server_name = config.http.server_header

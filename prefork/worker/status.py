@@ -9,10 +9,10 @@ Must not: ask the master anything (it works from the published snapshot).
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 
+from ..http.proxy import Networks
 from ..scoreboard import busy_idle
 from ..stats import BUCKETS
 from ..templates import Templates
@@ -24,23 +24,14 @@ HTML_FALLBACK = "<!doctype html><title>prefork status</title><pre>{json}</pre>"
 class StatusApp:
     def __init__(self, status_config, sink, scoreboard, templates: Templates):
         self.path = status_config.path
-        self.allow = [ipaddress.ip_network(net, strict=False) for net in status_config.allow]
+        self.allow = Networks(status_config.allow)
         self.interval = status_config.interval
         self.sink = sink
         self.scoreboard = scoreboard
         self.templates = templates
 
-    def allowed(self, remote: str) -> bool:
-        try:
-            address = ipaddress.ip_address(remote)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.allow)
-
     def __call__(self, environ, start_response):
-        if not self.allowed(environ["REMOTE_ADDR"]):
+        if not self.allow.peer(environ["REMOTE_ADDR"]):
             return self.plain(start_response, "403 Forbidden", "status: your address is not allowed\n")
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
             return read_only(start_response)

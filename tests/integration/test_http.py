@@ -5,7 +5,15 @@ import time
 import pytest
 import requests
 
-from tests.conftest import read_until_close, wait_for
+from tests.conftest import read_until_close, shared_server, wait_for
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One server for the tests here that send requests and read answers
+    (they change nothing in it); tests that need a fresh one use make_server."""
+    with shared_server() as shared:
+        yield shared
 
 
 def parse_responses(data: bytes):

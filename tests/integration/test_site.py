@@ -8,11 +8,10 @@ import time
 import pytest
 import requests
 
-from tests.conftest import Server, read_until_close, wait_for
+from tests.conftest import Server, read_until_close, shared_server, wait_for
 
 
-@pytest.fixture
-def files(tmp_path):
+def make_files(tmp_path):
     root = tmp_path / "public"
     (root / "sub").mkdir(parents=True)
     (root / "hello.txt").write_text("hello static\n")
@@ -30,8 +29,19 @@ def files(tmp_path):
 
 
 @pytest.fixture
-def static_server(make_server, files):
-    return make_server(extra=f'[static]\nroot = "{files}"\ncache_control = "public, max-age=60"\n')
+def files(tmp_path):
+    return make_files(tmp_path)
+
+
+def static_settings(root):
+    return {"extra": f'[static]\nroot = "{root}"\ncache_control = "public, max-age=60"\n'}
+
+
+@pytest.fixture(scope="module")
+def static_server(tmp_path_factory):
+    """Shared by the tests that only read the files (they change nothing)."""
+    with shared_server(**static_settings(make_files(tmp_path_factory.mktemp("static")))) as server:
+        yield server
 
 
 def test_get_and_head_with_validators(static_server):
@@ -150,9 +160,10 @@ def test_root_falls_back_to_static_index_when_the_app_answers_404(make_server, f
 
 # -- the built-in site and templates ---------------------------------------------------
 
-@pytest.fixture
-def site(make_server):
-    return make_server(app="prefork.apps.site:app")
+@pytest.fixture(scope="module")
+def site():
+    with shared_server(app="prefork.apps.site:app") as server:
+        yield server
 
 
 def test_site_pages(site):
@@ -195,9 +206,10 @@ def test_parser_errors_use_the_error_template(site):
 
 # -- a real Flask app ----------------------------------------------------------------------
 
-@pytest.fixture
-def flask_server(make_server):
-    return make_server(app="tests.apps.flask_app:app")
+@pytest.fixture(scope="module")
+def flask_server():
+    with shared_server(app="tests.apps.flask_app:app") as server:
+        yield server
 
 
 def test_flask_routing_and_methods(flask_server):
@@ -239,7 +251,8 @@ def test_flask_error_handlers(flask_server):
     wait_for(lambda: "flask view failed" in flask_server.log("error"), message="Flask's traceback")
 
 
-def test_a_cached_small_file_is_served_fresh_after_it_changes(static_server, files):
+def test_a_cached_small_file_is_served_fresh_after_it_changes(make_server, files):
+    static_server = make_server(**static_settings(files))
     assert static_server.get("/static/hello.txt").text == "hello static\n"
     (files / "hello.txt").write_text("changed and longer\n")
     wait_for(lambda: static_server.get("/static/hello.txt").text == "changed and longer\n",

@@ -7,7 +7,7 @@ import pytest
 
 from prefork.config import HttpConfig
 from prefork.http.errors import AppError
-from prefork.http.proxy import Trusted
+from prefork.http.proxy import Networks
 from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
 from prefork.worker.wsgi import FileWrapper
 
@@ -22,7 +22,7 @@ class FakeHost:
         self.server_name = "prefork"
         self.fixed_headers = f"Server: prefork\r\nDate: {self.date}\r\n"
         self.script_name = http.pop("script_name", "")
-        self.trusted = Trusted(http.pop("trusted", ()))
+        self.trusted = Networks(http.pop("trusted", ()))
         self.proxy_protocol = http.pop("proxy_protocol", False)
         self.http = self.limits = HttpConfig(**http)
         self.app = app

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from prefork.http.proxy import BadProxyHeader, Trusted, forwarded_client, parse_proxy_header
+from prefork.http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
 from tests.unit.test_connection import Pair
 from tests.unit.test_protocol_corpus import echo_environ, exchange
 
@@ -18,10 +18,10 @@ def seen_by_app(data, **settings):
 
 
 def test_trusted_peers():
-    trusted = Trusted(("10.0.0.0/8", "unix"))
+    trusted = Networks(("10.0.0.0/8", "unix"))
     assert trusted.peer("10.1.2.3") and trusted.peer("") and trusted.peer("::ffff:10.0.0.1")
-    assert not trusted.peer("192.0.2.1") and not Trusted(("10.0.0.0/8",)).peer("")
-    assert not Trusted(())
+    assert not trusted.peer("192.0.2.1") and not Networks(("10.0.0.0/8",)).peer("")
+    assert not Networks(())
 
 
 @pytest.mark.parametrize("headers,expected", [
@@ -37,7 +37,7 @@ def test_trusted_peers():
      ("198.51.100.17", None)),   # the standard header wins
 ])
 def test_forwarding_headers(headers, expected):
-    assert forwarded_client(headers, Trusted(("10.0.0.0/8",))) == expected
+    assert forwarded_client(headers, Networks(("10.0.0.0/8",))) == expected
 
 
 def test_forwarding_headers_are_believed_from_a_trusted_peer_only():
