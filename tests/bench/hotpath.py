@@ -48,6 +48,9 @@ class NullSink:
     def ship_logs(self, batch):
         pass
 
+    def take_lost_lines(self):
+        return 0
+
 
 def make_worker(app_spec, settings=()):
     """settings: "section.key=toml-value" strings, as in conf/prefork.toml."""

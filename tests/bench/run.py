@@ -465,8 +465,8 @@ def main():
         compare_idle(args)
     if "stats" in args.sections:
         compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
-            "stats-on": lambda wd: log_section(wd) + "[status]\nenabled = true\n",
-            "stats-off": lambda wd: log_section(wd) + "[status]\nenabled = false\n",
+            "stats-on": lambda wd: log_section(wd) + "[status]\nstatistics = true\n",
+            "stats-off": lambda wd: log_section(wd) + "[status]\nstatistics = false\n",
         })
 
 
