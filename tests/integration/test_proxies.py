@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -54,27 +55,43 @@ class Proxy:
             self.proc.wait(5)
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
-def test_behind_nginx_over_a_unix_socket(tmpdir_short):
-    os.chmod(tmpdir_short, 0o755)   # nginx's workers (www-data) reach the socket
-    sock_path = os.path.join(tmpdir_short, "http.sock")
-    server = prefork_with(tmpdir_short, 'socket_mode = "0666"', '[proxy]\ntrusted = ["unix"]\n',
-                          f"unix:{sock_path}")
+def nginx_in_front(directory, sock_path):
+    """The shipped conf/nginx.conf.example, pointed at sock_path: -> (Proxy, url)."""
     port = free_port()
     conf = example("nginx.conf.example")
     conf = (conf.replace("unix:/run/prefork/http.sock", f"unix:{sock_path}")
             .replace("listen 80;", f"listen 127.0.0.1:{port};")
-            .replace("/run/nginx.pid", os.path.join(tmpdir_short, "nginx.pid"))
-            .replace("/var/log/nginx/", tmpdir_short + "/nginx-"))
-    nginx_conf = os.path.join(tmpdir_short, "nginx.conf")
+            .replace("/run/nginx.pid", os.path.join(directory, "nginx.pid"))
+            .replace("/var/log/nginx/", directory + "/nginx-"))
+    nginx_conf = os.path.join(directory, "nginx.conf")
     with open(nginx_conf, "w") as fh:
         fh.write(conf)
-    nginx = None
+    url = f"http://127.0.0.1:{port}"
+    return Proxy([NGINX, "-c", nginx_conf, "-g", "daemon off;"]), url
+
+
+def behind_nginx(directory, app="tests.apps.basic:app", extra=""):
+    """prefork on a unix socket (mode 0666, trusting unix peers) behind nginx."""
+    os.chmod(directory, 0o755)   # nginx's workers (www-data) reach the socket
+    sock_path = os.path.join(directory, "http.sock")
+    config = write_config(directory, app=app, extra='[proxy]\ntrusted = ["unix"]\n' + extra)
+    text = open(config).read().replace('bind = ["127.0.0.1:0"]', f'bind = ["unix:{sock_path}"]')
+    text = text.replace('pidfile = "prefork.pid"', 'pidfile = "prefork.pid"\nsocket_mode = "0666"')
+    with open(config, "w") as fh:
+        fh.write(text)
+    server = Server(directory, config)
+    wait_for(lambda: "ready" in server.stdout() or server.proc.poll() is not None,
+             timeout=30, message="ready")
+    nginx, url = nginx_in_front(directory, sock_path)
+    wait_for(lambda: _get(url + "/") is not None and _get(url + "/") < 500, timeout=15,
+             message="nginx up")
+    return server, nginx, url
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_behind_nginx_over_a_unix_socket(tmpdir_short):
+    server, nginx, url = behind_nginx(tmpdir_short)
     try:
-        wait_for(lambda: "ready" in server.stdout() or server.proc.poll() is not None, message="ready")
-        nginx = Proxy([NGINX, "-c", nginx_conf, "-g", "daemon off;"])
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _get(url + "/") == 200, timeout=15, message="nginx up")
         # The client's address reaches the app (nginx is trusted over the unix socket)...
         body = requests.get(url + "/environ", headers={"X-Forwarded-For": "203.0.113.50"},
                             timeout=10).text
@@ -85,15 +102,50 @@ def test_behind_nginx_over_a_unix_socket(tmpdir_short):
         assert echoed.status_code == 200 and len(echoed.content) == 100_000
         # The status page: allowed from the proxy's own host, never by an encoded path.
         assert requests.get(url + "/_status", timeout=10).status_code == 200
-        raw = _raw(port, b"GET /%5Fstatus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = _raw(int(url.rsplit(":", 1)[1]),
+                   b"GET /%5Fstatus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert not raw.startswith(b"HTTP/1.1 200")
         # Keep-alive upstream connections across prefork's idleness limit: no 502.
         session = requests.Session()
         codes = [session.post(url + "/echo", data=b"x", timeout=10).status_code for _ in range(20)]
         assert codes == [200] * 20
     finally:
-        if nginx:
-            nginx.stop()
+        nginx.stop()
+        server.stop(graceful=False)
+        server.kill_all()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_django_admin_csrf_and_chunked_upload_behind_nginx(tmpdir_short):
+    pytest.importorskip("django")
+    db = os.path.join(tmpdir_short, "django.sqlite3")
+    env = dict(os.environ, DJANGO_DB=db, DJANGO_SETTINGS_MODULE="tests.apps.django_site.settings")
+    setup = ("import django; django.setup(); from django.core.management import call_command; "
+             "call_command('migrate', verbosity=0); from django.contrib.auth.models import User; "
+             "User.objects.create_superuser('admin', 'admin@example.com', 'correct horse')")
+    subprocess.run([sys.executable, "-c", setup], cwd=ROOT, env=env, check=True, timeout=120)
+    server, nginx, url = behind_nginx(tmpdir_short, app="tests.apps.django_site.wsgi:application",
+                                      extra=f'[env]\nDJANGO_DB = "{db}"\n')
+    try:
+        # The admin: a CSRF-protected login, then the index.
+        session = requests.Session()
+        session.get(url + "/admin/login/", timeout=10)
+        login = session.post(url + "/admin/login/?next=/admin/", timeout=10, data={
+            "csrfmiddlewaretoken": session.cookies["csrftoken"], "username": "admin",
+            "password": "correct horse", "next": "/admin/"})
+        assert login.status_code == 200 and "Site administration" in login.text
+        # A form without its token is refused; with it, accepted.
+        assert requests.post(url + "/form/", data={"name": "x"}, timeout=10).status_code == 403
+        page = session.get(url + "/form/", timeout=10).text
+        token = page.split('name="csrfmiddlewaretoken" value="')[1].split('"')[0]
+        assert session.post(url + "/form/", data={"csrfmiddlewaretoken": token, "name": "Ada"},
+                            timeout=10).text == "thanks, Ada"
+        # A chunked upload arrives whole, from the real client (a spoofed header is ignored).
+        sent = requests.post(url + "/upload/", data=(b"y" * 1000 for _ in range(300)),
+                             headers={"X-Forwarded-For": "198.51.100.66"}, timeout=10).json()
+        assert sent["received"] == 300_000 and sent["remote"] == "127.0.0.1"
+    finally:
+        nginx.stop()
         server.stop(graceful=False)
         server.kill_all()
 
