@@ -256,3 +256,35 @@ def test_drain_time_keeps_serving_with_health_503_then_stops(make_server):
     assert server.get("/").status_code == 200          # still serving while it drains
     assert server.status()["server"]["state"] == "draining"
     assert server.proc.wait(20) == 0                  # then a graceful stop
+
+
+def test_a_workers_memory_is_bounded_by_its_settings_not_by_its_clients(make_server):
+    """Slow readers of a large generated response, and bodies that stall half
+    sent: the iterator pauses at the output's high-water mark, bodies spool
+    past spool_threshold, so a worker's memory stays near its settings."""
+    server = make_server(workers=1, extra="[workers]\nmax_connections = 400\n")
+    worker = psutil.Process(next(iter(server.worker_pids())))
+    before = worker.memory_info().rss
+    held = []
+    try:
+        for _ in range(150):   # each would be 50 MB if the generator ran unchecked
+            sock = server.connect()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /big?50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(sock)
+        for _ in range(150):   # 1 MB bodies, half sent, then silence
+            sock = server.connect()
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+                         + b"y" * 500_000)
+            held.append(sock)
+        wait_for(lambda: server.status()["totals"]["connections_open"] >= 300, timeout=20,
+                 message="all 300 connections open")
+        grown = worker.memory_info().rss - before
+        # 150 x 256 KiB of paused output + 150 x 64 KiB in memory before spooling,
+        # with room for the allocator: far below the 7.5 GB the clients asked for.
+        print(f"worker RSS grew {grown / 1048576:.0f} MiB for 300 hostile connections")
+        assert grown < 200 * 1024 * 1024, f"{grown / 1048576:.0f} MiB"
+        assert server.get("/").status_code == 200   # and it still serves
+    finally:
+        for sock in held:
+            sock.close()
