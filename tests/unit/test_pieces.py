@@ -152,3 +152,11 @@ def test_framing_decides_length_chunking_and_close():
         ResponseFraming(False).head("GET", "1.1", "200 OK", 200, fixed, [("X", "é€")], 0, False)
     with pytest.raises(AppError):
         framing.body("text")
+
+
+def test_the_combined_line_quotes_only_what_needs_it():
+    from prefork.worker.logship import combined_line
+    environ = {"REMOTE_ADDR": "", "REQUEST_METHOD": "GET", "RAW_URI": "/a",
+               "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": 'x"y\\z'}
+    line = combined_line(environ, 200, 5, 0.001, "[t]")
+    assert line == '- - - [t] "GET /a HTTP/1.1" 200 5 "-" "x\\"y\\\\z" 1000\n'
