@@ -173,6 +173,7 @@ class Master:
         if self.draining_until:
             if now >= self.draining_until:
                 self.stop(graceful=True)
+            self.publish_if_due(now)
             return   # serving as is: no spawning, reloading or recycling while it drains
         if self.watcher is not None and self.reloader.pending is None:
             changed = self.watcher.changed(now)
@@ -187,6 +188,11 @@ class Master:
         self.pool.keep_size(self.target, self.config, self.generation, self.listeners, now)
         if self.starting and self.pool.ready_count(self.generation) >= self.target:
             self.on_ready()
+        self.publish_if_due(now)
+
+    def publish_if_due(self, now):
+        """Each [status] interval: a point for the charts, and the snapshot
+        the workers' status endpoint renders."""
         if now - self.last_publish >= self.config.status.interval:
             self.last_publish = now
             self.snapshots.sample(self.totals, now, time.time())

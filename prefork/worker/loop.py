@@ -11,7 +11,8 @@ a last traceback if the worker crashes: it reaches the master even when the
 log channel does not. Connections see the worker only as a ConnectionHost.
 
 Signals: TERM = graceful (stop accepting, finish in-flight requests, answer
-keep-alive clients with Connection: close); INT, QUIT = exit now.
+keep-alive clients with Connection: close); INT, QUIT = exit now; USR1 = the
+server drains (the health path answers 503); USR2 = write every thread's stack.
 """
 from __future__ import annotations
 
