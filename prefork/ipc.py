@@ -192,7 +192,6 @@ class MasterChannels:
         self.authkey = os.urandom(32)
         self.restarts = 0
         self.last_error = ""
-        self.answered_at = time.monotonic()
         self._last_start = 0.0
         self._broken = False
         self._hub = self._stats = self._logs = self._board = None
@@ -227,13 +226,12 @@ class MasterChannels:
             log.error("manager (pid %s) did not answer: %s", self.pid, self.last_error)
         self._broken = True
 
-    def check(self, now) -> bool:
-        """Each tick: replace a Manager that died or stopped answering.
-        True when one was replaced."""
+    def check(self, now) -> None:
+        """Each tick: replace a Manager that died or stopped answering."""
         process = self._hub._process
         dead = not process.is_alive()
         if not (dead or self._broken) or now - self._last_start < RESTART_EVERY:
-            return False
+            return
         old = process.pid
         process.join(0.05)   # a killed one may still be on its way out
         dead = not process.is_alive()
@@ -245,7 +243,6 @@ class MasterChannels:
         log.error("manager (pid %s) %s; replaced by pid %s (restart %d)", old,
                   "died" if dead else f"did not answer within {CALL_TIMEOUT:g}s",
                   self.pid, self.restarts)
-        return True
 
     def worker_sink(self) -> "WorkerSink":
         return WorkerSink(self.address, self.authkey)
@@ -258,7 +255,7 @@ class MasterChannels:
             while len(items) < limit:
                 items.append(proxy.get_nowait())
         except queue.Empty:
-            self.answered_at = time.monotonic()
+            pass
         except (OSError, EOFError) as exc:
             self._fail(exc)
         return items

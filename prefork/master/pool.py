@@ -123,7 +123,7 @@ class Pool:
 
     # -- spawning ------------------------------------------------------------------
     def spawn(self, config, generation, listeners, now, replaces=0) -> WorkerRecord:
-        slot = heapq.heappop(self._free_slots)
+        slot = self.take_slot()
         read_fd, write_fd = os.pipe()
         # Objects the child inherits stay out of its collector's reach, so
         # collections there do not write to (and copy) the shared pages.
@@ -149,6 +149,7 @@ class Pool:
         return rec
 
     def take_slot(self) -> int:
+        """The lowest free scoreboard slot."""
         return heapq.heappop(self._free_slots)
 
     def read_report(self, rec):
