@@ -288,18 +288,24 @@ def ask_master(config, command, timeout=5.0):
         return None
 
 
+def ask_for(config, command, refusal, timeout=5.0):
+    """The master's answer when it did what was asked; else None, with the
+    reason printed after `refusal` (formatted with the answer's fields)."""
+    answer = ask_master(config, command, timeout)
+    if answer is not None and not answer.get("ok"):
+        print(f"prefork: {refusal.format(**answer)}: {answer.get('error')}", file=sys.stderr)
+        return None
+    return answer
+
+
 def cmd_reload(args, config) -> int:
-    answer = ask_master(config, {"cmd": "reload"},
-                        config.workers.boot_timeout + config.workers.graceful_timeout + 10)
+    answer = ask_for(config, {"cmd": "reload"}, "reload failed (generation {generation} keeps serving)",
+                     config.workers.boot_timeout + config.workers.graceful_timeout + 10)
     if answer is None:
         return 1
-    if answer.get("ok"):
-        print(f"prefork: reloaded: generation {answer['generation']} serving on "
-              f"{' '.join(answer['urls'])}")
-        return 0
-    print(f"prefork: reload failed (generation {answer.get('generation')} keeps serving): "
-          f"{answer.get('error')}", file=sys.stderr)
-    return 1
+    print(f"prefork: reloaded: generation {answer['generation']} serving on "
+          f"{' '.join(answer['urls'])}")
+    return 0
 
 
 def cmd_status(args, config) -> int:
@@ -358,11 +364,8 @@ def cmd_check(args, config) -> int:
 
 
 def cmd_scale(args, config) -> int:
-    answer = ask_master(config, {"cmd": "scale", "workers": args.workers})
+    answer = ask_for(config, {"cmd": "scale", "workers": args.workers}, "scale refused")
     if answer is None:
-        return 1
-    if not answer.get("ok"):
-        print(f"prefork: scale refused: {answer.get('error')}", file=sys.stderr)
         return 1
     print(f"prefork: pool size set to {answer['workers']}")
     return 0
@@ -373,12 +376,9 @@ def cmd_upgrade(args, config) -> int:
     if old is None:
         print(f"prefork: not running (no live master in {config.server.pidfile})", file=sys.stderr)
         return 1
-    answer = ask_master(config, {"cmd": "upgrade"}, config.workers.boot_timeout + 15)
+    answer = ask_for(config, {"cmd": "upgrade"}, f"upgrade failed (master pid {old} keeps serving)",
+                     config.workers.boot_timeout + 15)
     if answer is None:
-        return 1
-    if not answer.get("ok"):
-        print(f"prefork: upgrade failed (master pid {old} keeps serving): {answer.get('error')}",
-              file=sys.stderr)
         return 1
     timeout = config.workers.graceful_timeout + config.workers.kill_grace + 10
     if wait_gone(old, timeout):
@@ -390,11 +390,8 @@ def cmd_upgrade(args, config) -> int:
 
 
 def cmd_reopen(args, config) -> int:
-    answer = ask_master(config, {"cmd": "reopen"})
+    answer = ask_for(config, {"cmd": "reopen"}, "reopen failed")
     if answer is None:
-        return 1
-    if not answer.get("ok"):
-        print(f"prefork: reopen failed: {answer.get('error')}", file=sys.stderr)
         return 1
     print("prefork: log files reopened")
     return 0

@@ -109,7 +109,7 @@ def _setting(default, check=None, doc="", kind=None, path=False, flag=None):
                                             "doc": doc, "flag": flag})
 
 
-def _check_workers(value):
+def check_workers(value):
     if not 1 <= value <= MAX_WORKERS:
         return f"must be between 1 and {MAX_WORKERS}"
     return None
@@ -127,7 +127,7 @@ to this file's directory (default: the directory holding this file).""")
                            doc="""\
 Addresses to listen on: "host:port", "[::1]:port" or "unix:/path/to.sock".
 Port 0 picks a free port (the ready line prints the real one).""")
-    workers: int = _setting(2, _check_workers, kind="workers", flag="--workers", doc="""\
+    workers: int = _setting(2, check_workers, kind="workers", flag="--workers", doc="""\
 Number of worker processes (1 to 128): an integer, or "auto" for one per CPU core.""")
     app: str = _setting(DEFAULT_APP, _check_app, flag="--app", doc="""\
 The WSGI application, as "module:callable" (the callable may be dotted).""")

@@ -151,7 +151,9 @@ def _abandon(*proxies):
 
 
 class LineLedger:
-    """Master side: per worker, the lines expected next; counts gaps, drops repeats."""
+    """Master side: every log line lost to a Manager outage, counted once:
+    those a worker had to drop (its hold was full) and those a Manager died
+    with (a gap in a worker's numbering); repeats are dropped."""
 
     def __init__(self):
         self.expected: dict[int, int] = {}
@@ -168,6 +170,11 @@ class LineLedger:
                       before - expected, pid)
         self.expected[pid] = before + lines
         return True
+
+    def dropped(self, pid: int, lines: int) -> None:
+        """A worker's own count of lines it could not hold."""
+        self.lost += lines
+        log.error("worker pid %d lost %d log line(s) while the manager was unreachable", pid, lines)
 
     def prune(self, alive) -> None:
         """Forget workers long gone (a late batch of theirs may still come

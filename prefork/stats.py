@@ -93,10 +93,8 @@ class Totals:
     timeouts: int = 0
     histogram: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     duration_sum: float = 0.0
-    lost_lines: int = 0
 
     def fold(self, delta: StatsDelta) -> None:
-        self.lost_lines += delta.lost_lines
         self.requests += delta.requests
         for status, count in delta.statuses.items():
             self.statuses[status] = self.statuses.get(status, 0) + count

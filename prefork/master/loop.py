@@ -22,6 +22,7 @@ import time
 from setproctitle import setproctitle
 
 from .. import __version__, sockets, title
+from ..config import check_workers
 from ..ipc import LineLedger, MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
@@ -32,7 +33,7 @@ from ..worker import loop as worker_loop
 from . import control, systemd, upgrade
 from .autoreload import CodeWatcher
 from .logfiles import LogFiles, install_master_logging
-from .pool import MAX_SLOTS, MAX_WORKERS, Pool
+from .pool import MAX_SLOTS, Pool
 from .reload import Reloader
 from .snapshot import SnapshotBuilder, View
 from .watchdog import Watchdog
@@ -64,7 +65,7 @@ class Master:
         self.totals = Totals()
         self.rates = RateWindow()
         self.open_connections = {}      # pid -> latest gauge from its delta
-        self.ledger = LineLedger()      # log lines lost in transit (a Manager died with them)
+        self.ledger = LineLedger()      # log lines lost in an outage, wherever they were
         self.last_publish = 0.0
         self.files = self.channels = self.inbox = self.control = self.watcher = None
         self.selector = selectors.DefaultSelector()
@@ -340,8 +341,9 @@ class Master:
 
     def scale(self, workers) -> str | None:
         """Set the pool size; the reason when refused."""
-        if not 1 <= workers <= MAX_WORKERS:
-            return f"the pool size must be between 1 and {MAX_WORKERS} (asked: {workers})"
+        problem = check_workers(workers)   # the same rule as the config file's
+        if problem:
+            return f"the pool size {problem} (asked: {workers})"
         self.target = workers
         log.info("pool size now %d", self.target)
         return None
@@ -369,8 +371,7 @@ class Master:
         for delta in deltas:
             self.totals.fold(delta)
             if delta.lost_lines:
-                log.error("worker pid %d lost %d log line(s) while the manager was unreachable",
-                          delta.pid, delta.lost_lines)
+                self.ledger.dropped(delta.pid, delta.lost_lines)
             if self.pool.get(delta.pid) is not None:
                 self.open_connections[delta.pid] = delta.open_connections
         batches = self.channels.drain_logs()

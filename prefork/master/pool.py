@@ -20,11 +20,11 @@ import selectors
 import signal
 import time
 
+from ..config import MAX_WORKERS
 from ..signals import DUMP_SIGNAL
 
 log = logging.getLogger("prefork.master")
-MAX_SLOTS = 256
-MAX_WORKERS = MAX_SLOTS // 2   # a reload needs a second generation's slots
+MAX_SLOTS = 2 * MAX_WORKERS   # a reload boots a second generation beside the first
 FAST_STOP_GRACE = 1.0
 DUMP_WAIT = 0.3          # seconds between a stack dump and SIGTERM
 BACKOFF_CAP = 10.0

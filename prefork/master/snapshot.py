@@ -36,7 +36,7 @@ class View:
     reloads: dict
     totals: object           # stats.Totals
     timeouts: int            # workers stopped as stuck by the watchdog
-    lost_in_transit: int     # log lines lost with a Manager (ipc.LineLedger)
+    lost_lines: int          # log lines lost to Manager outages (ipc.LineLedger)
     open_connections: dict   # pid -> connections
     rates: dict
     logs: dict
@@ -127,7 +127,7 @@ class SnapshotBuilder:
                 "connections_open": sum(view.open_connections.get(r["pid"], 0) for r in rows),
                 "app_exceptions": totals.app_exceptions, "rejected": totals.rejected,
                 "timeouts": totals.timeouts + view.timeouts,
-                "lost_log_lines": totals.lost_lines + view.lost_in_transit,
+                "lost_log_lines": view.lost_lines,
             },
             "rates": view.rates,
             "latency": {

@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 
 from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
-from ..http.request import Limits, RequestReader
+from ..http.request import RequestReader
 from ..http.response import CONTINUE, ResponseFraming, error_response
 from .wsgi import FileWrapper, StartResponse, base_environ, build_environ
 
@@ -42,8 +42,7 @@ class ConnectionHost(Protocol):
     fixed_headers: str         # the Server and Date lines, refreshed each second
     date: str
     server_name: str
-    limits: Limits
-    http: Any                  # [http] settings: the four timeouts
+    http: Any                  # [http] settings: the reader's Limits and the four timeouts
     app: Callable
     wsgi_errors: Any
     script_name: str           # the mount prefix ([server] script_name)
@@ -108,7 +107,7 @@ class Connection:
         self.host = host
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = RequestReader(host.limits)
+        self.reader = RequestReader(host.http)
         if sock.family == socket.AF_UNIX:
             server = (server_addr or "localhost", "0")
             remote = ("", "")   # a unix-socket peer has no address (none is made up)

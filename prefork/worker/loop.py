@@ -88,8 +88,7 @@ class Worker:
         self.generation = generation
         self.master_pid = master_pid
         self.sink = sink                 # where stats deltas and log batches go
-        self.limits = config.http
-        self.http = config.http
+        self.http = config.http          # limits for the reader, timeouts for connections
         self.script_name = config.server.script_name
         self.trusted = Networks(config.proxy.trusted)
         self.proxy_protocol = config.proxy.proxy_protocol

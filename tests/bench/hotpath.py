@@ -112,7 +112,7 @@ def floor(count, response):
 
 def app_alone(worker, count):
     """The WSGI app called directly with a ready environ: its own cost."""
-    reader = RequestReader(worker.limits)
+    reader = RequestReader(worker.http)
     reader.feed(REQUEST)
     environ = build_environ(reader.ready.popleft(), base_environ(
         "127.0.0.1", "8080", "127.0.0.1", "40000", worker.wsgi_errors))

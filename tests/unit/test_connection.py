@@ -24,7 +24,7 @@ class FakeHost:
         self.script_name = http.pop("script_name", "")
         self.trusted = Networks(http.pop("trusted", ()))
         self.proxy_protocol = http.pop("proxy_protocol", False)
-        self.http = self.limits = HttpConfig(**http)
+        self.http = HttpConfig(**http)
         self.app = app
         self.wsgi_errors = None
         self.ended, self.rejected, self.problems = [], [], []
