@@ -23,12 +23,27 @@ from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, NotIm
 
 
 _SP_HTAB = (32, 9)
+# What the reader checks in a header field, by name as received (any case).
+# Looked up once per header; names are the client's, so the cache is bounded.
+_OTHER, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONTENT_TYPE, _EXPECT = (
+    "other", "host", "content-length", "transfer-encoding", "content-type", "expect")
+_KNOWN_FIELDS = {kind.encode(): kind for kind in (_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING,
+                                                  _CONTENT_TYPE, _EXPECT)}
+_FIELD_KINDS: dict = {}
+_FIELD_KINDS_MAX = 512
 _GOOD_HOSTS = {b""}   # Host values already found valid ("": HTTP/1.0 without one)
 # RFC 9112 3.2 Host: uri-host [":" port]; uri-host is an IP literal or a reg-name.
 _IP_LITERAL = re.compile(rb"\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
 _REG_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
 # A method the reader refused is 501 only in a request line of the right shape.
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
+
+
+def field_kind(name: bytes) -> str:
+    kind = _KNOWN_FIELDS.get(name.lower(), _OTHER)
+    if len(_FIELD_KINDS) < _FIELD_KINDS_MAX:
+        _FIELD_KINDS[name] = kind
+    return kind
 
 
 def valid_authority(host: bytes) -> bool:
@@ -88,7 +103,6 @@ class RequestReader:
     def _reset_message(self):
         self._url = b""
         self._headers = []
-        self._header_bytes = 0
         self._head_fed = 0
         self._head_began_in_feed = False
         self._chunked = False
@@ -167,20 +181,20 @@ class RequestReader:
         self._url = url
 
     def on_header(self, name, value):
-        # Called once per header: only what must be bounded while parsing is
-        # checked here; the rest waits for on_headers_complete's one pass.
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_header_size:
-            raise HeadersTooLarge()
-        if self._request is None:   # else a chunked trailer: counted, not kept
-            headers = self._headers
-            if len(headers) >= self.limits.max_headers:
-                raise HeadersTooLarge(f"more than {self.limits.max_headers} headers")
+        # Called once per header, so it only keeps the field: the limits on
+        # count and size are checked once, in on_headers_complete. Memory
+        # meanwhile is bounded by the bytes fed (feed() bounds a head that
+        # spans reads; one read is bounded by the caller).
+        if value and value[-1] in _SP_HTAB:
             # Whitespace around a field value is not part of it (RFC 9110
             # 5.5); llhttp drops only the leading part.
-            if value and value[-1] in _SP_HTAB:
-                value = value.rstrip(b" \t")
-            headers.append((name, value))
+            value = value.rstrip(b" \t")
+        if self._request is None:
+            self._headers.append((name, value))
+        else:   # a chunked trailer: counted against the limit, not kept
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > self.limits.max_header_size:
+                raise HeadersTooLarge()
 
     def on_headers_complete(self):
         parser = self._parser
@@ -189,35 +203,47 @@ class RequestReader:
             if version[:2] != "1.":
                 raise VersionNotSupported(f"HTTP/{version}")
             version = "1.1"   # a higher 1.x minor: served as 1.1
+        headers = self._headers
+        limits = self.limits
+        if len(headers) > limits.max_headers:
+            raise HeadersTooLarge(f"more than {limits.max_headers} headers")
+        size = 4 * len(headers)   # ": " and CRLF
         hosts = 0
         host = b""
         content_types = 0
         expects_body = chunked = False
         expect_continue = False
-        for name, value in self._headers:
-            # Lower-case only names as long as the few that matter here.
-            size = len(name)
-            if size == 4:
-                if name.lower() == b"host":
-                    hosts += 1
-                    host = value
-            elif size == 14 and name.lower() == b"content-length":
-                if int(value) > self.limits.max_body:
+        kinds = _FIELD_KINDS
+        for name, value in headers:
+            size += len(name) + len(value)
+            kind = kinds.get(name)
+            if kind is None:
+                kind = field_kind(name)
+            if kind is _OTHER:
+                continue
+            if kind is _HOST:
+                hosts += 1
+                host = value
+            elif kind is _CONTENT_LENGTH:
+                if int(value) > limits.max_body:
                     raise BodyTooLarge()
                 expects_body = int(value) > 0
-            elif size == 17 and name.lower() == b"transfer-encoding":
+            elif kind is _TRANSFER_ENCODING:
                 if version == "1.0":
                     raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
                 if value.lower() != b"chunked":
                     # llhttp takes "gzip, chunked"; we decode no coding but chunked.
                     raise UnsupportedTransferCoding(f"transfer coding {value.decode('latin-1')!r}")
                 expects_body = chunked = True
-            elif size == 12 and name.lower() == b"content-type":
+            elif kind is _CONTENT_TYPE:
                 content_types += 1
                 if content_types > 1:
                     raise BadRequest("more than one Content-Type")
-            elif size == 6 and name.lower() == b"expect":
+            else:   # _EXPECT
                 expect_continue = value.lower() == b"100-continue"
+        if size > limits.max_header_size:
+            raise HeadersTooLarge()
+        self._header_bytes = size   # trailers count on from here
         url = self._url
         if not url:
             raise BadRequest("empty request target")

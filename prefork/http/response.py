@@ -8,8 +8,8 @@ Must not: touch sockets or read clocks: the caller supplies the Date line and
 sends the bytes (as h11 separates its writers from the transport).
 
 One ResponseFraming per response. Its head() turns (request method and version,
-status, the app's headers, its Content-Length, whether to close) into the head
-bytes; body() frames each chunk; end() gives the closing bytes. The worker's
+status, the app's header lines, its Content-Length, whether to close) into the
+head bytes; body() frames each chunk; end() gives the closing bytes. The worker's
 exchange object inherits it, so the hot path allocates nothing extra.
 """
 from __future__ import annotations
@@ -41,37 +41,38 @@ class ResponseFraming:
         self.close = close       # the connection ends after this response
         self.sent = 0            # body bytes framed so far
 
-    def head(self, method: str, version: str, status: str, code: int, fixed: str,
-             headers: list, content_length: int | None, close: bool) -> bytes:
-        """The head bytes. fixed: the Server and Date lines, pre-formatted.
-        close: the app or the server asks to end the connection."""
-        close = self.close = self.close or close
-        no_body = code in NO_BODY_STATUSES
-        body_ok = self.body_ok = method != "HEAD" and not no_body
-        parts = [f"HTTP/1.1 {status}\r\n", fixed]
-        for name, value in headers:
-            parts.append(f"{name}: {value}\r\n")
-        if not no_body:
-            if content_length is not None:
-                parts.append(f"Content-Length: {content_length}\r\n")
-                self.remaining = content_length if body_ok else None
-            elif not body_ok:
-                pass   # HEAD with unknown length: no framing header needed
-            elif version == "1.1":
-                parts.append("Transfer-Encoding: chunked\r\n")
-                self.chunked = True
+    def head(self, method: str, version: str, code: int, status_line: bytes, fixed: bytes,
+             lines: bytes, content_length: int | None, close: bool) -> bytes:
+        """The head bytes. status_line and lines: the app's status line and
+        header lines, encoded; fixed: the Server and Date lines. close: the
+        app or the server asks to end the connection."""
+        close = self.close or close
+        if code in NO_BODY_STATUSES:
+            self.body_ok = False
+            framing = b""
+        elif content_length is not None:
+            framing = b"Content-Length: %d\r\n" % content_length
+            if method == "HEAD":
+                self.body_ok = False
             else:
-                close = self.close = True   # HTTP/1.0: the end of the body is the close
-        if close:
-            parts.append("Connection: close\r\n\r\n")
-        elif version == "1.0":
-            parts.append("Connection: keep-alive\r\n\r\n")
+                self.remaining = content_length
+        elif method == "HEAD":
+            self.body_ok = False   # unknown length: no framing header needed
+            framing = b""
+        elif version == "1.1":
+            self.chunked = True
+            framing = b"Transfer-Encoding: chunked\r\n"
         else:
-            parts.append("\r\n")
-        try:
-            return "".join(parts).encode("latin-1")
-        except UnicodeEncodeError:
-            raise AppError("response header is not latin-1") from None
+            close = True   # HTTP/1.0: the end of the body is the close
+            framing = b""
+        self.close = close
+        if close:
+            end = b"Connection: close\r\n\r\n"
+        elif version == "1.0":
+            end = b"Connection: keep-alive\r\n\r\n"
+        else:
+            end = b"\r\n"
+        return b"".join((status_line, fixed, lines, framing, end))
 
     def body(self, data) -> bytes:
         """One body chunk as it goes on the wire (b"" when nothing may go)."""

@@ -10,7 +10,8 @@ when the socket is full the response iterator is paused and resumed on EPOLLOUT
 at most send_timeout in all for one response).
 Must not: accept, touch other connections, or reach into the worker: what it
 needs from it is the ConnectionHost interface below. The bytes of a response
-come from http.response.ResponseFraming; this module only sends them.
+come from the exchange (wsgi.Response, http.response.ResponseFraming); this
+module only sends them.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from typing import Any, Callable, Protocol
 from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
 from ..http.request import RequestReader
-from ..http.response import CONTINUE, ResponseFraming, error_response
-from .wsgi import FileWrapper, StartResponse, base_environ, build_environ
+from ..http.response import CONTINUE, error_response
+from .wsgi import FileWrapper, Response, base_environ, build_environ
 
 READING, WRITING, LINGERING, CLOSED = "reading", "writing", "lingering", "closed"
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -39,7 +40,7 @@ class ConnectionHost(Protocol):
     """What a connection needs from its worker, and nothing more."""
     now: float                 # the loop's clock, read once per event
     stopping: bool             # a graceful stop is under way: close after this response
-    fixed_headers: str         # the Server and Date lines, refreshed each second
+    fixed_headers: bytes       # the Server and Date lines, refreshed each second
     date: str
     server_name: str
     http: Any                  # [http] settings: the reader's Limits and the four timeouts
@@ -81,22 +82,25 @@ class ClientGone(Exception):
     """The peer closed or reset the connection while we were writing."""
 
 
-class Exchange(ResponseFraming):
-    """One request and the response being produced for it (its framing
-    inherited, so a request allocates one object, not two)."""
-    __slots__ = ("request", "environ", "sr", "result", "iterator", "started",
+class Exchange(Response):
+    """One request and the response being produced for it: the start_response
+    callable and the framing are inherited, so a request allocates one object."""
+    __slots__ = ("conn", "request", "environ", "result", "iterator", "started",
                  "sendfile", "write_deadline")
 
-    def __init__(self, request, started):
-        ResponseFraming.__init__(self, not request.keep_alive or request.upgrade)
+    def __init__(self, conn, request, started):
+        Response.__init__(self, not request.keep_alive or request.upgrade)
+        self.conn = conn
         self.request = request
         self.environ = None
-        self.sr = None
         self.result = None
         self.iterator = None
         self.started = started
         self.sendfile = None    # [fd, offset, remaining] when sending a file
         self.write_deadline = 0.0   # set by the first blocking write()
+
+    def write(self, data):
+        self.conn.write(data)
 
 
 class Connection:
@@ -243,14 +247,13 @@ class Connection:
 
     def respond(self, request):
         host = self.host
-        ex = self.exchange = Exchange(request, host.begin_request(request))
-        ex.sr = StartResponse(self.write)
+        ex = self.exchange = Exchange(self, request, host.begin_request(request))
         app = host.app if request.target != b"*" else server_options   # OPTIONS *
         try:
             environ = ex.environ = build_environ(request, self.base)
             if self.believed:
                 believe_forwarding(environ, host.trusted)
-            result = ex.result = app(environ, ex.sr)
+            result = ex.result = app(environ, ex)
         except HttpError as exc:
             return self.fail(exc)
         except Exception:
@@ -278,11 +281,10 @@ class Connection:
             body = parts[0] if len(parts) == 1 else b"".join(parts)
         except TypeError:
             return self.fail(AppError("app returned a body item that is not bytes"))
-        sr = ex.sr
-        if sr.status is None:
+        if ex.status is None:
             return self.fail(AppError("app returned without calling start_response"))
-        if sr.content_length is None:
-            sr.content_length = len(body)
+        if ex.content_length is None:
+            ex.content_length = len(body)
         try:
             self.emit(body)
         except AppError as exc:
@@ -295,13 +297,13 @@ class Connection:
             st = os.fstat(fd)
         except (AttributeError, OSError, ValueError):
             return False
-        if not stat.S_ISREG(st.st_mode) or ex.sr.status is None:
+        if not stat.S_ISREG(st.st_mode) or ex.status is None:
             return False
         offset = os.lseek(fd, 0, os.SEEK_CUR)
         length = st.st_size - offset
-        if ex.sr.content_length is not None:
-            length = min(length, ex.sr.content_length)
-        ex.sr.content_length = length
+        if ex.content_length is not None:
+            length = min(length, ex.content_length)
+        ex.content_length = length
         ex.result = wrapper
         ex.sendfile = [fd, offset, length]
         return True
@@ -363,7 +365,7 @@ class Connection:
         so one response's write() calls may block send_timeout in all (not per
         call: a client trickling bytes cannot pin the worker longer)."""
         ex = self.exchange
-        if ex is None or ex.sr.status is None:
+        if ex is None or ex.status is None:
             raise AssertionError("write() called before start_response")
         if data:
             self.emit(data)
@@ -375,14 +377,13 @@ class Connection:
     def emit(self, data):
         """Send one body chunk, framed (with the head first if not sent yet)."""
         ex = self.exchange
-        sr = ex.sr
-        if not sr.headers_sent:
+        if not ex.headers_sent:
             request = ex.request
-            head = ex.head(request.method, request.version, sr.status, sr.status_code,
-                           self.host.fixed_headers, sr.headers, sr.content_length,
-                           sr.close or self.host.stopping)
+            head = ex.head(request.method, request.version, ex.status_code, ex.status_line,
+                           self.host.fixed_headers, ex.lines, ex.content_length,
+                           ex.app_close or self.host.stopping)
             body = ex.body(data) if data else b""
-            sr.headers_sent = True   # only now: a bad first chunk still gets an error page
+            ex.headers_sent = True   # only now: a bad first chunk still gets an error page
             self.send(head + body if body else head)
         else:
             body = ex.body(data)
@@ -393,11 +394,11 @@ class Connection:
         """The app's response is complete (maybe not yet flushed)."""
         ex = self.exchange
         try:
-            if not ex.sr.headers_sent:
-                if ex.sr.status is None:
+            if not ex.headers_sent:
+                if ex.status is None:
                     return self.fail(AppError("app returned without calling start_response"))
-                if ex.sr.content_length is None:
-                    ex.sr.content_length = 0
+                if ex.content_length is None:
+                    ex.content_length = 0
                 self.emit(b"")
             end = ex.end()
             if end:
@@ -406,7 +407,7 @@ class Connection:
             return self.fail(exc)
         except ClientGone:
             return self.abort()
-        self.end_exchange(ex.sr.status_code)
+        self.end_exchange(ex.status_code)
         self.close_after = ex.close
         if self.out:
             self.state = WRITING
@@ -447,7 +448,7 @@ class Connection:
         ex = self.exchange
         if isinstance(exc, AppError) and not exc.logged:
             self.host.app_problem(ex, exc.detail)
-        if ex is None or ex.sr is None or not ex.sr.headers_sent:
+        if ex is None or not ex.headers_sent:
             if ex is not None:
                 self.end_exchange(exc.status)
             return self.close_with(self.error_bytes(exc.status, ex))
@@ -480,7 +481,7 @@ class Connection:
     def abort(self):
         ex = self.exchange
         if ex is not None:
-            self.end_exchange(ex.sr.status_code if ex.sr.headers_sent else 499)
+            self.end_exchange(ex.status_code if ex.headers_sent else 499)
         self.close()
 
     # -- output -----------------------------------------------------------

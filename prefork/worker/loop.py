@@ -117,7 +117,7 @@ class Worker:
         self.inbox = None
         self._second = 0
         self.date = ""
-        self.fixed_headers = ""
+        self.fixed_headers = b""
         self._refresh_date(time.time())
 
     # -- boot -----------------------------------------------------------------
@@ -214,7 +214,7 @@ class Worker:
     def _refresh_date(self, wall):
         self._second = int(wall) + 1
         self.date = http_date(wall)
-        self.fixed_headers = f"Server: {self.server_name}\r\nDate: {self.date}\r\n"
+        self.fixed_headers = f"Server: {self.server_name}\r\nDate: {self.date}\r\n".encode("latin-1")
         self.access_log.set_time(wall)
 
     def accept(self, listener):

@@ -80,7 +80,7 @@ class StaticFiles:
         """Ask the app first; a 404 it gave for / while it was being called,
         with nothing sent yet, becomes static/index.html when that file
         exists (a generator that starts its response later keeps its own 404:
-        it is under way). start_response is the connection's StartResponse,
+        it is under way). start_response is the connection's exchange (wsgi.Response),
         which records the status: no wrapper per request."""
         result = app(environ, start_response)
         if start_response.status_code != 404 or start_response.headers_sent \

@@ -1,7 +1,7 @@
 """PEP 3333 glue: environ from a Request, start_response, wsgi.file_wrapper.
 
 Owns: the environ's contents and the start_response state machine (status and
-headers checked before anything is sent; exc_info rules). Must not: do socket
+headers checked and encoded before anything is sent; exc_info rules). Must not: do socket
 I/O (the connection sends what this module prepares).
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from ..http.errors import AppError, BadRequest
+from ..http.response import ResponseFraming
 
 # Request header name (bytes, as received) -> environ key. Bounded: names are
 # attacker-chosen, so only the first few hundred distinct ones are cached.
@@ -126,6 +127,15 @@ KEEP, LENGTH, DROP, CLOSE = "keep", "length", "drop", "close"
 _CHECKED: dict = {}
 _CHECKED_MAX = 1024
 
+# What start_response made of a (status, headers) the app gave before, ready
+# to go on the wire: (status code, status line, header lines, Content-Length,
+# close). Most apps send a few header sets again and again; a set that varies
+# per response (a Content-Length per page) misses and is prepared afresh.
+# Bounded in entries and in the size of each, as values may carry client data.
+_STARTED: dict = {}
+_STARTED_MAX = 1024
+_STARTED_LINES_MAX = 1024
+
 
 def _classify(item):
     try:
@@ -151,19 +161,60 @@ def _classify(item):
     return kind
 
 
-class StartResponse:
-    """The start_response callable for one request, and what it recorded."""
-    __slots__ = ("status", "status_code", "headers", "content_length", "close",
-                 "headers_sent", "write")
+def prepare_start(status, items, key) -> tuple:
+    """Check what the app gave start_response and encode it (see _STARTED);
+    key: the cache key, or None when the items are not hashable."""
+    if type(status) is not str or len(status) < 4 or not status[:3].isdigit() \
+            or status[3] != " " or "\r" in status or "\n" in status or "\0" in status:
+        raise AppError(f"invalid status {status!r}")
+    lines = []
+    content_length = None
+    close = False
+    checked = _CHECKED.get
+    for item in items:
+        try:
+            kind = checked(item)
+        except TypeError:          # unhashable: not a tuple of str
+            kind = None
+        if kind is None:
+            kind = _classify(item)
+        if kind is KEEP:
+            lines.append(f"{item[0]}: {item[1]}\r\n")
+        elif kind is LENGTH:
+            content_length = int(item[1])   # written once, with the framing
+        elif kind is CLOSE:
+            close = True
+    try:
+        started = (int(status[:3]), f"HTTP/1.1 {status}\r\n".encode("latin-1"),
+                   "".join(lines).encode("latin-1"), content_length, close)
+    except UnicodeEncodeError:
+        raise AppError("response status or header is not latin-1") from None
+    if key is not None and len(_STARTED) < _STARTED_MAX \
+            and len(started[2]) <= _STARTED_LINES_MAX:
+        _STARTED[key] = started
+    return started
 
-    def __init__(self, write):
+
+class Response(ResponseFraming):
+    """One response as the app starts it: the start_response callable and
+    what it recorded, and (inherited) its framing. The connection's exchange
+    is one, so a request allocates one object for all of it."""
+    __slots__ = ("status", "status_code", "status_line", "lines", "content_length",
+                 "app_close", "headers_sent")
+
+    def __init__(self, close: bool):
+        ResponseFraming.__init__(self, close)
         self.status = None
         self.status_code = 0
-        self.headers = None
-        self.content_length = None   # from the app's Content-Length, if any
-        self.close = False           # the app asked for Connection: close
+        self.status_line = b""         # b"HTTP/1.1 200 OK\r\n"
+        self.lines = b""               # the app's header lines, encoded
+        self.content_length = None     # from the app's Content-Length, if any
+        self.app_close = False         # the app asked for Connection: close
         self.headers_sent = False
-        self.write = write           # the PEP 3333 write() callable
+
+    def write(self, data):
+        """The PEP 3333 write() callable: sending is the connection's."""
+        raise NotImplementedError
 
     def __call__(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -174,43 +225,28 @@ class StartResponse:
                 exc_info = None  # no reference cycle through the frame
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        self._set(status, headers)
+        try:
+            items = tuple(headers)
+        except TypeError:
+            raise AppError(f"headers must be a list, not {type(headers).__name__}") from None
+        key = (status, items)
+        try:
+            started = _STARTED.get(key)
+        except TypeError:   # an item is not hashable
+            started = key = None
+        if started is None:
+            started = prepare_start(status, items, key)
+        self.status_code, self.status_line, self.lines, self.content_length, \
+            self.app_close = started
+        self.status = status
         return self.write
 
     def restart(self):
         """Undo an unsent status, so that another responder may start over."""
         self.status = None
         self.status_code = 0
-        self.headers = None
         self.content_length = None
-        self.close = False
-
-    def _set(self, status, headers):
-        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() \
-                or status[3] != " " or "\r" in status or "\n" in status or "\0" in status:
-            raise AppError(f"invalid status {status!r}")
-        kept = []
-        content_length = None
-        close = False
-        checked = _CHECKED.get
-        for item in headers:
-            try:
-                kind = checked(item)   # most apps send the same few headers again and again
-            except TypeError:          # unhashable: not a tuple of str
-                kind = None
-            if kind is None:
-                kind = _classify(item)
-            if kind is KEEP:
-                kept.append(item)
-            elif kind is LENGTH:
-                content_length = int(item[1])   # the connection writes it, once, with the framing
-            elif kind is CLOSE:
-                close = True
-        self.status = status
-        self.status_code = int(status[:3])
-        self.headers = kept
-        self.content_length = content_length
-        self.close = close
+        self.app_close = False
 
 
 class ErrorStream:

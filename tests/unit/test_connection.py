@@ -20,7 +20,7 @@ class FakeHost:
         self.stopping = False
         self.date = "Sun, 22 Nov 2026 00:00:00 GMT"
         self.server_name = "prefork"
-        self.fixed_headers = f"Server: prefork\r\nDate: {self.date}\r\n"
+        self.fixed_headers = f"Server: prefork\r\nDate: {self.date}\r\n".encode()
         self.script_name = http.pop("script_name", "")
         self.trusted = Networks(http.pop("trusted", ()))
         self.proxy_protocol = http.pop("proxy_protocol", False)

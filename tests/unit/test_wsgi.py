@@ -6,7 +6,7 @@ import pytest
 from prefork.http.errors import AppError, BadRequest
 from prefork.config import HttpConfig
 from prefork.http.request import RequestReader
-from prefork.worker.wsgi import StartResponse, base_environ, build_environ, split_target
+from prefork.worker.wsgi import Response, base_environ, build_environ, split_target
 
 
 def environ_for(raw: bytes) -> dict:
@@ -59,28 +59,46 @@ def test_authority_form_is_refused():
         split_target(b"example.com:443")
 
 
-def writer(data):
-    raise AssertionError("not used")
+class StartResponse(Response):
+    """The start_response half of an exchange, with a write() to check."""
+    __slots__ = ()
+
+    def write(self, data):
+        raise AssertionError("not used")
 
 
 def test_start_response_records_and_strips_hop_by_hop():
-    sr = StartResponse(writer)
+    sr = StartResponse(False)
     write = sr("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5"),
                           ("Connection", "close"), ("Transfer-Encoding", "chunked")])
-    assert write is writer
-    assert sr.status_code == 200 and sr.content_length == 5 and sr.close
-    assert sr.headers == [("Content-Type", "text/plain")]
+    assert write == sr.write
+    assert sr.status_code == 200 and sr.content_length == 5 and sr.app_close
+    assert sr.status_line == b"HTTP/1.1 200 OK\r\n"
+    assert sr.lines == b"Content-Type: text/plain\r\n"
+
+
+def test_start_response_gives_the_same_answer_from_its_cache():
+    headers = [("Content-Type", "text/plain"), ("Content-Length", "5")]
+    first, second = StartResponse(False), StartResponse(False)
+    first("200 OK", list(headers))
+    second("200 OK", list(headers))
+    assert (first.status_code, first.lines, first.content_length) == \
+        (second.status_code, second.lines, second.content_length) == \
+        (200, b"Content-Type: text/plain\r\n", 5)
+    unhashable = StartResponse(False)
+    unhashable("200 OK", [["Content-Type", "text/plain"]])
+    assert unhashable.lines == b"Content-Type: text/plain\r\n"
 
 
 def test_start_response_twice_without_exc_info_is_an_error():
-    sr = StartResponse(writer)
+    sr = StartResponse(False)
     sr("200 OK", [])
     with pytest.raises(AssertionError):
         sr("500 Oops", [])
 
 
 def test_exc_info_replaces_status_before_headers_are_sent():
-    sr = StartResponse(writer)
+    sr = StartResponse(False)
     sr("200 OK", [])
     try:
         raise ValueError("x")
@@ -90,7 +108,7 @@ def test_exc_info_replaces_status_before_headers_are_sent():
 
 
 def test_exc_info_after_headers_sent_reraises():
-    sr = StartResponse(writer)
+    sr = StartResponse(False)
     sr("200 OK", [])
     sr.headers_sent = True
     with pytest.raises(ValueError):
@@ -110,7 +128,9 @@ def test_exc_info_after_headers_sent_reraises():
     (b"200 OK", []),
     ("200 OK\r\nSet-Cookie: x", []),
     ("200 OK\n", []),
+    ("200 OK", [("X-Euro", "€")]),
+    ("200 OK", None),
 ])
 def test_bad_status_or_headers_are_refused(status, headers):
     with pytest.raises(AppError):
-        StartResponse(writer)(status, headers)
+        StartResponse(False)(status, headers)
