@@ -30,6 +30,9 @@ _OTHER, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONTENT_TYPE, _EXPECT = (
 _KNOWN_FIELDS = {kind.encode(): kind for kind in (_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING,
                                                   _CONTENT_TYPE, _EXPECT)}
 _FIELD_KINDS: dict = {}
+_METHOD_NAMES = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE",
+                                                   "OPTIONS", "PATCH")}
+_LINE_VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
 _FIELD_KINDS_MAX = 512
 _GOOD_HOSTS = {b""}   # Host values already found valid ("": HTTP/1.0 without one)
 # RFC 9112 3.2 Host: uri-host [":" port]; uri-host is an IP literal or a reg-name.
@@ -72,12 +75,12 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "keep_alive",
                  "body", "body_file", "upgrade")
 
-    def __init__(self, method, target, version, headers, keep_alive):
+    def __init__(self, method, target, version, headers):
         self.method = method          # str, e.g. "GET"
         self.target = target          # bytes, raw request-target
         self.version = version        # "1.1" or "1.0"
         self.headers = headers        # list of (name bytes, value bytes)
-        self.keep_alive = keep_alive
+        self.keep_alive = True        # decided when the message is complete
         self.body = b""
         self.body_file = None         # set instead of body when spooled
         self.upgrade = False
@@ -102,6 +105,7 @@ class RequestReader:
 
     def _reset_message(self):
         self._url = b""
+        self._version = None       # from the request line, when feed() saw it whole
         self._headers = []
         self._head_fed = 0
         self._head_began_in_feed = False
@@ -114,6 +118,15 @@ class RequestReader:
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self._completed_in_feed = 0
+        self._feed_size = len(data)
+        if not self.in_message:
+            # httptools formats the version anew on each call (a large share
+            # of a small request's cost); when this feed begins a request, its
+            # request line's end names it. llhttp checks that line: this only
+            # reads it, and leaves any other version to get_http_version().
+            end = data.find(b"\n")
+            if end > 10:
+                self._version = _LINE_VERSIONS.get(data[end - 10:end + 1])
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -192,22 +205,36 @@ class RequestReader:
         if self._request is None:
             self._headers.append((name, value))
         else:   # a chunked trailer: counted against the limit, not kept
+            if self._header_bytes < 0:
+                self._header_bytes = sum(len(n) + len(v) + 4 for n, v in self._request.headers)
             self._header_bytes += len(name) + len(value) + 4
             if self._header_bytes > self.limits.max_header_size:
                 raise HeadersTooLarge()
 
     def on_headers_complete(self):
         parser = self._parser
-        version = parser.get_http_version()
+        version = self._version or parser.get_http_version()
         if version not in ("1.1", "1.0"):
             if version[:2] != "1.":
                 raise VersionNotSupported(f"HTTP/{version}")
             version = "1.1"   # a higher 1.x minor: served as 1.1
         headers = self._headers
         limits = self.limits
-        if len(headers) > limits.max_headers:
+        count = len(headers)
+        if count > limits.max_headers:
             raise HeadersTooLarge(f"more than {limits.max_headers} headers")
-        size = 4 * len(headers)   # ": " and CRLF
+        # Each header counts as name + value + 4 (": " and CRLF) toward
+        # max_header_size; a field takes at least name + value + 3 bytes. So a
+        # head that began in this feed, of fewer bytes than the limit less
+        # one per header, is within it: no sum needed (the common case).
+        size = -1   # not summed
+        if not self._head_began_in_feed or self._feed_size + count > limits.max_header_size:
+            size = 4 * count
+            for name, value in headers:
+                size += len(name) + len(value)
+            if size > limits.max_header_size:
+                raise HeadersTooLarge()
+        self._header_bytes = size   # trailers count on from here
         hosts = 0
         host = b""
         content_types = 0
@@ -215,7 +242,6 @@ class RequestReader:
         expect_continue = False
         kinds = _FIELD_KINDS
         for name, value in headers:
-            size += len(name) + len(value)
             kind = kinds.get(name)
             if kind is None:
                 kind = field_kind(name)
@@ -241,15 +267,11 @@ class RequestReader:
                     raise BadRequest("more than one Content-Type")
             else:   # _EXPECT
                 expect_continue = value.lower() == b"100-continue"
-        if size > limits.max_header_size:
-            raise HeadersTooLarge()
-        self._header_bytes = size   # trailers count on from here
         url = self._url
-        if not url:
-            raise BadRequest("empty request target")
+        method = parser.get_method()
         if url[:1] != b"/":
-            self._check_target(url, parser.get_method())
-        if hosts > 1 or (not hosts and version == "1.1"):
+            self._check_target(url, method)
+        if hosts != 1 and (hosts or version == "1.1"):
             raise BadRequest("HTTP/1.1 needs exactly one Host header")
         if host not in _GOOD_HOSTS:   # most requests name one of a few hosts
             if not valid_authority(host):
@@ -257,14 +279,16 @@ class RequestReader:
             if len(_GOOD_HOSTS) < 256:   # bounded: the values are the client's
                 _GOOD_HOSTS.add(host)
         self.in_head = False
-        self._request = Request(parser.get_method().decode("ascii"), url,
-                                version, self._headers, parser.should_keep_alive())
+        self._request = Request(_METHOD_NAMES.get(method) or method.decode("ascii"), url,
+                                version, self._headers)
         self._chunked = chunked
         self.continue_pending = expect_continue and expects_body and version == "1.1"
 
     def _check_target(self, url, method):
         """Asterisk-form only for OPTIONS; absolute-form names the host, which
         then stands in place of the Host header (RFC 9112 3.2.2)."""
+        if not url:
+            raise BadRequest("empty request target")
         if url == b"*":
             if method != b"OPTIONS":
                 raise BadRequest("* is a target for OPTIONS only")
