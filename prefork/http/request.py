@@ -23,39 +23,47 @@ from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, NotIm
 
 
 _SP_HTAB = (32, 9)
-# What the reader checks in a header field, by name as received (any case).
-# Looked up once per header; names are the client's, so the cache is bounded.
-_OTHER, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONTENT_TYPE, _EXPECT = (
-    "other", "host", "content-length", "transfer-encoding", "content-type", "expect")
-_KNOWN_FIELDS = {kind.encode(): kind for kind in (_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING,
-                                                  _CONTENT_TYPE, _EXPECT)}
-_FIELD_KINDS: dict = {}
+# Header name as received (any case) -> its CGI meta-variable name (RFC 3875
+# 4.1.18: HTTP_ + upper case, "-" as "_"; Content-Type and Content-Length
+# without the prefix). Looked up once per header; names are the client's, so
+# the cache is bounded.
+_FIELD_KEYS = {b"Host": "HTTP_HOST", b"host": "HTTP_HOST",
+               b"Content-Type": "CONTENT_TYPE", b"content-type": "CONTENT_TYPE",
+               b"Content-Length": "CONTENT_LENGTH", b"content-length": "CONTENT_LENGTH"}
+_FIELD_KEYS_MAX = 512
+# Fields that say a body follows, or how to answer it: checked only when present.
+_BODY_FIELDS = frozenset(["CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT"])
 _METHOD_NAMES = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE",
                                                    "OPTIONS", "PATCH")}
 _LINE_VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
-_FIELD_KINDS_MAX = 512
-_GOOD_HOSTS = {b""}   # Host values already found valid ("": HTTP/1.0 without one)
+_GOOD_HOSTS = {""}   # Host values already found valid ("": HTTP/1.0 without one)
 # RFC 9112 3.2 Host: uri-host [":" port]; uri-host is an IP literal or a reg-name.
-_IP_LITERAL = re.compile(rb"\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
-_REG_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+_IP_LITERAL = re.compile(r"\[[0-9A-Fa-f:.]+\](:[0-9]*)?")
+_REG_NAME_CHARS = str.maketrans("", "", "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                "0123456789-._~!$&'()*+,;=%")
 # A method the reader refused is 501 only in a request line of the right shape.
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r?\n")
 
 
-def field_kind(name: bytes) -> str:
-    kind = _KNOWN_FIELDS.get(name.lower(), _OTHER)
-    if len(_FIELD_KINDS) < _FIELD_KINDS_MAX:
-        _FIELD_KINDS[name] = kind
-    return kind
+def field_key(name: bytes) -> str | None:
+    """The meta-variable name of a header, or None for a name with "_": X_Foo
+    would collide with X-Foo, so such names are not kept (as nginx and
+    gunicorn do), rather than let one spoof the other."""
+    if b"_" in name:
+        return None
+    text = name.decode("latin-1").upper().replace("-", "_")
+    key = text if text in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + text
+    if len(_FIELD_KEYS) < _FIELD_KEYS_MAX:
+        _FIELD_KEYS[name] = key
+    return key
 
 
-def valid_authority(host: bytes) -> bool:
-    """Host's value: reg-name or [IP literal], then an optional :port. The
-    common case is one C-level pass (translate), not a regex."""
-    if host[:1] == b"[":
+def valid_authority(host: str) -> bool:
+    """Host's value: reg-name or [IP literal], then an optional :port."""
+    if host[:1] == "[":
         return _IP_LITERAL.fullmatch(host) is not None
-    name, _, port = host.partition(b":")
-    return not name.translate(None, _REG_NAME_CHARS) and (not port or port.isdigit())
+    name, _, port = host.partition(":")
+    return not name.translate(_REG_NAME_CHARS) and (not port or (port.isascii() and port.isdigit()))
 
 
 class Limits(Protocol):
@@ -70,50 +78,86 @@ class Limits(Protocol):
 
 
 class Request:
-    """One complete request: head, and the body (bytes, or a file past the
-    spool threshold). Plain slots object: built once per request, hot path."""
-    __slots__ = ("method", "target", "version", "headers", "keep_alive",
+    """One complete request: its head, its header fields, and the body (bytes,
+    or a file past the spool threshold). Plain slots object: built once per
+    request, hot path."""
+    __slots__ = ("method", "target", "version", "fields", "keep_alive",
                  "body", "body_file", "upgrade")
 
-    def __init__(self, method, target, version, headers):
+    def __init__(self, method, target, version, fields):
         self.method = method          # str, e.g. "GET"
         self.target = target          # bytes, raw request-target
         self.version = version        # "1.1" or "1.0"
-        self.headers = headers        # list of (name bytes, value bytes)
+        # The reader's template (see RequestReader) plus one entry per header
+        # field: CGI name -> value (str, latin-1); repeated fields joined
+        # with "," ("; " for Cookie).
+        self.fields = fields
         self.keep_alive = True        # decided when the message is complete
         self.body = b""
         self.body_file = None         # set instead of body when spooled
         self.upgrade = False
 
 
-class RequestReader:
-    """httptools protocol object for one connection."""
+class TrailerBudget:
+    """Stands in for the fields once the head is read: the fields of a
+    chunked trailer section are counted against max_header_size, not kept."""
+    __slots__ = ("left",)
 
-    def __init__(self, limits: Limits):
+    def __init__(self):
+        self.left = 0
+
+    def __contains__(self, key):
+        return False
+
+    def __setitem__(self, key, value):
+        self.spend(len(key) + len(value))
+
+    def spend(self, size):
+        self.left -= size
+        if self.left < 0:
+            raise HeadersTooLarge()
+
+
+class RequestReader:
+    """httptools protocol object for one connection.
+
+    template: the dict each request's fields start from (a copy per request).
+    The worker passes the connection's base environ, so the fields become the
+    WSGI environ with no second pass over the headers."""
+
+    def __init__(self, limits: Limits, template: dict | None = None):
         self.limits = limits
+        self.template = {} if template is None else template
         self.ready: collections.deque[Request] = collections.deque()   # complete, in order
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet
         self._completed_in_feed = 0        # requests completed by the current feed()
+        self._feed_size = 0
         self._parser = httptools.HttpRequestParser(self)
         # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
         # served as the highest we speak. The major version is checked below.
         self._parser.set_dangerous_leniencies(lenient_version=True)
         self._head_limit = limits.max_request_line + limits.max_header_size + 64
+        self._trailers = TrailerBudget()
+        self._head_began_in_feed = False
+        self._fields: dict | TrailerBudget = {}
         self._reset_message()
+        self._reset_body()
 
     def _reset_message(self):
         self._url = b""
         self._version = None       # from the request line, when feed() saw it whole
-        self._headers = []
+        self._extra_fields = 0     # fields repeated or refused (not one entry each)
+        self._extra_size = 0       # ... and their bytes
         self._head_fed = 0
-        self._head_began_in_feed = False
+        self._request = None
+
+    def _reset_body(self):
         self._chunked = False
         self._body_chunks = None   # made by the first body fragment
         self._body_size = 0
         self._body_file = None
-        self._request = None
 
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -186,6 +230,7 @@ class RequestReader:
         self.in_message = True
         self.in_head = True
         self._head_began_in_feed = True
+        self._fields = self.template.copy()
 
     def on_url(self, fragment):
         url = self._url + fragment
@@ -194,7 +239,7 @@ class RequestReader:
         self._url = url
 
     def on_header(self, name, value):
-        # Called once per header, so it only keeps the field: the limits on
+        # Called once per header, so it only files the field: the limits on
         # count and size are checked once, in on_headers_complete. Memory
         # meanwhile is bounded by the bytes fed (feed() bounds a head that
         # spans reads; one read is bounded by the caller).
@@ -202,14 +247,36 @@ class RequestReader:
             # Whitespace around a field value is not part of it (RFC 9110
             # 5.5); llhttp drops only the leading part.
             value = value.rstrip(b" \t")
-        if self._request is None:
-            self._headers.append((name, value))
-        else:   # a chunked trailer: counted against the limit, not kept
-            if self._header_bytes < 0:
-                self._header_bytes = sum(len(n) + len(v) + 4 for n, v in self._request.headers)
-            self._header_bytes += len(name) + len(value) + 4
-            if self._header_bytes > self.limits.max_header_size:
-                raise HeadersTooLarge()
+        key = _FIELD_KEYS.get(name)
+        if key is None:
+            key = field_key(name)
+            if key is None:
+                return self._uncounted(name, value)
+        fields = self._fields
+        if key in fields:
+            return self._repeated(key, name, value)
+        fields[key] = value.decode("latin-1")
+
+    def _uncounted(self, name, value):
+        """A field that is not one entry of its own: counted, not kept."""
+        size = len(name) + len(value) + 4
+        if self._request is not None:   # in a trailer section
+            self._trailers.spend(size)
+            return
+        self._extra_fields += 1
+        self._extra_size += size
+
+    def _repeated(self, key, name, value):
+        """A field name seen before in this head: joined to the first (RFC
+        9110 5.3), except where one value is all HTTP allows."""
+        if key == "HTTP_HOST":
+            raise BadRequest("HTTP/1.1 needs exactly one Host header")
+        if key == "CONTENT_TYPE":
+            raise BadRequest("more than one Content-Type")
+        if key == "CONTENT_LENGTH":
+            raise BadRequest("more than one Content-Length")
+        self._uncounted(name, value)
+        self._fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
 
     def on_headers_complete(self):
         parser = self._parser
@@ -218,71 +285,71 @@ class RequestReader:
             if version[:2] != "1.":
                 raise VersionNotSupported(f"HTTP/{version}")
             version = "1.1"   # a higher 1.x minor: served as 1.1
-        headers = self._headers
+        fields = self._fields
         limits = self.limits
-        count = len(headers)
+        count = len(fields) - len(self.template) + self._extra_fields
         if count > limits.max_headers:
             raise HeadersTooLarge(f"more than {limits.max_headers} headers")
-        # Each header counts as name + value + 4 (": " and CRLF) toward
-        # max_header_size; a field takes at least name + value + 3 bytes. So a
-        # head that began in this feed, of fewer bytes than the limit less
-        # one per header, is within it: no sum needed (the common case).
+        # Each field counts as name + value + 4 (": " and CRLF) toward
+        # max_header_size; on the wire it takes at least name + value + 3
+        # bytes. So a head that began in this feed, of fewer bytes than the
+        # limit less one per field, is within it: no sum needed (the common case).
         size = -1   # not summed
         if not self._head_began_in_feed or self._feed_size + count > limits.max_header_size:
-            size = 4 * count
-            for name, value in headers:
-                size += len(name) + len(value)
+            size = self.head_size()
             if size > limits.max_header_size:
                 raise HeadersTooLarge()
-        self._header_bytes = size   # trailers count on from here
-        hosts = 0
-        host = b""
-        content_types = 0
-        expects_body = chunked = False
-        expect_continue = False
-        kinds = _FIELD_KINDS
-        for name, value in headers:
-            kind = kinds.get(name)
-            if kind is None:
-                kind = field_kind(name)
-            if kind is _OTHER:
-                continue
-            if kind is _HOST:
-                hosts += 1
-                host = value
-            elif kind is _CONTENT_LENGTH:
-                if int(value) > limits.max_body:
-                    raise BodyTooLarge()
-                expects_body = int(value) > 0
-            elif kind is _TRANSFER_ENCODING:
-                if version == "1.0":
-                    raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
-                if value.lower() != b"chunked":
-                    # llhttp takes "gzip, chunked"; we decode no coding but chunked.
-                    raise UnsupportedTransferCoding(f"transfer coding {value.decode('latin-1')!r}")
-                expects_body = chunked = True
-            elif kind is _CONTENT_TYPE:
-                content_types += 1
-                if content_types > 1:
-                    raise BadRequest("more than one Content-Type")
-            else:   # _EXPECT
-                expect_continue = value.lower() == b"100-continue"
         url = self._url
         method = parser.get_method()
         if url[:1] != b"/":
             self._check_target(url, method)
-        if hosts != 1 and (hosts or version == "1.1"):
-            raise BadRequest("HTTP/1.1 needs exactly one Host header")
-        if host not in _GOOD_HOSTS:   # most requests name one of a few hosts
+        host = fields.get("HTTP_HOST")
+        if host is None:
+            if version == "1.1":
+                raise BadRequest("HTTP/1.1 needs exactly one Host header")
+        elif host not in _GOOD_HOSTS:   # most requests name one of a few hosts
             if not valid_authority(host):
                 raise BadRequest("Host is not a valid authority (RFC 9112 3.2)")
             if len(_GOOD_HOSTS) < 256:   # bounded: the values are the client's
                 _GOOD_HOSTS.add(host)
+        if not _BODY_FIELDS.isdisjoint(fields):
+            self._check_body_fields(fields, version, size)
         self.in_head = False
         self._request = Request(_METHOD_NAMES.get(method) or method.decode("ascii"), url,
-                                version, self._headers)
-        self._chunked = chunked
-        self.continue_pending = expect_continue and expects_body and version == "1.1"
+                                version, fields)
+
+    def head_size(self) -> int:
+        """The header section's size as max_header_size counts it."""
+        size = self._extra_size
+        for key, value in self._fields.items():
+            if key[:5] == "HTTP_":
+                size += len(key) - 5 + len(value) + 4
+            elif key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+                size += len(key) + len(value) + 4
+        return size
+
+    def _check_body_fields(self, fields, version, size):
+        length = fields.get("CONTENT_LENGTH")
+        expects_body = False
+        if length is not None:
+            if int(length) > self.limits.max_body:
+                raise BodyTooLarge()
+            expects_body = int(length) > 0
+        coding = fields.get("HTTP_TRANSFER_ENCODING")
+        if coding is not None:
+            if version == "1.0":
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+            if coding.lower() != "chunked":
+                # llhttp takes "gzip, chunked"; we decode no coding but chunked.
+                raise UnsupportedTransferCoding(f"transfer coding {coding!r}")
+            expects_body = self._chunked = True
+            # Trailer fields count on from the head's size; they are not kept.
+            self._trailers.left = self.limits.max_header_size - (
+                size if size >= 0 else self.head_size())
+            self._fields = self._trailers
+        expect = fields.get("HTTP_EXPECT")
+        self.continue_pending = (expect is not None and expect.lower() == "100-continue"
+                                 and expects_body and version == "1.1")
 
     def _check_target(self, url, method):
         """Asterisk-form only for OPTIONS; absolute-form names the host, which
@@ -298,8 +365,8 @@ class RequestReader:
                 authority = httptools.parse_url(url).host
             except httptools.HttpParserInvalidURLError:
                 raise BadRequest("invalid absolute URL") from None
-            self._headers = [(n, v) for n, v in self._headers if n.lower() != b"host"]
-            self._headers.append((b"Host", authority or b""))
+            self._fields.pop("HTTP_HOST", None)
+            self._fields["HTTP_HOST"] = (authority or b"").decode("latin-1")
             return
         raise BadRequest("request target must be a path, an absolute URL or *")
 
@@ -327,15 +394,17 @@ class RequestReader:
     def on_message_complete(self):
         request = self._request
         request.keep_alive = self._parser.should_keep_alive()
-        if self._chunked:
-            # Its length is known now that it is read: the app gets a
-            # Content-Length (Django reads nothing without one).
-            request.headers.append((b"Content-Length", b"%d" % self._body_size))
-        if self._body_file is not None:
-            self._body_file.seek(0)
-            request.body_file = self._body_file
-        elif self._body_chunks:
-            request.body = b"".join(self._body_chunks)
+        if self._body_size or self._chunked:
+            if self._chunked:
+                # Its length is known now that it is read: the app gets a
+                # Content-Length (Django reads nothing without one).
+                request.fields["CONTENT_LENGTH"] = str(self._body_size)
+            if self._body_file is not None:
+                self._body_file.seek(0)
+                request.body_file = self._body_file
+            elif self._body_chunks:
+                request.body = b"".join(self._body_chunks)
+            self._reset_body()
         self.ready.append(request)
         self._completed_in_feed += 1
         self.in_message = False

@@ -31,31 +31,39 @@ def http_date(timestamp: float) -> str:
 
 
 class ResponseFraming:
-    """How one response's body is delimited, and how much of it went out."""
-    __slots__ = ("body_ok", "chunked", "remaining", "close", "sent")
+    """How one response's head reads, how its body is delimited, and how much
+    of the body went out.
 
-    def __init__(self, close: bool):
-        self.body_ok = True      # False for HEAD and bodiless statuses
-        self.chunked = False
-        self.remaining: int | None = None   # bytes the declared length still allows
-        self.close = close       # the connection ends after this response
-        self.sent = 0            # body bytes framed so far
+    The defaults live on the class, so a response stores only the fields
+    that differ from them (a request allocates one object and writes few
+    fields). Whoever starts the response sets status_code, status_line (b"HTTP/1.1
+    200 OK\r\n"), lines (the other header lines, encoded), content_length
+    (None: unknown) and close, then asks for head() or whole()."""
+    status_code = 0
+    status_line = b""
+    lines = b""
+    content_length: int | None = None
+    close = False            # the connection ends after this response
+    body_ok = True           # False for HEAD and bodiless statuses
+    chunked = False
+    remaining: int | None = None   # bytes the declared length still allows
+    sent = 0                 # body bytes framed so far
 
-    def head(self, method: str, version: str, code: int, status_line: bytes, fixed: bytes,
-             lines: bytes, content_length: int | None, close: bool) -> bytes:
-        """The head bytes. status_line and lines: the app's status line and
-        header lines, encoded; fixed: the Server and Date lines. close: the
-        app or the server asks to end the connection."""
+    def head(self, method: str, version: str, fixed: bytes, close: bool) -> bytes:
+        """The head bytes. fixed: the Server and Date lines. close: the app or
+        the server asks to end the connection."""
         close = self.close or close
+        code = self.status_code
+        length = self.content_length
         if code in NO_BODY_STATUSES:
             self.body_ok = False
             framing = b""
-        elif content_length is not None:
-            framing = b"Content-Length: %d\r\n" % content_length
+        elif length is not None:
+            framing = b"Content-Length: %d\r\n" % length
             if method == "HEAD":
                 self.body_ok = False
             else:
-                self.remaining = content_length
+                self.remaining = length
         elif method == "HEAD":
             self.body_ok = False   # unknown length: no framing header needed
             framing = b""
@@ -65,14 +73,34 @@ class ResponseFraming:
         else:
             close = True   # HTTP/1.0: the end of the body is the close
             framing = b""
-        self.close = close
         if close:
+            self.close = True
             end = b"Connection: close\r\n\r\n"
         elif version == "1.0":
             end = b"Connection: keep-alive\r\n\r\n"
         else:
             end = b"\r\n"
-        return b"".join((status_line, fixed, lines, framing, end))
+        return b"".join((self.status_line, fixed, self.lines, framing, end))
+
+    def whole(self, method: str, version: str, fixed: bytes, close: bool, body: bytes) -> bytes:
+        """Head and body at once, for a body that is all in hand: its length is
+        the Content-Length unless the app declared one (then it is cut to
+        that; a shorter body means a close, as end() says)."""
+        if self.content_length is None:
+            self.content_length = len(body)
+        head = self.head(method, version, fixed, close)
+        if not self.body_ok:
+            return head
+        remaining = self.remaining
+        if len(body) > remaining:
+            body = body[:remaining]
+        self.sent = size = len(body)
+        if size < remaining:
+            self.remaining = remaining - size
+            self.close = True
+        else:
+            self.remaining = 0
+        return head + body
 
     def body(self, data) -> bytes:
         """One body chunk as it goes on the wire (b"" when nothing may go)."""

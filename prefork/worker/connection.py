@@ -84,20 +84,20 @@ class ClientGone(Exception):
 
 class Exchange(Response):
     """One request and the response being produced for it: the start_response
-    callable and the framing are inherited, so a request allocates one object."""
-    __slots__ = ("conn", "request", "environ", "result", "iterator", "started",
-                 "sendfile", "write_deadline")
+    callable and the framing are inherited, so a request allocates one object.
+    Defaults on the class: a request writes only what differs."""
+    environ = None
+    result = None
+    iterator = None
+    sendfile = None          # [fd, offset, remaining] when sending a file
+    write_deadline = 0.0     # set by the first blocking write()
 
     def __init__(self, conn, request, started):
-        Response.__init__(self, not request.keep_alive or request.upgrade)
         self.conn = conn
         self.request = request
-        self.environ = None
-        self.result = None
-        self.iterator = None
         self.started = started
-        self.sendfile = None    # [fd, offset, remaining] when sending a file
-        self.write_deadline = 0.0   # set by the first blocking write()
+        if not request.keep_alive or request.upgrade:
+            self.close = True
 
     def write(self, data):
         self.conn.write(data)
@@ -111,7 +111,6 @@ class Connection:
         self.host = host
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = RequestReader(host.http)
         if sock.family == socket.AF_UNIX:
             server = (server_addr or "localhost", "0")
             remote = ("", "")   # a unix-socket peer has no address (none is made up)
@@ -120,6 +119,8 @@ class Connection:
             remote = (addr[0], str(addr[1]))
         self.base = base_environ(server[0], server[1], remote[0], remote[1], host.wsgi_errors,
                                  host.script_name)
+        # Each request's fields are read straight into a copy of the base environ.
+        self.reader = RequestReader(host.http, self.base)
         self.out = []
         self.out_size = 0
         self.state = READING
@@ -214,6 +215,7 @@ class Connection:
         self.preamble = None
         if client is not None:
             self.base = dict(self.base, REMOTE_ADDR=client[0], REMOTE_PORT=client[1])
+            self.reader.template = self.base
         return buffered[consumed:]
 
     # -- what the worker may ask ---------------------------------------------
@@ -250,7 +252,7 @@ class Connection:
         ex = self.exchange = Exchange(self, request, host.begin_request(request))
         app = host.app if request.target != b"*" else server_options   # OPTIONS *
         try:
-            environ = ex.environ = build_environ(request, self.base)
+            environ = ex.environ = build_environ(request)
             if self.believed:
                 believe_forwarding(environ, host.trusted)
             result = ex.result = app(environ, ex)
@@ -276,20 +278,38 @@ class Connection:
             self.fail(exc)
 
     def respond_whole(self, ex, parts):
-        """Fast path: the whole body is in hand, so one send carries it all."""
+        """Fast path: the whole body is in hand, so one send carries head and
+        body, and the exchange ends here."""
         try:
             body = parts[0] if len(parts) == 1 else b"".join(parts)
         except TypeError:
             return self.fail(AppError("app returned a body item that is not bytes"))
         if ex.status is None:
             return self.fail(AppError("app returned without calling start_response"))
-        if ex.content_length is None:
-            ex.content_length = len(body)
-        try:
-            self.emit(body)
-        except AppError as exc:
-            return self.fail(exc)
-        self.finish()
+        if ex.headers_sent or type(body) is not bytes:
+            # After write() calls; or a bytearray, memoryview, or an error: body() says.
+            if ex.content_length is None and not ex.headers_sent and hasattr(body, "__len__"):
+                ex.content_length = len(body)
+            try:
+                self.emit(body)
+            except AppError as exc:
+                return self.fail(exc)
+            return self.finish()
+        host = self.host
+        request = ex.request
+        ex.headers_sent = True
+        self.send(ex.whole(request.method, request.version, host.fixed_headers,
+                           ex.app_close or host.stopping, body))
+        # A list or tuple has no close() to call (PEP 3333): the exchange ends.
+        self.exchange = None
+        received, self.received = self.received, 0
+        host.end_request(ex, ex.status_code, received)
+        self.close_after = ex.close
+        if self.out:
+            self.state = WRITING
+            self.want(EPOLLOUT)
+        else:
+            self.after_response()
 
     def prepare_sendfile(self, ex, wrapper):
         try:
@@ -379,8 +399,7 @@ class Connection:
         ex = self.exchange
         if not ex.headers_sent:
             request = ex.request
-            head = ex.head(request.method, request.version, ex.status_code, ex.status_line,
-                           self.host.fixed_headers, ex.lines, ex.content_length,
+            head = ex.head(request.method, request.version, self.host.fixed_headers,
                            ex.app_close or self.host.stopping)
             body = ex.body(data) if data else b""
             ex.headers_sent = True   # only now: a bad first chunk still gets an error page

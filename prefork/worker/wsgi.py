@@ -14,27 +14,8 @@ import httptools
 from ..http.errors import AppError, BadRequest
 from ..http.response import ResponseFraming
 
-# Request header name (bytes, as received) -> environ key. Bounded: names are
-# attacker-chosen, so only the first few hundred distinct ones are cached.
-_ENVIRON_KEYS = {b"Content-Type": "CONTENT_TYPE", b"Content-Length": "CONTENT_LENGTH",
-                 b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
-_ENVIRON_KEYS_MAX = 512
 _HOP_BY_HOP = frozenset(["connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailers", "transfer-encoding", "upgrade"])
-
-
-def environ_key(name: bytes) -> str | None:
-    key = _ENVIRON_KEYS.get(name)
-    if key is None:
-        if b"_" in name:
-            # X_Foo would collide with X-Foo after translation: refuse such
-            # names, as nginx and gunicorn do, rather than let one spoof the other.
-            return None
-        text = name.decode("latin-1").upper().replace("-", "_")
-        key = text if text in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + text
-        if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
-            _ENVIRON_KEYS[name] = key
-    return key
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -93,29 +74,29 @@ def base_environ(server_name: str, server_port: str, remote_addr: str,
     }
 
 
-def build_environ(request, base: dict) -> dict:
-    environ = base.copy()
-    path, query = split_target(request.target)
-    if b"%" in path:
-        path = unquote_to_bytes(path)
-    environ["REQUEST_METHOD"] = request.method
-    prefix = base["SCRIPT_NAME"]
-    if prefix and path.startswith(prefix.encode("latin-1")):
+def build_environ(request) -> dict:
+    """The request's fields already sit in a copy of the connection's base
+    environ (the reader's template): add what the request line says."""
+    environ = request.fields
+    target = request.target
+    raw = target.decode("latin-1")
+    if target[:1] == b"/" and b"#" not in target:
+        path, _, query = raw.partition("?")
+        if "%" in path:
+            path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
+    else:
+        path, query = split_target(target)
+        path = unquote_to_bytes(path).decode("latin-1")
+        query = query.decode("latin-1")
+    prefix = environ["SCRIPT_NAME"]
+    if prefix and path.startswith(prefix):
         path = path[len(prefix):]   # mounted under a prefix: the app sees the rest
-    environ["PATH_INFO"] = path.decode("latin-1")
-    environ["QUERY_STRING"] = query.decode("latin-1")
-    environ["RAW_URI"] = request.target.decode("latin-1")
-    environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
+    environ["REQUEST_METHOD"] = request.method
+    environ["PATH_INFO"] = path
+    environ["QUERY_STRING"] = query
+    environ["RAW_URI"] = raw
+    environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
     environ["wsgi.input"] = request.body_file or io.BytesIO(request.body)
-    known = _ENVIRON_KEYS.get
-    for name, value in request.headers:
-        key = known(name) or environ_key(name)
-        if key is None:
-            continue
-        text = value.decode("latin-1")
-        if key in environ:
-            text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
-        environ[key] = text
     return environ
 
 
@@ -198,19 +179,11 @@ def prepare_start(status, items, key) -> tuple:
 class Response(ResponseFraming):
     """One response as the app starts it: the start_response callable and
     what it recorded, and (inherited) its framing. The connection's exchange
-    is one, so a request allocates one object for all of it."""
-    __slots__ = ("status", "status_code", "status_line", "lines", "content_length",
-                 "app_close", "headers_sent")
-
-    def __init__(self, close: bool):
-        ResponseFraming.__init__(self, close)
-        self.status = None
-        self.status_code = 0
-        self.status_line = b""         # b"HTTP/1.1 200 OK\r\n"
-        self.lines = b""               # the app's header lines, encoded
-        self.content_length = None     # from the app's Content-Length, if any
-        self.app_close = False         # the app asked for Connection: close
-        self.headers_sent = False
+    is one, so a request allocates one object for all of it. Defaults on the
+    class, as in ResponseFraming."""
+    status = None             # the app's status string, once start_response ran
+    app_close = False         # the app asked for Connection: close
+    headers_sent = False
 
     def write(self, data):
         """The PEP 3333 write() callable: sending is the connection's."""
@@ -247,6 +220,7 @@ class Response(ResponseFraming):
         self.status_code = 0
         self.content_length = None
         self.app_close = False
+        self.lines = b""
 
 
 class ErrorStream:

@@ -112,10 +112,10 @@ def floor(count, response):
 
 def app_alone(worker, count):
     """The WSGI app called directly with a ready environ: its own cost."""
-    reader = RequestReader(worker.http)
-    reader.feed(REQUEST)
-    environ = build_environ(reader.ready.popleft(), base_environ(
+    reader = RequestReader(worker.http, base_environ(
         "127.0.0.1", "8080", "127.0.0.1", "40000", worker.wsgi_errors))
+    reader.feed(REQUEST)
+    environ = build_environ(reader.ready.popleft())
     app = load_app(worker.config.server.app, (ROOT, os.path.join(ROOT, "tests", "bench")))
 
     def start_response(status, headers, exc_info=None):

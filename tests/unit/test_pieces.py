@@ -129,26 +129,44 @@ def test_prometheus_text_parses():
     assert [s.value for s in histogram.samples if s.name.endswith("_count")] == [10]
 
 
+def framing_for(length, lines=b""):
+    framing = ResponseFraming()
+    framing.status_code, framing.status_line = 200, b"HTTP/1.1 200 OK\r\n"
+    framing.lines, framing.content_length = lines, length
+    return framing
+
+
 def test_framing_decides_length_chunking_and_close():
     fixed = b"Server: p\r\nDate: d\r\n"
-    ok = b"HTTP/1.1 200 OK\r\n"
-    framing = ResponseFraming(close=False)
-    head = framing.head("GET", "1.1", 200, ok, fixed, b"X: 1\r\n", None, False)
-    assert b"Transfer-Encoding: chunked\r\n" in head and not framing.close
+    framing = framing_for(None, b"X: 1\r\n")
+    head = framing.head("GET", "1.1", fixed, False)
+    assert head == b"HTTP/1.1 200 OK\r\nServer: p\r\nDate: d\r\nX: 1\r\n" \
+                   b"Transfer-Encoding: chunked\r\n\r\n" and not framing.close
     assert framing.body(b"abc") == b"3\r\nabc\r\n" and framing.end() == b"0\r\n\r\n"
-    framing = ResponseFraming(close=False)
-    head = framing.head("GET", "1.0", 200, ok, fixed, b"", None, False)
+    framing = framing_for(None)
+    head = framing.head("GET", "1.0", fixed, False)
     assert head.endswith(b"Connection: close\r\n\r\n") and framing.close
-    framing = ResponseFraming(close=False)
-    framing.head("GET", "1.1", 200, ok, fixed, b"", 5, False)
+    framing = framing_for(5)
+    framing.head("GET", "1.1", fixed, False)
     assert framing.body(b"1234567") == b"12345" and framing.body(b"8") == b""
-    framing = ResponseFraming(close=False)
-    framing.head("GET", "1.1", 200, ok, fixed, b"", 5, False)
+    framing = framing_for(5)
+    framing.head("GET", "1.1", fixed, False)
     framing.body(b"12")
     assert framing.end() == b"" and framing.close     # short: only a close delimits it
-    framing = ResponseFraming(close=False)
-    head = framing.head("HEAD", "1.0", 200, ok, fixed, b"", 5, False)
+    framing = framing_for(5)
+    head = framing.head("HEAD", "1.0", fixed, False)
     assert head.endswith(b"Connection: keep-alive\r\n\r\n") and framing.body(b"12345") == b""
+    # whole(): the body in hand gives the length, or is cut to the declared one.
+    framing = framing_for(None)
+    assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(
+        b"Content-Length: 3\r\n\r\nabc") and (framing.sent, framing.close) == (3, False)
+    framing = framing_for(2)
+    assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(b"\r\n\r\nab")
+    framing = framing_for(5)
+    assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(b"\r\n\r\nabc")
+    assert framing.close and framing.end() == b""
+    framing = framing_for(3)
+    assert framing.whole("HEAD", "1.1", fixed, False, b"abc").endswith(b"Length: 3\r\n\r\n")
     with pytest.raises(AppError):
         framing.body("text")
 

@@ -10,10 +10,10 @@ from prefork.worker.wsgi import Response, base_environ, build_environ, split_tar
 
 
 def environ_for(raw: bytes) -> dict:
-    reader = RequestReader(HttpConfig())
-    reader.feed(raw)
     base = base_environ("127.0.0.1", "8000", "10.1.2.3", "5555", sys.stderr)
-    return build_environ(reader.ready[0], base)
+    reader = RequestReader(HttpConfig(), base)
+    reader.feed(raw)
+    return build_environ(reader.ready[0])
 
 
 def test_full_environ():
@@ -61,7 +61,9 @@ def test_authority_form_is_refused():
 
 class StartResponse(Response):
     """The start_response half of an exchange, with a write() to check."""
-    __slots__ = ()
+
+    def __init__(self, close):
+        self.close = close
 
     def write(self, data):
         raise AssertionError("not used")
