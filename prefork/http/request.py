@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import re
 import tempfile
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -141,7 +141,7 @@ class RequestReader:
         self._head_limit = limits.max_request_line + limits.max_header_size + 64
         self._trailers = TrailerBudget()
         self._head_began_in_feed = False
-        self._fields: dict | TrailerBudget = {}
+        self._fields: Any = {}   # a dict; a TrailerBudget after a chunked head
         self._reset_message()
         self._reset_body()
 

@@ -86,20 +86,18 @@ class ResponseFraming:
         """Head and body at once, for a body that is all in hand: its length is
         the Content-Length unless the app declared one (then it is cut to
         that; a shorter body means a close, as end() says)."""
-        if self.content_length is None:
-            self.content_length = len(body)
+        length = self.content_length
+        if length is None:
+            length = self.content_length = len(body)
         head = self.head(method, version, fixed, close)
         if not self.body_ok:
             return head
-        remaining = self.remaining
-        if len(body) > remaining:
-            body = body[:remaining]
+        if len(body) > length:
+            body = body[:length]
         self.sent = size = len(body)
-        if size < remaining:
-            self.remaining = remaining - size
+        self.remaining = length - size
+        if size < length:
             self.close = True
-        else:
-            self.remaining = 0
         return head + body
 
     def body(self, data) -> bytes:

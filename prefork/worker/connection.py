@@ -304,12 +304,7 @@ class Connection:
         self.exchange = None
         received, self.received = self.received, 0
         host.end_request(ex, ex.status_code, received)
-        self.close_after = ex.close
-        if self.out:
-            self.state = WRITING
-            self.want(EPOLLOUT)
-        else:
-            self.after_response()
+        self.ended(ex)
 
     def prepare_sendfile(self, ex, wrapper):
         try:
@@ -427,6 +422,10 @@ class Connection:
         except ClientGone:
             return self.abort()
         self.end_exchange(ex.status_code)
+        self.ended(ex)
+
+    def ended(self, ex):
+        """The exchange is over: its response waits for the socket, or is out."""
         self.close_after = ex.close
         if self.out:
             self.state = WRITING
