@@ -31,8 +31,7 @@ _FIELD_KEYS = {b"Host": "HTTP_HOST", b"host": "HTTP_HOST",
                b"Content-Type": "CONTENT_TYPE", b"content-type": "CONTENT_TYPE",
                b"Content-Length": "CONTENT_LENGTH", b"content-length": "CONTENT_LENGTH"}
 _FIELD_KEYS_MAX = 512
-# Fields that say a body follows, or how to answer it: checked only when present.
-_BODY_FIELDS = frozenset(["CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT"])
+_new_object = object.__new__
 _METHOD_NAMES = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE",
                                                    "OPTIONS", "PATCH")}
 _LINE_VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
@@ -79,23 +78,19 @@ class Limits(Protocol):
 
 class Request:
     """One complete request: its head, its header fields, and the body (bytes,
-    or a file past the spool threshold). Plain slots object: built once per
-    request, hot path."""
-    __slots__ = ("method", "target", "version", "fields", "keep_alive",
-                 "body", "body_file", "upgrade")
-
-    def __init__(self, method, target, version, fields):
-        self.method = method          # str, e.g. "GET"
-        self.target = target          # bytes, raw request-target
-        self.version = version        # "1.1" or "1.0"
-        # The reader's template (see RequestReader) plus one entry per header
-        # field: CGI name -> value (str, latin-1); repeated fields joined
-        # with "," ("; " for Cookie).
-        self.fields = fields
-        self.keep_alive = True        # decided when the message is complete
-        self.body = b""
-        self.body_file = None         # set instead of body when spooled
-        self.upgrade = False
+    or a file past the spool threshold). The defaults live on the class, so a
+    request stores only what differs; the reader sets the rest."""
+    method = "GET"           # str
+    target = b"/"            # bytes, the raw request-target
+    version = "1.1"          # "1.1" or "1.0"
+    # The reader's template (see RequestReader) plus one entry per header
+    # field: CGI name -> value (str, latin-1); repeated fields joined with ","
+    # ("; " for Cookie).
+    fields: dict = {}
+    keep_alive = True        # decided when the message is complete
+    body = b""
+    body_file = None         # set instead of body when spooled
+    upgrade = False
 
 
 class TrailerBudget:
@@ -123,17 +118,21 @@ class RequestReader:
 
     template: the dict each request's fields start from (a copy per request).
     The worker passes the connection's base environ, so the fields become the
-    WSGI environ with no second pass over the headers."""
+    WSGI environ with no second pass over the headers. request_type: what a
+    request is made as, Request or a subclass (the worker's exchange, so that
+    a request and its response are one object)."""
 
-    def __init__(self, limits: Limits, template: dict | None = None):
+    def __init__(self, limits: Limits, template: dict | None = None, request_type=Request):
         self.limits = limits
-        self.template = {} if template is None else template
+        self._request_type = request_type
+        self.use_template({} if template is None else template)
         self.ready: collections.deque[Request] = collections.deque()   # complete, in order
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet
         self._completed_in_feed = 0        # requests completed by the current feed()
-        self._feed_size = 0
+        self._small_feed = False
+        self._small_size = limits.max_header_size - limits.max_headers
         self._parser = httptools.HttpRequestParser(self)
         # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
         # served as the highest we speak. The major version is checked below.
@@ -142,16 +141,22 @@ class RequestReader:
         self._trailers = TrailerBudget()
         self._head_began_in_feed = False
         self._fields: Any = {}   # a dict; a TrailerBudget after a chunked head
+        self._extra_fields = self._extra_size = self._head_fed = 0
         self._reset_message()
         self._reset_body()
+
+    def use_template(self, template: dict) -> None:
+        self.template = template
+        self._max_fields = len(template) + self.limits.max_headers
 
     def _reset_message(self):
         self._url = b""
         self._version = None       # from the request line, when feed() saw it whole
-        self._extra_fields = 0     # fields repeated or refused (not one entry each)
-        self._extra_size = 0       # ... and their bytes
-        self._head_fed = 0
         self._request = None
+        if self._extra_fields or self._head_fed:
+            self._extra_fields = 0     # fields repeated or refused (not one entry each)
+            self._extra_size = 0       # ... and their bytes
+            self._head_fed = 0
 
     def _reset_body(self):
         self._chunked = False
@@ -162,7 +167,10 @@ class RequestReader:
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self._completed_in_feed = 0
-        self._feed_size = len(data)
+        # A head that begins in a feed this small needs no sum of its size:
+        # each field counts at most one byte more than it takes on the wire,
+        # and there are at most max_headers of them.
+        self._small_feed = len(data) <= self._small_size
         if not self.in_message:
             # httptools formats the version anew on each call (a large share
             # of a small request's cost); when this feed begins a request, its
@@ -239,10 +247,10 @@ class RequestReader:
         self._url = url
 
     def on_header(self, name, value):
-        # Called once per header, so it only files the field: the limits on
-        # count and size are checked once, in on_headers_complete. Memory
-        # meanwhile is bounded by the bytes fed (feed() bounds a head that
-        # spans reads; one read is bounded by the caller).
+        # Called once per header, so it only files the field: the limits are
+        # checked once, in on_headers_complete. Memory meanwhile is bounded by
+        # the bytes fed (feed() bounds a head that spans reads; one read is
+        # bounded by the caller).
         if value and value[-1] in _SP_HTAB:
             # Whitespace around a field value is not part of it (RFC 9110
             # 5.5); llhttp drops only the leading part.
@@ -286,18 +294,12 @@ class RequestReader:
                 raise VersionNotSupported(f"HTTP/{version}")
             version = "1.1"   # a higher 1.x minor: served as 1.1
         fields = self._fields
-        limits = self.limits
-        count = len(fields) - len(self.template) + self._extra_fields
-        if count > limits.max_headers:
-            raise HeadersTooLarge(f"more than {limits.max_headers} headers")
-        # Each field counts as name + value + 4 (": " and CRLF) toward
-        # max_header_size; on the wire it takes at least name + value + 3
-        # bytes. So a head that began in this feed, of fewer bytes than the
-        # limit less one per field, is within it: no sum needed (the common case).
+        if len(fields) + self._extra_fields > self._max_fields:
+            raise HeadersTooLarge(f"more than {self.limits.max_headers} headers")
         size = -1   # not summed
-        if not self._head_began_in_feed or self._feed_size + count > limits.max_header_size:
+        if not (self._head_began_in_feed and self._small_feed):
             size = self.head_size()
-            if size > limits.max_header_size:
+            if size > self.limits.max_header_size:
                 raise HeadersTooLarge()
         url = self._url
         method = parser.get_method()
@@ -312,11 +314,17 @@ class RequestReader:
                 raise BadRequest("Host is not a valid authority (RFC 9112 3.2)")
             if len(_GOOD_HOSTS) < 256:   # bounded: the values are the client's
                 _GOOD_HOSTS.add(host)
-        if not _BODY_FIELDS.isdisjoint(fields):
+        if "CONTENT_LENGTH" in fields or "HTTP_TRANSFER_ENCODING" in fields:
             self._check_body_fields(fields, version, size)
         self.in_head = False
-        self._request = Request(_METHOD_NAMES.get(method) or method.decode("ascii"), url,
-                                version, fields)
+        # Made without an __init__ frame (this runs once per request): the
+        # class holds the defaults, and only these fields are set.
+        request = self._request = _new_object(self._request_type)
+        request.method = _METHOD_NAMES.get(method) or method.decode("ascii")
+        request.target = url
+        if version != "1.1":
+            request.version = version
+        request.fields = fields
 
     def head_size(self) -> int:
         """The header section's size as max_header_size counts it."""
@@ -393,7 +401,8 @@ class RequestReader:
 
     def on_message_complete(self):
         request = self._request
-        request.keep_alive = self._parser.should_keep_alive()
+        if not self._parser.should_keep_alive():
+            request.keep_alive = False
         if self._body_size or self._chunked:
             if self._chunked:
                 # Its length is known now that it is read: the app gets a
@@ -405,8 +414,9 @@ class RequestReader:
             elif self._body_chunks:
                 request.body = b"".join(self._body_chunks)
             self._reset_body()
+        if self.continue_pending:
+            self.continue_pending = False
         self.ready.append(request)
         self._completed_in_feed += 1
         self.in_message = False
-        self.continue_pending = False
         self._reset_message()

@@ -9,8 +9,9 @@ sends the bytes (as h11 separates its writers from the transport).
 
 One ResponseFraming per response. Its head() turns (request method and version,
 status, the app's header lines, its Content-Length, whether to close) into the
-head bytes; body() frames each chunk; end() gives the closing bytes. The worker's
-exchange object inherits it, so the hot path allocates nothing extra.
+head bytes; chunk() frames each body chunk; end() gives the closing bytes;
+whole() does all three for a body in hand. The worker's exchange object
+inherits it, so the hot path allocates nothing extra.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class ResponseFraming:
             self.close = True
         return head + body
 
-    def body(self, data) -> bytes:
+    def chunk(self, data) -> bytes:
         """One body chunk as it goes on the wire (b"" when nothing may go)."""
         if type(data) is not bytes:
             if not isinstance(data, (bytearray, memoryview)):
@@ -126,7 +127,7 @@ class ResponseFraming:
         return CHUNKED_END if self.chunked else b""
 
     def count_sent(self, size: int) -> None:
-        """Body bytes that went out without body() (sendfile)."""
+        """Body bytes that went out without chunk() (sendfile)."""
         self.sent += size
         if self.remaining is not None:
             self.remaining -= size

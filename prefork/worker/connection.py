@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 
 from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
-from ..http.request import RequestReader
+from ..http.request import Request, RequestReader
 from ..http.response import CONTINUE, error_response
 from .wsgi import FileWrapper, Response, base_environ, build_environ
 
@@ -82,22 +82,18 @@ class ClientGone(Exception):
     """The peer closed or reset the connection while we were writing."""
 
 
-class Exchange(Response):
-    """One request and the response being produced for it: the start_response
-    callable and the framing are inherited, so a request allocates one object.
-    Defaults on the class: a request writes only what differs."""
+class Exchange(Request, Response):
+    """One request and the response being produced for it, as one object: the
+    reader makes each request as an Exchange, and the start_response callable
+    and the framing are inherited. Defaults on the class: a request writes
+    only what differs."""
+    conn = None              # the Connection, once it answers this request
+    started = 0.0
     environ = None
     result = None
     iterator = None
     sendfile = None          # [fd, offset, remaining] when sending a file
     write_deadline = 0.0     # set by the first blocking write()
-
-    def __init__(self, conn, request, started):
-        self.conn = conn
-        self.request = request
-        self.started = started
-        if not request.keep_alive or request.upgrade:
-            self.close = True
 
     def write(self, data):
         self.conn.write(data)
@@ -120,7 +116,7 @@ class Connection:
         self.base = base_environ(server[0], server[1], remote[0], remote[1], host.wsgi_errors,
                                  host.script_name)
         # Each request's fields are read straight into a copy of the base environ.
-        self.reader = RequestReader(host.http, self.base)
+        self.reader = RequestReader(host.http, self.base, Exchange)
         self.out = []
         self.out_size = 0
         self.state = READING
@@ -215,7 +211,7 @@ class Connection:
         self.preamble = None
         if client is not None:
             self.base = dict(self.base, REMOTE_ADDR=client[0], REMOTE_PORT=client[1])
-            self.reader.template = self.base
+            self.reader.use_template(self.base)
         return buffered[consumed:]
 
     # -- what the worker may ask ---------------------------------------------
@@ -247,12 +243,16 @@ class Connection:
             turn += 1
             self.respond(ready.popleft())
 
-    def respond(self, request):
+    def respond(self, ex):
         host = self.host
-        ex = self.exchange = Exchange(self, request, host.begin_request(request))
-        app = host.app if request.target != b"*" else server_options   # OPTIONS *
+        self.exchange = ex
+        ex.conn = self
+        ex.started = host.begin_request(ex)
+        if not ex.keep_alive or ex.upgrade:
+            ex.close = True
+        app = host.app if ex.target != b"*" else server_options   # OPTIONS *
         try:
-            environ = ex.environ = build_environ(request)
+            environ = ex.environ = build_environ(ex)
             if self.believed:
                 believe_forwarding(environ, host.trusted)
             result = ex.result = app(environ, ex)
@@ -287,7 +287,7 @@ class Connection:
         if ex.status is None:
             return self.fail(AppError("app returned without calling start_response"))
         if ex.headers_sent or type(body) is not bytes:
-            # After write() calls; or a bytearray, memoryview, or an error: body() says.
+            # After write() calls; or a bytearray, memoryview, or an error: chunk() says.
             if ex.content_length is None and not ex.headers_sent and hasattr(body, "__len__"):
                 ex.content_length = len(body)
             try:
@@ -296,9 +296,8 @@ class Connection:
                 return self.fail(exc)
             return self.finish()
         host = self.host
-        request = ex.request
         ex.headers_sent = True
-        self.send(ex.whole(request.method, request.version, host.fixed_headers,
+        self.send(ex.whole(ex.method, ex.version, host.fixed_headers,
                            ex.app_close or host.stopping, body))
         # A list or tuple has no close() to call (PEP 3333): the exchange ends.
         self.exchange = None
@@ -393,14 +392,13 @@ class Connection:
         """Send one body chunk, framed (with the head first if not sent yet)."""
         ex = self.exchange
         if not ex.headers_sent:
-            request = ex.request
-            head = ex.head(request.method, request.version, self.host.fixed_headers,
+            head = ex.head(ex.method, ex.version, self.host.fixed_headers,
                            ex.app_close or self.host.stopping)
-            body = ex.body(data) if data else b""
+            body = ex.chunk(data) if data else b""
             ex.headers_sent = True   # only now: a bad first chunk still gets an error page
             self.send(head + body if body else head)
         else:
-            body = ex.body(data)
+            body = ex.chunk(data)
             if body:
                 self.send(body)
 
@@ -494,7 +492,7 @@ class Connection:
     def error_bytes(self, status, ex=None):
         host = self.host
         return error_response(status, host.date, host.server_name, host.error_page(status),
-                              head_only=ex is not None and ex.request.method == "HEAD")
+                              head_only=ex is not None and ex.method == "HEAD")
 
     def abort(self):
         ex = self.exchange

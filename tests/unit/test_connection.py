@@ -37,7 +37,7 @@ class FakeHost:
         return self.now
 
     def end_request(self, exchange, status, received):
-        self.ended.append((exchange.request.target, status, exchange.sent))
+        self.ended.append((exchange.target, status, exchange.sent))
         self.received += received
 
     def on_rejected(self, status, received, environ):

@@ -142,20 +142,20 @@ def test_framing_decides_length_chunking_and_close():
     head = framing.head("GET", "1.1", fixed, False)
     assert head == b"HTTP/1.1 200 OK\r\nServer: p\r\nDate: d\r\nX: 1\r\n" \
                    b"Transfer-Encoding: chunked\r\n\r\n" and not framing.close
-    assert framing.body(b"abc") == b"3\r\nabc\r\n" and framing.end() == b"0\r\n\r\n"
+    assert framing.chunk(b"abc") == b"3\r\nabc\r\n" and framing.end() == b"0\r\n\r\n"
     framing = framing_for(None)
     head = framing.head("GET", "1.0", fixed, False)
     assert head.endswith(b"Connection: close\r\n\r\n") and framing.close
     framing = framing_for(5)
     framing.head("GET", "1.1", fixed, False)
-    assert framing.body(b"1234567") == b"12345" and framing.body(b"8") == b""
+    assert framing.chunk(b"1234567") == b"12345" and framing.chunk(b"8") == b""
     framing = framing_for(5)
     framing.head("GET", "1.1", fixed, False)
-    framing.body(b"12")
+    framing.chunk(b"12")
     assert framing.end() == b"" and framing.close     # short: only a close delimits it
     framing = framing_for(5)
     head = framing.head("HEAD", "1.0", fixed, False)
-    assert head.endswith(b"Connection: keep-alive\r\n\r\n") and framing.body(b"12345") == b""
+    assert head.endswith(b"Connection: keep-alive\r\n\r\n") and framing.chunk(b"12345") == b""
     # whole(): the body in hand gives the length, or is cut to the declared one.
     framing = framing_for(None)
     assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(
@@ -168,7 +168,7 @@ def test_framing_decides_length_chunking_and_close():
     framing = framing_for(3)
     assert framing.whole("HEAD", "1.1", fixed, False, b"abc").endswith(b"Length: 3\r\n\r\n")
     with pytest.raises(AppError):
-        framing.body("text")
+        framing.chunk("text")
 
 
 def test_the_combined_line_quotes_only_what_needs_it():
