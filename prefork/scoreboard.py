@@ -1,12 +1,13 @@
 """Scoreboard: one shared-memory slot per worker, in the manner of Apache's.
 
 Owns: the slot layout. Each worker writes only its own slot (cheap enough to do
-on every request: one struct.pack_into); the master reads all slots to detect
+on every request: one struct.pack_into as it begins, one as it ends); the master reads all slots to detect
 hung workers and to show what each one is doing. Reads may be torn; every field
 is display or heartbeat data where that is harmless.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -14,18 +15,20 @@ from dataclasses import dataclass
 EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
 STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 
-# pid, generation, booted, heartbeat | state, request_start, method, path |
-# requests, last_status, last_duration | connections
-_SLOT = struct.Struct("=iidd" "Bd8s120s" "QHd" "I")
+# pid, generation, booted, heartbeat | requests, last_status, last_duration |
+# state | request_start, method, path | connections. The state byte sits
+# between the end of the last request and the start of this one, so that each
+# of the two per-request writes is one pack_into that includes it.
+_SLOT = struct.Struct("=iidd" "QHd" "B" "d8s120s" "I")
 _IDENTITY = struct.Struct("=iidd")
-_BEGIN = struct.Struct("=Bd8s120s")
-_END = struct.Struct("=QHd")
+_END = struct.Struct("=QHdB")       # requests, last_status, last_duration, state
+_BEGIN = struct.Struct("=Bd8s120s")   # state, request_start, method, path
 _HEARTBEAT_AT = struct.calcsize("=iid")
-_BEGIN_AT = _IDENTITY.size
-_STATE_AT = _BEGIN_AT
-_END_AT = _BEGIN_AT + _BEGIN.size
+_END_AT = _IDENTITY.size
+_STATE_AT = _END_AT + struct.calcsize("=QHd")
+_BEGIN_AT = _STATE_AT
 _CONNECTIONS = struct.Struct("=I")
-_CONNECTIONS_AT = _END_AT + _END.size
+_CONNECTIONS_AT = _BEGIN_AT + _BEGIN.size
 SLOT_SIZE = _SLOT.size
 
 
@@ -81,14 +84,13 @@ class Scoreboard:
     def set_state(self, slot: int, state: int) -> None:
         self._mem[slot * SLOT_SIZE + _STATE_AT] = state
 
-    def begin(self, slot: int, now: float, method: bytes, target: bytes) -> None:
-        """The request as received (bytes: nothing to encode on the hot path)."""
-        _BEGIN.pack_into(self._mem, slot * SLOT_SIZE + _BEGIN_AT, BUSY, now, method, target)
-
-    def end(self, slot: int, requests: int, status: int, duration: float) -> None:
-        self._mem[slot * SLOT_SIZE + _STATE_AT] = IDLE
-        _END.pack_into(self._mem, slot * SLOT_SIZE + _END_AT,
-                         requests, status, duration)
+    def request_writers(self, slot: int) -> tuple:
+        """(begin, end) for the slot's per-request fields, bound in C so that
+        the hot path makes no Python call for them:
+        begin(now, method bytes, target bytes) marks the slot busy;
+        end(requests, status, duration, IDLE) records the request and marks it idle."""
+        return (functools.partial(_BEGIN.pack_into, self._mem, slot * SLOT_SIZE + _BEGIN_AT, BUSY),
+                functools.partial(_END.pack_into, self._mem, slot * SLOT_SIZE + _END_AT))
 
     def set_connections(self, slot: int, count: int) -> None:
         _CONNECTIONS.pack_into(self._mem, slot * SLOT_SIZE + _CONNECTIONS_AT, count)
@@ -109,8 +111,8 @@ class Scoreboard:
         self._mem[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
 
     def read(self, slot: int) -> SlotView:
-        (pid, generation, booted, heartbeat, state, request_start, method, path,
-         requests, last_status, last_duration, connections) = _SLOT.unpack_from(
+        (pid, generation, booted, heartbeat, requests, last_status, last_duration, state,
+         request_start, method, path, connections) = _SLOT.unpack_from(
              self._mem, slot * SLOT_SIZE)
         return SlotView(slot, pid, generation, booted, heartbeat,
                         STATE_NAMES[state] if state < len(STATE_NAMES) else "unknown",

@@ -56,6 +56,7 @@ IDLE_GRACE = 1.0   # seconds an idle keep-alive connection survives a graceful s
 ACCEPT_PAUSE = 0.5   # seconds without accepting after running out of descriptors (as nginx)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 log = logging.getLogger("prefork.worker")
+monotonic = time.monotonic
 
 
 def worker_uid(user: str):
@@ -85,6 +86,7 @@ class Worker:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.scoreboard = scoreboard
         self.slot = slot
+        self.slot_begin, self.slot_end = scoreboard.request_writers(slot)
         self.generation = generation
         self.master_pid = master_pid
         self.sink = sink                 # where stats deltas and log batches go
@@ -370,17 +372,17 @@ class Worker:
 
     def begin_request(self, request):
         # struct's "s" fields truncate: a long target costs nothing extra.
-        self.scoreboard.begin(self.slot, self.now, request.method.encode(), request.target)
+        self.slot_begin(self.now, request.method.encode(), request.target)
         return self.now
 
     def end_request(self, exchange, status, received):
-        now = time.monotonic()
-        self.stats.bytes_in += received
-        duration = now - exchange.started
+        duration = monotonic() - exchange.started
         self.requests += 1
-        self.scoreboard.end(self.slot, self.requests, status, duration)
+        self.slot_end(self.requests, status, duration, sb.IDLE)
+        stats = self.stats
+        stats.bytes_in += received
         if self.collect:
-            self.stats.record(status, exchange.sent, duration)
+            stats.record(status, exchange.sent, duration)
         if exchange.environ is not None:
             self.access_log.record(exchange.environ, status, exchange.sent, duration)
 

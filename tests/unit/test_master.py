@@ -231,8 +231,8 @@ def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
     master.config = dataclasses.replace(master.config, workers=dataclasses.replace(
         master.config.workers, request_timeout=5.0))
     slow, fine = list(master.workers.values())
-    master.scoreboard.begin(slow.slot, master.now, b"GET", b"/slow")
-    master.scoreboard.begin(fine.slot, master.now + 2, b"GET", b"/fine")
+    master.scoreboard.request_writers(slow.slot)[0](master.now, b"GET", b"/slow")
+    master.scoreboard.request_writers(fine.slot)[0](master.now + 2, b"GET", b"/fine")
     master.tick(6)
     assert (slow.pid, signal.SIGUSR2) in master.sent and slow.exit_reason == "timeout"
     assert all(pid != fine.pid for pid, _ in master.sent)

@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefork.http.errors import AppError
 from prefork.http.response import ResponseFraming
-from prefork.scoreboard import Scoreboard, busy_idle
+from prefork.scoreboard import IDLE, Scoreboard, busy_idle
 from prefork.stats import BUCKETS, RateWindow, Totals, WorkerStats, percentile
 from prefork.worker.static import StaticFiles
 from prefork.worker.status import prometheus
@@ -93,13 +93,17 @@ def test_scoreboard_slots_are_private_and_released():
     board = Scoreboard(4)
     board.claim(1, 111, 2, 5.0)
     board.set_state(1, 2)                         # idle
-    board.begin(1, 6.0, b"GET", b"/x" * 100)      # longer than the field: truncated
+    begin, end = board.request_writers(1)
+    begin(6.0, b"GET", b"/x" * 100)               # longer than the field: truncated
     view = board.read(1)
     assert (view.pid, view.generation, view.state, view.method) == (111, 2, "busy", "GET")
     assert len(view.path) == 120
     live = view.live_fields(7.5)
     assert live["current"] == {"method": "GET", "path": view.path, "elapsed": 1.5}
-    board.end(1, 1, 200, 0.25)
+    end(1, 200, 0.25, IDLE)
+    view = board.read(1)
+    assert (view.state, view.requests, view.last_status, view.last_duration, view.pid) == \
+        ("idle", 1, 200, 0.25, 111)
     board.set_connections(1, 3)
     assert board.serving_connections() == (3, 1)
     assert board.read(0).pid == 0                 # other slots untouched
