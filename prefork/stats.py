@@ -45,7 +45,7 @@ class WorkerStats:
         self._reset()
 
     def _reset(self):
-        self.statuses: collections.Counter = collections.Counter()
+        self.statuses: dict = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self.connections_accepted = 0
@@ -56,7 +56,8 @@ class WorkerStats:
         self.duration_sum = 0.0
 
     def record(self, status: int, body_bytes: int, duration: float) -> None:
-        self.statuses[status] += 1
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
         self.bytes_out += body_bytes
         self.duration_sum += duration
         self.histogram[_bucket(BUCKETS, duration)] += 1
@@ -64,14 +65,14 @@ class WorkerStats:
     def record_rejected(self, status: int) -> None:
         """A request the parser refused: counted as a response, not a request."""
         self.rejected += 1
-        self.statuses[status] += 1
+        self.statuses[status] = self.statuses.get(status, 0) + 1
 
     def due(self, now: float, interval: float) -> bool:
         return now - self._last_ship >= interval
 
     def take_delta(self, now: float, open_connections: int = 0, lost_lines: int = 0) -> StatsDelta:
         requests = sum(self.statuses.values()) - self.rejected   # rejected: no request
-        delta = StatsDelta(self.pid, requests, dict(self.statuses), self.bytes_in, self.bytes_out,
+        delta = StatsDelta(self.pid, requests, self.statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,
                            open_connections, lost_lines)

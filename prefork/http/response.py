@@ -27,6 +27,19 @@ CHUNKED_END = b"0\r\n\r\n"
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
+# b"Content-Length: N\r\n\r\n" for lengths seen before (formatting an int
+# costs more than the lookup); bounded, the first lengths seen are kept.
+_LENGTH_LINES: dict = {}
+_LENGTH_LINES_MAX = 4096
+
+
+def length_line(length: int) -> bytes:
+    line = b"Content-Length: %d\r\n\r\n" % length
+    if len(_LENGTH_LINES) < _LENGTH_LINES_MAX:
+        _LENGTH_LINES[length] = line
+    return line
+
+
 def http_date(timestamp: float) -> str:
     return email.utils.formatdate(timestamp, usegmt=True)
 
@@ -60,7 +73,7 @@ class ResponseFraming:
             self.body_ok = False
             framing = b""
         elif length is not None:
-            framing = b"Content-Length: %d\r\n" % length
+            framing = (_LENGTH_LINES.get(length) or length_line(length))[:-2]
             if method == "HEAD":
                 self.body_ok = False
             else:
@@ -90,6 +103,13 @@ class ResponseFraming:
         length = self.content_length
         if length is None:
             length = self.content_length = len(body)
+        if (length == len(body) and not close and not self.close and version == "1.1"
+                and method != "HEAD" and self.status_code not in NO_BODY_STATUSES):
+            # The common case: a kept-alive HTTP/1.1 response of the declared length.
+            self.sent = length
+            self.remaining = 0
+            return b"".join((self.status_line, fixed, self.lines,
+                             _LENGTH_LINES.get(length) or length_line(length), body))
         head = self.head(method, version, fixed, close)
         if not self.body_ok:
             return head

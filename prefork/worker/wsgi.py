@@ -31,6 +31,27 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     raise BadRequest("request target must be a path or an absolute URL")
 
 
+class EmptyInput(io.BytesIO):
+    """wsgi.input of a request without a body: one shared, empty and
+    read-only stream per process (a BytesIO per request costs more than the
+    rest of the environ). Closing it is a no-op, so no app can break it for
+    the next request."""
+
+    def write(self, data):
+        raise io.UnsupportedOperation("wsgi.input is not writable")
+
+    writelines = write
+
+    def truncate(self, size=None):
+        raise io.UnsupportedOperation("wsgi.input is not writable")
+
+    def close(self):
+        pass
+
+
+NO_BODY = EmptyInput()
+
+
 class FileWrapper:
     """wsgi.file_wrapper: the connection sends it with os.sendfile when the
     file has a real descriptor; otherwise it iterates blocks."""
@@ -98,7 +119,8 @@ def build_environ(request) -> dict:
     environ["QUERY_STRING"] = query
     environ["RAW_URI"] = raw
     environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
-    environ["wsgi.input"] = request.body_file or io.BytesIO(request.body)
+    body = request.body
+    environ["wsgi.input"] = request.body_file or (io.BytesIO(body) if body else NO_BODY)
     return environ
 
 
