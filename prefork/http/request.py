@@ -87,7 +87,7 @@ class Request:
     # field: CGI name -> value (str, latin-1); repeated fields joined with ","
     # ("; " for Cookie).
     fields: dict = {}
-    keep_alive = True        # decided when the message is complete
+    keep_alive = True        # decided when the message is complete (False after an upgrade)
     body = b""
     body_file = None         # set instead of body when spooled
     upgrade = False
@@ -191,6 +191,7 @@ class RequestReader:
             # asked for it, then close (the bytes after it are not HTTP/1.1).
             if self.ready:
                 self.ready[-1].upgrade = True
+                self.ready[-1].keep_alive = False
             return
         except httptools.HttpParserInvalidMethodError:
             # llhttp knows a fixed set of methods; any other token is a valid

@@ -248,7 +248,7 @@ class Connection:
         self.exchange = ex
         ex.conn = self
         ex.started = host.begin_request(ex)
-        if not ex.keep_alive or ex.upgrade:
+        if not ex.keep_alive:
             ex.close = True
         app = host.app if ex.target != b"*" else server_options   # OPTIONS *
         try:
@@ -443,7 +443,8 @@ class Connection:
                 return self.reject(self.refused)
             if host.stopping:
                 return self.close()
-            self.want(EPOLLIN)
+            if self.events != EPOLLIN:
+                self.want(EPOLLIN)
         self.deadline = host.now + host.http.keepalive_timeout
 
     def end_exchange(self, status):

@@ -139,6 +139,9 @@ _CHECKED_MAX = 1024
 # Bounded in entries and in the size of each, as values may carry client data.
 _STARTED: dict = {}
 _STARTED_MAX = 1024
+# The last (status, headers list, result): an app that answers alike again
+# and again costs one list comparison, not a tuple built and hashed.
+_LAST_STARTED: list = [None, None, None]
 _STARTED_LINES_MAX = 1024
 
 
@@ -200,6 +203,24 @@ def prepare_start(status, items, key) -> tuple:
     return started
 
 
+def look_up_start(status, headers) -> tuple:
+    """What start_response makes of (status, headers): from _STARTED, else
+    prepared (and kept when it can be); remembered as the last one."""
+    try:
+        items = tuple(headers)
+    except TypeError:
+        raise AppError(f"headers must be a list, not {type(headers).__name__}") from None
+    key = (status, items)
+    try:
+        started = _STARTED.get(key)
+    except TypeError:   # an item is not hashable (nor immutable): not remembered
+        return prepare_start(status, items, None)
+    if started is None:
+        started = prepare_start(status, items, key)
+    _LAST_STARTED[:] = (status, list(items), started)
+    return started
+
+
 class Response(ResponseFraming):
     """One response as the app starts it: the start_response callable and
     what it recorded, and (inherited) its framing. The connection's exchange
@@ -222,17 +243,11 @@ class Response(ResponseFraming):
                 exc_info = None  # no reference cycle through the frame
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        try:
-            items = tuple(headers)
-        except TypeError:
-            raise AppError(f"headers must be a list, not {type(headers).__name__}") from None
-        key = (status, items)
-        try:
-            started = _STARTED.get(key)
-        except TypeError:   # an item is not hashable
-            started = key = None
-        if started is None:
-            started = prepare_start(status, items, key)
+        last = _LAST_STARTED
+        if headers == last[1] and status == last[0]:
+            started = last[2]   # the same as the previous response's: no hashing
+        else:
+            started = look_up_start(status, headers)
         self.status_code, self.status_line, self.lines, self.content_length, \
             self.app_close = started
         self.status = status

@@ -87,6 +87,13 @@ def test_start_response_gives_the_same_answer_from_its_cache():
     assert (first.status_code, first.lines, first.content_length) == \
         (second.status_code, second.lines, second.content_length) == \
         (200, b"Content-Type: text/plain\r\n", 5)
+    for status, headers, lines in [("404 Not Found", [("X-A", "1")], b"X-A: 1\r\n"),
+                                   ("200 OK", [("X-A", "1")], b"X-A: 1\r\n"),
+                                   ("200 OK", [("X-A", "2")], b"X-A: 2\r\n"),
+                                   ("200 OK", [("X-A", "2")], b"X-A: 2\r\n")]:
+        sr = StartResponse(False)
+        sr(status, headers)   # alternating sets: the last-answer memo must not mix them up
+        assert (sr.status_line[9:12], sr.lines) == (status[:3].encode(), lines)
     unhashable = StartResponse(False)
     unhashable("200 OK", [["Content-Type", "text/plain"]])
     assert unhashable.lines == b"Content-Type: text/plain\r\n"
