@@ -245,8 +245,22 @@ def server_dir(parent, name) -> str:
     return path
 
 
+def instruction_count(app_name):
+    """User-space instructions per request on prefork's hot path, counted by
+    callgrind (tests/bench/instructions.sh): the same on every run, so it is
+    the figure to compare across commits and machines; req/s is not."""
+    if not shutil.which("valgrind"):
+        return "valgrind not installed (tests/bench/setup.sh installs it)"
+    out = subprocess.run(["sh", "tests/bench/instructions.sh", app_name], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900).stdout
+    found = re.search(r"(\d+) instructions per request", out)
+    return f"{int(found.group(1)):,}" if found else f"not counted ({out.strip()[-200:]})"
+
+
 def compare_servers(args):
     for app_name in args.apps:
+        # Counted first, alone: valgrind must not share the cores with wrk.
+        instructions = instruction_count(app_name)
         commands = {}
         parent = tempfile.mkdtemp(prefix="pfcfg")
         try:
@@ -263,6 +277,7 @@ def compare_servers(args):
             shutil.rmtree(parent, ignore_errors=True)
         print_table(f"app: {app_name}  ({WORKERS} workers, wrk -t1 -c{CONNECTIONS} "
                     f"-d{args.duration}s, median of {args.runs}, runs rotated)", results)
+        print(f"  prefork instructions per request (callgrind, deterministic): {instructions}")
 
 
 def compare_prefork_variants(args, title, variants):

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs what `make bench` needs beyond .venv: wrk (system package) and the
+# Installs what `make bench` needs beyond .venv: wrk and valgrind (system packages) and the
 # peer servers in their own virtualenv, so they never mix with our dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v wrk >/dev/null; then
   echo "bench: installing wrk"
   (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+fi
+if ! command -v valgrind >/dev/null; then
+  echo "bench: installing valgrind (instruction counts)"
+  (apt-get update -qq && apt-get install -y -qq valgrind) >/dev/null
 fi
 if ! command -v nginx >/dev/null; then
   echo "bench: installing nginx"
