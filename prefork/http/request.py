@@ -130,7 +130,6 @@ class RequestReader:
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet
-        self._completed_in_feed = 0        # requests completed by the current feed()
         self._small_feed = False
         self._small_size = limits.max_header_size - limits.max_headers
         self._parser = httptools.HttpRequestParser(self)
@@ -138,25 +137,24 @@ class RequestReader:
         # served as the highest we speak. The major version is checked below.
         self._parser.set_dangerous_leniencies(lenient_version=True)
         self._head_limit = limits.max_request_line + limits.max_header_size + 64
+        self._max_line = limits.max_request_line
         self._trailers = TrailerBudget()
         self._head_began_in_feed = False
         self._fields: Any = {}   # a dict; a TrailerBudget after a chunked head
-        self._extra_fields = self._extra_size = self._head_fed = 0
-        self._reset_message()
+        self._url = b""
+        self._version = None       # from the request line, when feed() saw it whole
+        self._request = None
+        self._reset_counts()
         self._reset_body()
 
     def use_template(self, template: dict) -> None:
         self.template = template
         self._max_fields = len(template) + self.limits.max_headers
 
-    def _reset_message(self):
-        self._url = b""
-        self._version = None       # from the request line, when feed() saw it whole
-        self._request = None
-        if self._extra_fields or self._head_fed:
-            self._extra_fields = 0     # fields repeated or refused (not one entry each)
-            self._extra_size = 0       # ... and their bytes
-            self._head_fed = 0
+    def _reset_counts(self):
+        self._extra_fields = 0     # fields repeated or refused (not one entry each)
+        self._extra_size = 0       # ... and their bytes
+        self._head_fed = 0         # bytes of whole feeds inside this head
 
     def _reset_body(self):
         self._chunked = False
@@ -166,7 +164,7 @@ class RequestReader:
 
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        self._completed_in_feed = 0
+        ready_before = len(self.ready)
         # A head that begins in a feed this small needs no sum of its size:
         # each field counts at most one byte more than it takes on the wire,
         # and there are at most max_headers of them.
@@ -196,7 +194,7 @@ class RequestReader:
         except httptools.HttpParserInvalidMethodError:
             # llhttp knows a fixed set of methods; any other token is a valid
             # method we do not implement (RFC 9110 9.1): 501, not 400.
-            line = self._pending_line(data)
+            line = self._pending_line(data, len(self.ready) > ready_before)
             if _REQUEST_LINE.match(line):
                 method = line.split(b" ", 1)[0].decode("latin-1")
                 raise NotImplementedMethod(f"method {method!r}") from None
@@ -221,10 +219,10 @@ class RequestReader:
             if self._head_fed > self._head_limit:
                 raise HeadersTooLarge()
 
-    def _pending_line(self, data: bytes) -> bytes:
+    def _pending_line(self, data: bytes, completed_in_feed: bool) -> bytes:
         """The request line of the request llhttp refused, when this feed
         began with it (llhttp checks the method first); else b"" (400)."""
-        if self._completed_in_feed:
+        if completed_in_feed:
             return b""
         return data.lstrip(b"\r\n").partition(b"\n")[0] + b"\n"
 
@@ -243,7 +241,7 @@ class RequestReader:
 
     def on_url(self, fragment):
         url = self._url + fragment
-        if len(url) > self.limits.max_request_line:
+        if len(url) > self._max_line:
             raise RequestLineTooLong()
         self._url = url
 
@@ -418,6 +416,9 @@ class RequestReader:
         if self.continue_pending:
             self.continue_pending = False
         self.ready.append(request)
-        self._completed_in_feed += 1
         self.in_message = False
-        self._reset_message()
+        self._url = b""
+        self._version = None
+        self._request = None
+        if self._extra_fields or self._head_fed:
+            self._reset_counts()
