@@ -142,7 +142,7 @@ class RequestReader:
         self._head_began_in_feed = False
         self._fields: Any = {}   # a dict; a TrailerBudget after a chunked head
         self._url = b""
-        self._version = None       # from the request line, when feed() saw it whole
+        self._version: str | None = None   # from the request line, when feed() saw it whole
         self._request = None
         self._reset_counts()
         self._reset_body()

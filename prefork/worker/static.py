@@ -42,12 +42,14 @@ class NotServable(Exception):
 
 
 class CachedFile:
-    """A small file held in memory, with what validates it."""
-    __slots__ = ("path", "key", "resolved_at", "headers", "etag", "mtime", "body")
+    """A small file held in memory, with what validates it, and the headers
+    of its whole 200 response ready (the usual answer)."""
+    __slots__ = ("path", "key", "resolved_at", "headers", "etag", "mtime", "body", "whole_headers")
 
     def __init__(self, path, key, resolved_at, headers, etag, mtime, body):
         self.path, self.key, self.resolved_at = path, key, resolved_at
         self.headers, self.etag, self.mtime, self.body = headers, etag, mtime, body
+        self.whole_headers = headers + [("Content-Length", str(len(body)))]
 
 
 def _close(fh):
@@ -95,8 +97,12 @@ class StaticFiles:
     @staticmethod
     def encoded_separators(environ, relative: str) -> bool:
         """Encoded slashes, backslashes and NUL never name a real file."""
-        raw = environ.get("RAW_URI", "").split("?", 1)[0].lower()
-        return "%2f" in raw or "%5c" in raw or "\\" in relative or "\0" in relative
+        raw = environ.get("RAW_URI", "")
+        if "%" in raw:
+            raw = raw.split("?", 1)[0].lower()
+            if "%2f" in raw or "%5c" in raw:
+                return True
+        return "\\" in relative or "\0" in relative
 
     def resolve(self, environ, relative: str) -> str:
         # PATH_INFO is latin-1 text over the raw bytes; the file system wants
@@ -170,6 +176,10 @@ class StaticFiles:
     def respond(self, environ, start_response, headers, etag, mtime, size, entry, fh=None):
         """Validators, range, then the body: from memory (entry) or the file
         (fh), which is closed here unless the file wrapper takes it."""
+        if entry is not None and "HTTP_IF_NONE_MATCH" not in environ \
+                and "HTTP_IF_MODIFIED_SINCE" not in environ and "HTTP_RANGE" not in environ:
+            start_response("200 OK", entry.whole_headers)   # the usual answer, ready
+            return [] if environ["REQUEST_METHOD"] == "HEAD" else [entry.body]
         if self.not_modified(environ, etag, mtime):
             _close(fh)
             start_response("304 Not Modified", [h for h in headers

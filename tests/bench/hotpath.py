@@ -7,6 +7,7 @@ directly with a ready environ. What is left is what our Python costs per
 request. With --profile, cProfile's top functions are printed.
 
 Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
+       [--path /static/style.css --set static.enabled=true]
 Repeatable counts on a noisy machine: instructions per request are the
 difference of two `valgrind --tool=callgrind ... --only --requests N` runs
 divided by the difference of their N (tests/bench/instructions.sh).
@@ -133,12 +134,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--app", default="hello", choices=APPS)
     parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--path", default="/", help="the request's target, e.g. /static/1k.bin "
+                        "(with --set static.enabled=true)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help='a config setting, e.g. --set \'logging.access_log=""\'')
     parser.add_argument("--only", action="store_true",
                         help="just serve --requests requests (for valgrind's instruction counts)")
     args = parser.parse_args()
+    global REQUEST
+    REQUEST = REQUEST.replace(b"GET / ", f"GET {args.path} ".encode(), 1)
     worker = make_worker(APPS[args.app], args.set)
     served(worker, 1000)   # warm caches (static's index check, templates)
     if args.only:
