@@ -140,7 +140,7 @@ class RequestReader:
         self._max_line = limits.max_request_line
         self._trailers = TrailerBudget()
         self._head_began_in_feed = False
-        self._fields: Any = {}   # a dict; a TrailerBudget after a chunked head
+        self._fields: Any = None   # a dict in a head; a TrailerBudget after a chunked one
         self._url = b""
         self._version: str | None = None   # from the request line, when feed() saw it whole
         self._request = None
@@ -420,5 +420,6 @@ class RequestReader:
         self._url = b""
         self._version = None
         self._request = None
+        self._fields = None   # the request has them: an idle connection keeps no environ
         if self._extra_fields or self._head_fed:
             self._reset_counts()

@@ -210,8 +210,7 @@ class Connection:
         consumed, client = parsed
         self.preamble = None
         if client is not None:
-            self.base = base = self.base.copy()   # a copy keeps the base's room
-            base["REMOTE_ADDR"], base["REMOTE_PORT"] = client
+            self.base = dict(self.base, REMOTE_ADDR=client[0], REMOTE_PORT=client[1])
             self.reader.use_template(self.base)
         return buffered[consumed:]
 

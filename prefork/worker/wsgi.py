@@ -7,7 +7,6 @@ I/O (the connection sends what this module prepares).
 from __future__ import annotations
 
 import io
-import sys
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -79,7 +78,7 @@ def base_environ(server_name: str, server_port: str, remote_addr: str,
                  remote_port: str, errors, script_name: str = "") -> dict:
     """The part of the environ that is the same for every request on a
     connection; copied per request. A unix-socket peer has no address: ""."""
-    base = {
+    return {
         "SERVER_NAME": server_name,
         "SERVER_PORT": server_port,
         "REMOTE_ADDR": remote_addr,
@@ -102,22 +101,6 @@ def base_environ(server_name: str, server_port: str, remote_addr: str,
         "SERVER_PROTOCOL": "HTTP/1.1",
         "wsgi.input": NO_BODY,
     }
-    return with_room(base)
-
-
-def with_room(template: dict) -> dict:
-    """template, with a hash table grown for a request's header fields. A
-    dict's copy keeps its table size, so each request's environ then takes
-    its fields without being resized on the way (CPython: a resize costs
-    more than the copy). Growing takes a few placeholder keys, removed again."""
-    size = sys.getsizeof(template)
-    placeholders = []
-    while sys.getsizeof(template) == size and len(placeholders) < 64:
-        placeholders.append(f" room {len(placeholders)}")
-        template[placeholders[-1]] = None
-    for key in placeholders:
-        del template[key]
-    return template
 
 
 def build_environ(request) -> dict:
