@@ -85,8 +85,8 @@ class Request:
     version = "1.1"          # "1.1" or "1.0"
     # The reader's template (see RequestReader) plus one entry per header
     # field: CGI name -> value (str, latin-1); repeated fields joined with ","
-    # ("; " for Cookie).
-    fields: dict = {}
+    # ("; " for Cookie). The reader sets it (no shared default dict).
+    fields: Any = None
     keep_alive = True        # decided when the message is complete (False after an upgrade)
     body = b""
     body_file = None         # set instead of body when spooled

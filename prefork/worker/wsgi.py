@@ -147,10 +147,10 @@ _CHECKED_MAX = 1024
 # Bounded in entries and in the size of each, as values may carry client data.
 _STARTED: dict = {}
 _STARTED_MAX = 1024
+_STARTED_LINES_MAX = 1024
 # The last (status, headers list, result): an app that answers alike again
 # and again costs one list comparison, not a tuple built and hashed.
 _LAST_STARTED: list = [None, None, None]
-_STARTED_LINES_MAX = 1024
 
 
 def _classify(item):
