@@ -92,8 +92,9 @@ def base_environ(server_name: str, server_port: str, remote_addr: str,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
-        # Set for each request by build_environ: present here so that setting
-        # them does not grow the copy.
+        # Set for each request by build_environ (the last three only when a
+        # request differs from these): present here so that setting them
+        # does not grow the copy.
         "REQUEST_METHOD": "GET",
         "PATH_INFO": "",
         "QUERY_STRING": "",
@@ -124,11 +125,16 @@ def build_environ(request) -> dict:
         path = path[len(prefix):]   # mounted under a prefix: the app sees the rest
     environ["REQUEST_METHOD"] = request.method
     environ["PATH_INFO"] = path
-    environ["QUERY_STRING"] = query
     environ["RAW_URI"] = raw
-    environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
-    body = request.body
-    environ["wsgi.input"] = request.body_file or (io.BytesIO(body) if body else NO_BODY)
+    # The base environ holds the usual values: only a different one is set.
+    if query:
+        environ["QUERY_STRING"] = query
+    if request.version != "1.1":
+        environ["SERVER_PROTOCOL"] = "HTTP/1.0"
+    if request.body_file is not None:
+        environ["wsgi.input"] = request.body_file
+    elif request.body:
+        environ["wsgi.input"] = io.BytesIO(request.body)
     return environ
 
 
