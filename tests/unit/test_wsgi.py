@@ -1,4 +1,5 @@
 """environ construction and the start_response state machine."""
+import io
 import sys
 
 import pytest
@@ -38,6 +39,18 @@ def test_full_environ():
     assert env["wsgi.run_once"] is False
     assert env["wsgi.input"].read() == b"abc"
     assert callable(env["wsgi.file_wrapper"])
+
+
+def test_the_shared_empty_input_survives_an_app_that_closes_it_or_writes_to_it():
+    stream = environ_for(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")["wsgi.input"]
+    stream.read()
+    stream.close()
+    with pytest.raises(io.UnsupportedOperation):
+        stream.write(b"left for the next request")
+    following = environ_for(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")["wsgi.input"]
+    assert following is stream and following.read() == b"" and following.readline() == b""
+    with_body = environ_for(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok")
+    assert with_body["wsgi.input"].read() == b"ok"
 
 
 def test_underscore_headers_are_dropped_so_they_cannot_spoof_dashed_ones():
