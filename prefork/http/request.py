@@ -90,7 +90,6 @@ class Request:
     keep_alive = True        # decided when the message is complete (False after an upgrade)
     body = b""
     body_file = None         # set instead of body when spooled
-    upgrade = False
 
 
 class TrailerBudget:
@@ -188,7 +187,6 @@ class RequestReader:
             # We do not speak any upgraded protocol: answer the request that
             # asked for it, then close (the bytes after it are not HTTP/1.1).
             if self.ready:
-                self.ready[-1].upgrade = True
                 self.ready[-1].keep_alive = False
             return
         except httptools.HttpParserInvalidMethodError:
