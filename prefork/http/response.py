@@ -50,9 +50,9 @@ class ResponseFraming:
 
     The defaults live on the class, so a response stores only the fields
     that differ from them (a request allocates one object and writes few
-    fields). Whoever starts the response sets status_code, status_line (b"HTTP/1.1
-    200 OK\r\n"), lines (the other header lines, encoded), content_length
-    (None: unknown) and close, then asks for head() or whole()."""
+    fields). Whoever starts the response sets status_code, status_line
+    (e.g. b"HTTP/1.1 200 OK\r\n"), lines (the other header lines, encoded),
+    content_length (None: unknown) and close, then asks for head() or whole()."""
     status_code = 0
     status_line = b""
     lines = b""
