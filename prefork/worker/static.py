@@ -9,9 +9,11 @@ blocking its other connections.
 Order with the app: paths under `url` never reach the app. For `/`, the app
 is asked first; if it answers 404, static/index.html is served instead.
 Small files (up to SMALL_FILE bytes, without precompressed siblings) are kept
-in memory and sent with the head in one send(): each hit costs one stat() to
-check the file has not changed, and the path is resolved again at least every
-REVALIDATE seconds. Must not: follow a path or symlink outside the root (404).
+in memory and sent with the head in one send() for REVALIDATE seconds after
+they were read; then the path is resolved and the file read again, so a
+change shows within that time (as with nginx's open_file_cache_valid). A hit
+costs no stat(): in CPython a stat() costs more than the rest of the file's
+part of the request. Must not: follow a path or symlink outside the root (404).
 """
 from __future__ import annotations
 
@@ -44,10 +46,10 @@ class NotServable(Exception):
 class CachedFile:
     """A small file held in memory, with what validates it, and the headers
     of its whole 200 response ready (the usual answer)."""
-    __slots__ = ("path", "key", "resolved_at", "headers", "etag", "mtime", "body", "whole_headers")
+    __slots__ = ("resolved_at", "headers", "etag", "mtime", "body", "whole_headers")
 
-    def __init__(self, path, key, resolved_at, headers, etag, mtime, body):
-        self.path, self.key, self.resolved_at = path, key, resolved_at
+    def __init__(self, resolved_at, headers, etag, mtime, body):
+        self.resolved_at = resolved_at
         self.headers, self.etag, self.mtime, self.body = headers, etag, mtime, body
         self.whole_headers = headers + [("Content-Length", str(len(body)))]
 
@@ -64,10 +66,6 @@ def _position(text: str):
     if not text or not text.isascii() or not text.isdigit():
         return None
     return int(text) if len(text) <= 18 else 10 ** 18
-
-
-def _stat_key(st):
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 class StaticFiles:
@@ -134,7 +132,7 @@ class StaticFiles:
                                 entry.mtime, len(entry.body), entry)
         try:
             path = self.resolve(environ, relative)
-            encoding, served_path, fh, st = self.open_variant(environ, path)
+            encoding, fh, st = self.open_variant(environ, path)
         except NotServable as exc:
             return self.not_found(start_response, exc.status)
         variant = os.path.exists(path + ".gz") or os.path.exists(path + ".br")
@@ -146,7 +144,7 @@ class StaticFiles:
             if len(body) == st.st_size:
                 fh.close()
                 fh = None
-                entry = self.remember(relative, served_path, st, headers, etag, body)
+                entry = self.remember(relative, st, headers, etag, body)
             else:
                 fh.seek(0)   # changed while we read it: send the file, keep nothing
         return self.respond(environ, start_response, headers, etag, st.st_mtime, st.st_size,
@@ -156,20 +154,15 @@ class StaticFiles:
         entry = self._cache.get(relative)
         if entry is None:
             return None
-        try:
-            st = os.stat(entry.path)
-        except OSError:
-            st = None
-        if st is None or _stat_key(st) != entry.key or \
-                time.monotonic() - entry.resolved_at > REVALIDATE:
-            del self._cache[relative]   # changed, gone, or due for a fresh resolution
+        if time.monotonic() - entry.resolved_at > REVALIDATE:
+            del self._cache[relative]   # due to be looked up and read again
             return None
         return entry
 
-    def remember(self, relative, path, st, headers, etag, body):
+    def remember(self, relative, st, headers, etag, body):
         if len(self._cache) >= CACHE_ENTRIES:
             self._cache.pop(next(iter(self._cache)))
-        entry = CachedFile(path, _stat_key(st), time.monotonic(), headers, etag, st.st_mtime, body)
+        entry = CachedFile(time.monotonic(), headers, etag, st.st_mtime, body)
         self._cache[relative] = entry
         return entry
 
@@ -209,7 +202,7 @@ class StaticFiles:
         return environ["wsgi.file_wrapper"](fh)   # closed by the connection when sent
 
     def open_variant(self, environ, path):
-        """(encoding or None, path, open file, stat) for the best representation."""
+        """(encoding or None, open file, stat) for the best representation."""
         accepted = environ.get("HTTP_ACCEPT_ENCODING", "")
         candidates = [(name, path + ext) for name, ext in ENCODINGS if name in accepted]
         for encoding, candidate in candidates + [(None, path)]:
@@ -223,7 +216,7 @@ class StaticFiles:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):   # regular files only: no FIFO, device, socket
                 os.set_blocking(fd, True)
-                return encoding, candidate, os.fdopen(fd, "rb"), st
+                return encoding, os.fdopen(fd, "rb"), st
             os.close(fd)
         raise NotServable(404)
 

@@ -181,3 +181,29 @@ def test_the_combined_line_quotes_only_what_needs_it():
                "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": 'x"y\\z'}
     line = combined_line(environ, 200, 5, 0.001, "[t]")
     assert line == '- - - [t] "GET /a HTTP/1.1" 200 5 "-" "x\\"y\\\\z" 1000\n'
+
+
+def test_a_cached_file_is_served_from_memory_until_it_is_due_to_be_read_again(
+        tmp_path, monkeypatch):
+    from prefork import config as config_mod
+    from prefork.worker import static as static_mod
+    (tmp_path / "a.txt").write_text("one")
+    files = StaticFiles(config_mod.StaticConfig(root=str(tmp_path)))
+    clock = [1000.0]
+    monkeypatch.setattr(static_mod.time, "monotonic", lambda: clock[0])
+
+    def get():
+        statuses = []
+        body = b"".join(files.serve({"REQUEST_METHOD": "GET", "RAW_URI": "/static/a.txt"},
+                                    lambda status, headers: statuses.append(status), "a.txt"))
+        return statuses[0], body
+
+    assert get() == ("200 OK", b"one")
+    (tmp_path / "a.txt").write_text("two, longer")
+    monkeypatch.setattr(static_mod.os, "stat", None)   # a hit looks at no file
+    clock[0] += static_mod.REVALIDATE
+    assert get() == ("200 OK", b"one")
+    monkeypatch.undo()
+    monkeypatch.setattr(static_mod.time, "monotonic", lambda: clock[0])
+    clock[0] += 0.001   # past REVALIDATE since it was read: looked up and read again
+    assert get() == ("200 OK", b"two, longer")
