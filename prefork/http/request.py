@@ -319,8 +319,7 @@ class RequestReader:
         request = self._request = _new_object(self._request_type)
         request.method = _METHOD_NAMES.get(method) or method.decode("ascii")
         request.target = url
-        if version != "1.1":
-            request.version = version
+        request.version = version
         request.fields = fields
 
     def head_size(self) -> int:
@@ -398,8 +397,7 @@ class RequestReader:
 
     def on_message_complete(self):
         request = self._request
-        if not self._parser.should_keep_alive():
-            request.keep_alive = False
+        request.keep_alive = self._parser.should_keep_alive()
         if self._body_size or self._chunked:
             if self._chunked:
                 # Its length is known now that it is read: the app gets a

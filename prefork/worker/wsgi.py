@@ -131,10 +131,11 @@ def build_environ(request) -> dict:
         environ["QUERY_STRING"] = query
     if request.version != "1.1":
         environ["SERVER_PROTOCOL"] = "HTTP/1.0"
-    if request.body_file is not None:
-        environ["wsgi.input"] = request.body_file
-    elif request.body:
-        environ["wsgi.input"] = io.BytesIO(request.body)
+    if "CONTENT_LENGTH" in environ:   # a body came (the reader sets it for a chunked one)
+        if request.body_file is not None:
+            environ["wsgi.input"] = request.body_file
+        elif request.body:
+            environ["wsgi.input"] = io.BytesIO(request.body)
     return environ
 
 
