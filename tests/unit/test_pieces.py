@@ -176,11 +176,23 @@ def test_framing_decides_length_chunking_and_close():
 
 
 def test_the_combined_line_quotes_only_what_needs_it():
-    from prefork.worker.logship import combined_line
+    from prefork.config import LoggingConfig
+    from prefork.worker.logship import AccessLog
+
+    class Sink:
+        def ship_logs(self, batch):
+            self.batch = batch
+    sink = Sink()
+    log = AccessLog(LoggingConfig(access_log="access.log"), sink)
+    log.set_time(0)
     environ = {"REMOTE_ADDR": "", "REQUEST_METHOD": "GET", "RAW_URI": "/a",
                "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": 'x"y\\z'}
-    line = combined_line(environ, 200, 5, 0.001, "[t]")
-    assert line == '- - - [t] "GET /a HTTP/1.1" 200 5 "-" "x\\"y\\\\z" 1000\n'
+    log.record(environ, 200, 5, 0.001)
+    log.record(dict(environ, HTTP_USER_AGENT="curl", HTTP_REFERER="/b"), 404, 0, 0.0000015)
+    log.flush()
+    assert sink.batch[1] == (
+        '- - - [01/Jan/1970:00:00:00 +0000] "GET /a HTTP/1.1" 200 5 "-" "x\\"y\\\\z" 1000\n'
+        '- - - [01/Jan/1970:00:00:00 +0000] "GET /a HTTP/1.1" 404 0 "/b" "curl" 1\n')
 
 
 def test_a_cached_file_is_served_from_memory_until_it_is_due_to_be_read_again(
