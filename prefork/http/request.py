@@ -126,7 +126,8 @@ class RequestReader:
     def __init__(self, limits: Limits, template: dict | None = None, request_type=Request):
         self.limits = limits
         self._request_type = request_type
-        self.use_template({} if template is None else template)
+        self.template = {} if template is None else template   # read-only: copied per request
+        self._max_fields = len(self.template) + limits.max_headers
         self.ready: collections.deque[Request] = collections.deque()   # complete, in order
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
@@ -147,10 +148,6 @@ class RequestReader:
         self._request = None
         self._reset_counts()
         self._reset_body()
-
-    def use_template(self, template: dict) -> None:
-        self.template = template
-        self._max_fields = len(template) + self.limits.max_headers
 
     def _reset_counts(self):
         self._extra_fields = 0     # fields repeated or refused (not one entry each)

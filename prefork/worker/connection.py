@@ -26,7 +26,7 @@ from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
 from ..http.request import Request, RequestReader
 from ..http.response import CONTINUE, error_response
-from .wsgi import FileWrapper, Response, base_environ, build_environ
+from .wsgi import FileWrapper, Response, build_environ, environ_template
 
 READING, WRITING, LINGERING, CLOSED = "reading", "writing", "lingering", "closed"
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -100,7 +100,7 @@ class Exchange(Request, Response):
 
 
 class Connection:
-    __slots__ = ("host", "sock", "fd", "reader", "base", "out", "out_size", "state", "deadline",
+    __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
                  "events", "exchange", "close_after", "received", "refused", "believed", "preamble")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
@@ -113,10 +113,11 @@ class Connection:
         else:
             server = (server_addr[0], str(server_addr[1]))
             remote = (addr[0], str(addr[1]))
-        self.base = base_environ(server[0], server[1], remote[0], remote[1], host.wsgi_errors,
-                                 host.script_name)
-        # Each request's fields are read straight into a copy of the base environ.
-        self.reader = RequestReader(host.http, self.base, Exchange)
+        self.remote = remote   # as the environ has it; a PROXY header may replace it
+        # Each request's fields are read straight into a copy of the listener's
+        # base environ (shared by the worker's connections).
+        self.reader = RequestReader(host.http, environ_template(
+            server[0], server[1], host.wsgi_errors, host.script_name), Exchange)
         self.out = []
         self.out_size = 0
         self.state = READING
@@ -210,8 +211,7 @@ class Connection:
         consumed, client = parsed
         self.preamble = None
         if client is not None:
-            self.base = dict(self.base, REMOTE_ADDR=client[0], REMOTE_PORT=client[1])
-            self.reader.use_template(self.base)
+            self.remote = (client[0], client[1])
         return buffered[consumed:]
 
     # -- what the worker may ask ---------------------------------------------
@@ -253,7 +253,7 @@ class Connection:
         ex.close = not ex.keep_alive
         app = host.app if ex.target != b"*" else server_options   # OPTIONS *
         try:
-            environ = ex.environ = build_environ(ex)
+            environ = ex.environ = build_environ(ex, self.remote)
             if self.believed:
                 believe_forwarding(environ, host.trusted)
             result = ex.result = app(environ, ex)
@@ -478,7 +478,8 @@ class Connection:
         received, self.received = self.received, 0
         method, target, version = self.reader.partial()
         self.host.on_rejected(exc.status, received, dict(
-            self.base, REQUEST_METHOD=method, RAW_URI=target, SERVER_PROTOCOL=version))
+            self.reader.template, REMOTE_ADDR=self.remote[0], REMOTE_PORT=self.remote[1],
+            REQUEST_METHOD=method, RAW_URI=target, SERVER_PROTOCOL=version))
         self.close_with(self.error_bytes(exc.status))
 
     def close_with(self, data):

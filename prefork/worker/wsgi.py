@@ -7,6 +7,7 @@ I/O (the connection sends what this module prepares).
 from __future__ import annotations
 
 import io
+import sys
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -74,15 +75,14 @@ class FileWrapper:
         return self.filelike.fileno()
 
 
-def base_environ(server_name: str, server_port: str, remote_addr: str,
-                 remote_port: str, errors, script_name: str = "") -> dict:
+def base_environ(server_name: str, server_port: str, errors, script_name: str = "") -> dict:
     """The part of the environ that is the same for every request on a
-    connection; copied per request. A unix-socket peer has no address: ""."""
-    return {
+    listener. Each request's header fields are read into a copy of it, and
+    build_environ adds the rest (the client's address too). It is made with
+    room for those keys (see _with_room)."""
+    return _with_room({
         "SERVER_NAME": server_name,
         "SERVER_PORT": server_port,
-        "REMOTE_ADDR": remote_addr,
-        "REMOTE_PORT": remote_port,
         "SCRIPT_NAME": script_name,
         "wsgi.input_terminated": True,   # bodies are read whole before the app runs
         "wsgi.version": (1, 0),
@@ -93,21 +93,56 @@ def base_environ(server_name: str, server_port: str, remote_addr: str,
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
         # Set for each request by build_environ (the last three only when a
-        # request differs from these): present here so that setting them
-        # does not grow the copy.
+        # request differs from these).
+        "REMOTE_ADDR": "",
+        "REMOTE_PORT": "",
         "REQUEST_METHOD": "GET",
         "PATH_INFO": "",
         "QUERY_STRING": "",
         "RAW_URI": "",
         "SERVER_PROTOCOL": "HTTP/1.1",
         "wsgi.input": NO_BODY,
-    }
+    })
 
 
-def build_environ(request) -> dict:
-    """The request's fields already sit in a copy of the connection's base
-    environ (the reader's template): add what the request line says."""
+def _with_room(environ: dict) -> dict:
+    """environ, its hash table grown by keys added and removed again: CPython
+    keeps a dict's table size when it copies a dense dict, so a request's copy
+    takes its header fields (about twenty) without the resize that would
+    otherwise cost more than a thousand instructions per request."""
+    size = sys.getsizeof(environ)
+    spare = 0
+    while sys.getsizeof(environ) == size:
+        environ[spare] = None
+        spare += 1
+    for key in range(spare):
+        del environ[key]
+    return environ
+
+
+# One base environ per listener (and wsgi.errors and mount prefix), shared by
+# the worker's connections, which only copy it: an idle connection holds none.
+_TEMPLATES: dict = {}
+_TEMPLATES_MAX = 64
+
+
+def environ_template(server_name: str, server_port: str, errors, script_name: str = "") -> dict:
+    """The shared base environ for requests that come to this listener."""
+    key = (server_name, server_port, errors, script_name)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        if len(_TEMPLATES) >= _TEMPLATES_MAX:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[key] = base_environ(*key)
+    return template
+
+
+def build_environ(request, remote: tuple = ("", "")) -> dict:
+    """The request's fields already sit in a copy of the listener's base
+    environ (the reader's template): add what the request line says, and the
+    client's (address, port) as strings ("" for a unix-socket peer)."""
     environ = request.fields
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
     target = request.target
     raw = target.decode("latin-1")
     # (Tests on the str: `bytes in bytes` first tries the needle as an int,

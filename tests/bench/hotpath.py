@@ -118,10 +118,9 @@ def floor(count, response):
 
 def app_alone(worker, count):
     """The WSGI app called directly with a ready environ: its own cost."""
-    reader = RequestReader(worker.http, base_environ(
-        "127.0.0.1", "8080", "127.0.0.1", "40000", worker.wsgi_errors))
+    reader = RequestReader(worker.http, base_environ("127.0.0.1", "8080", worker.wsgi_errors))
     reader.feed(REQUEST)
-    environ = build_environ(reader.ready.popleft())
+    environ = build_environ(reader.ready.popleft(), ("127.0.0.1", "40000"))
     app = load_app(worker.config.server.app, (ROOT, os.path.join(ROOT, "tests", "bench")))
 
     def start_response(status, headers, exc_info=None):

@@ -11,10 +11,10 @@ from prefork.worker.wsgi import Response, base_environ, build_environ, split_tar
 
 
 def environ_for(raw: bytes) -> dict:
-    base = base_environ("127.0.0.1", "8000", "10.1.2.3", "5555", sys.stderr)
+    base = base_environ("127.0.0.1", "8000", sys.stderr)
     reader = RequestReader(HttpConfig(), base)
     reader.feed(raw)
-    return build_environ(reader.ready[0])
+    return build_environ(reader.ready[0], ("10.1.2.3", "5555"))
 
 
 def test_full_environ():
@@ -39,6 +39,31 @@ def test_full_environ():
     assert env["wsgi.run_once"] is False
     assert env["wsgi.input"].read() == b"abc"
     assert callable(env["wsgi.file_wrapper"])
+
+
+def test_the_base_environ_is_shared_per_listener_and_has_room_for_a_request():
+    from prefork.worker.wsgi import environ_template
+    template = environ_template("127.0.0.1", "8000", sys.stderr)
+    assert environ_template("127.0.0.1", "8000", sys.stderr) is template
+    assert environ_template("127.0.0.1", "8001", sys.stderr) is not template
+    assert environ_template("127.0.0.1", "8000", sys.stderr, "/mount")["SCRIPT_NAME"] == "/mount"
+    # A request's copy takes twenty header fields without growing its table.
+    environ = template.copy()
+    size = sys.getsizeof(environ)
+    environ.update((f"HTTP_X_{i}", "value") for i in range(20))
+    assert sys.getsizeof(environ) == size
+    assert all(type(key) is str for key in template)   # no key left from making room
+
+
+def test_each_request_carries_its_own_client_address_over_the_shared_template():
+    base = base_environ("127.0.0.1", "8000", sys.stderr)
+    reader = RequestReader(HttpConfig(), base)
+    reader.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = build_environ(reader.ready.popleft(), ("10.0.0.1", "1111"))
+    second = build_environ(reader.ready.popleft(), ("10.0.0.2", "2222"))
+    assert (first["REMOTE_ADDR"], first["REMOTE_PORT"]) == ("10.0.0.1", "1111")
+    assert (second["REMOTE_ADDR"], second["REMOTE_PORT"]) == ("10.0.0.2", "2222")
+    assert base["REMOTE_ADDR"] == "" and base["PATH_INFO"] == ""   # the template is untouched
 
 
 def test_the_shared_empty_input_survives_an_app_that_closes_it_or_writes_to_it():
