@@ -57,6 +57,7 @@ ACCEPT_PAUSE = 0.5   # seconds without accepting after running out of descriptor
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 log = logging.getLogger("prefork.worker")
 monotonic = time.monotonic
+EPOLLIN = select.EPOLLIN
 
 
 def worker_uid(user: str):
@@ -156,40 +157,53 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------
     def serve(self):
-        """Each poll's ready events form a queue served in order. While the
-        queue is being served, events older than FRESH_SECONDS are refreshed:
-        a connection that became ready just after the poll (typically the one
-        answered last, whose client sent its next request a moment later)
-        joins this round instead of waiting a whole round of slow requests."""
+        """Each poll's ready events form a queue served in order (serve_round)."""
         poll = self.poller.poll
-        listeners = self.listeners
         while True:
-            events = poll(self.tick_seconds)
-            polled_at = self.clock()
-            # Accept first: a connection waiting in the listen queue should not
-            # also wait behind every request of this round (its own request
-            # joins the round at the next refresh, or comes next round).
-            for fd, _ in events:
-                if fd in listeners:
-                    self.accept(listeners[fd])
-            queue = collections.deque(fd for fd, _ in events if fd not in listeners)
-            queued = set(queue)
-            while queue:
-                fd = queue.popleft()
-                queued.discard(fd)
-                self.dispatch(fd)
-                if queue and time.monotonic() - polled_at > FRESH_SECONDS:
-                    polled_at = self.clock()
-                    for fd, _ in poll(0):
-                        if fd in listeners:
-                            self.accept(listeners[fd])
-                        elif fd not in queued:
-                            queue.append(fd)
-                            queued.add(fd)
-                    self.tick_if_due(spare=queued)   # a busy round still beats
-            self.tick_if_due()
+            self.serve_round(poll(self.tick_seconds))
             if self.stopping and not self.conns:
                 return
+
+    def serve_round(self, events):
+        """Serve one poll's ready events. While the queue is being served,
+        events older than FRESH_SECONDS are refreshed: a connection that
+        became ready just after the poll (typically the one answered last,
+        whose client sent its next request a moment later) joins this round
+        instead of waiting a whole round of slow requests."""
+        listeners = self.listeners
+        conns = self.conns
+        polled_at = self.clock()
+        # Accept first: a connection waiting in the listen queue should not
+        # also wait behind every request of this round (its own request
+        # joins the round at the next refresh, or comes next round).
+        queue = collections.deque()
+        for fd, _ in events:
+            if fd in listeners:
+                self.accept(listeners[fd])
+            else:
+                queue.append(fd)
+        while queue:
+            fd = queue.popleft()
+            # The dispatch, inline: it runs once per request.
+            conn = conns.get(fd)
+            if conn is not None:
+                if conn.events == EPOLLIN:
+                    conn.on_readable()
+                else:
+                    conn.on_writable()
+            elif fd == self.inbox.wakeup_fd:
+                self.on_signals(self.inbox.drain())
+            if queue and monotonic() - polled_at > FRESH_SECONDS:
+                polled_at = self.clock()
+                queued = set(queue)   # made only here: a refresh is rare, a request is not
+                for fd, _ in self.poller.poll(0):
+                    if fd in listeners:
+                        self.accept(listeners[fd])
+                    elif fd not in queued:
+                        queue.append(fd)
+                        queued.add(fd)
+                self.tick_if_due(spare=queued)   # a busy round still beats
+        self.tick_if_due()
 
     def clock(self) -> float:
         self.now = now = time.monotonic()
@@ -202,16 +216,6 @@ class Worker:
         if self.now >= self._next_tick:
             self._next_tick = self.now + self.tick_seconds
             self.tick(self.now, spare)
-
-    def dispatch(self, fd):
-        conn = self.conns.get(fd)
-        if conn is not None:
-            if conn.events == select.EPOLLIN:
-                conn.on_readable()
-            else:
-                conn.on_writable()
-        elif fd == self.inbox.wakeup_fd:
-            self.on_signals(self.inbox.drain())
 
     def _refresh_date(self, wall):
         self._second = int(wall) + 1

@@ -7,7 +7,10 @@ directly with a ready environ. What is left is what our Python costs per
 request. With --profile, cProfile's top functions are printed.
 
 Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
-       [--path /static/style.css --set static.enabled=true]
+       [--path /static/style.css --set static.enabled=true] [--only [--loop READY]]
+--loop serves through the worker loop's rounds (Worker.serve_round) instead of
+calling the connection directly: the loop's own cost per request is the
+difference (`tests/bench/instructions.sh hello --loop 25`).
 Repeatable counts on a noisy machine: instructions per request are the
 difference of two `valgrind --tool=callgrind ... --only --requests N` runs
 divided by the difference of their N (tests/bench/instructions.sh).
@@ -32,6 +35,7 @@ from prefork.http.request import RequestReader      # noqa: E402
 from prefork.scoreboard import Scoreboard           # noqa: E402
 from prefork.worker.connection import Connection    # noqa: E402
 from prefork.worker.dispatch import compose, load_app  # noqa: E402
+from prefork.worker import loop as loop_mod         # noqa: E402
 from prefork.worker.loop import Worker              # noqa: E402
 from prefork.worker.static import StaticFiles       # noqa: E402
 from prefork.worker.wsgi import base_environ, build_environ  # noqa: E402
@@ -103,6 +107,38 @@ def served(worker, count):
         client.close()
 
 
+def served_by_the_loop(worker, count, ready):
+    """Like served(), through the worker loop's rounds (Worker.serve_round):
+    `ready` connections each have a request waiting when a round polls. For
+    a repeatable count the round's clock-driven parts are held off: no
+    mid-round refresh, no tick (their checks still run)."""
+    loop_mod.FRESH_SECONDS = float("inf")
+    worker.tick_seconds = float("inf")
+    worker._next_tick = float("inf")
+    clients = []
+    for number in range(ready):
+        server, client = socket.socketpair()
+        server.setblocking(False)
+        conn = Connection(worker, server, ("127.0.0.1", 40000 + number), ("127.0.0.1", 8080))
+        worker.conns[conn.fd] = conn
+        worker.poller.register(conn.fd, select.EPOLLIN)
+        clients.append(client)
+    started = time.perf_counter()
+    for _ in range(count // ready):
+        for client in clients:
+            client.send(REQUEST)
+        worker.serve_round(worker.poller.poll(1))
+        for client in clients:
+            client.recv(65536)
+    took = (time.perf_counter() - started) / (count // ready * ready)
+    worker.flush_logs()
+    for conn in list(worker.conns.values()):
+        conn.close()
+    for client in clients:
+        client.close()
+    return took
+
+
 def floor(count, response):
     server, client = socket.socketpair()
 
@@ -145,13 +181,19 @@ def main():
                         help='a config setting, e.g. --set \'logging.access_log=""\'')
     parser.add_argument("--only", action="store_true",
                         help="just serve --requests requests (for valgrind's instruction counts)")
+    parser.add_argument("--loop", type=int, default=0, metavar="READY",
+                        help="serve through the worker loop's rounds, READY connections "
+                        "with a request waiting per round (with --only)")
     args = parser.parse_args()
     global REQUEST
     REQUEST = REQUEST.replace(b"GET / ", f"GET {args.path} ".encode(), 1)
     worker = make_worker(APPS[args.app], args.set)
     served(worker, 1000)   # warm caches (static's index check, templates)
     if args.only:
-        served(worker, args.requests)
+        if args.loop:
+            served_by_the_loop(worker, args.requests, args.loop)
+        else:
+            served(worker, args.requests)
         return
     if args.profile:
         profiler = cProfile.Profile()
