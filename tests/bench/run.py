@@ -245,13 +245,13 @@ def server_dir(parent, name) -> str:
     return path
 
 
-def instruction_count(app_name):
+def instruction_count(app_name, *options):
     """User-space instructions per request on prefork's hot path, counted by
     callgrind (tests/bench/instructions.sh): the same on every run, so it is
     the figure to compare across commits and machines; req/s is not."""
     if not shutil.which("valgrind"):
         return "valgrind not installed (tests/bench/setup.sh installs it)"
-    out = subprocess.run(["sh", "tests/bench/instructions.sh", app_name], cwd=ROOT,
+    out = subprocess.run(["sh", "tests/bench/instructions.sh", app_name, *options], cwd=ROOT,
                          capture_output=True, text=True, timeout=900).stdout
     found = re.search(r"(\d+) instructions per request", out)
     return f"{int(found.group(1)):,}" if found else f"not counted ({out.strip()[-200:]})"
@@ -260,7 +260,8 @@ def instruction_count(app_name):
 def compare_servers(args):
     for app_name in args.apps:
         # Counted first, alone: valgrind must not share the cores with wrk.
-        instructions = instruction_count(app_name)
+        instructions = (f"{instruction_count(app_name)}; through the worker loop with 25 "
+                        f"connections ready per round: {instruction_count(app_name, '--loop', '25')}")
         commands = {}
         parent = tempfile.mkdtemp(prefix="pfcfg")
         try:
