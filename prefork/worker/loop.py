@@ -118,7 +118,7 @@ class Worker:
         self._error_pages = {}
         self.poller = None
         self.inbox = None
-        self._second = 0
+        self._date_until = 0.0   # monotonic time of the wall clock's next second
         self.date = ""
         self.fixed_headers = b""
         self._refresh_date(time.time())
@@ -203,13 +203,16 @@ class Worker:
                         queue.append(fd)
                         queued.add(fd)
                 self.tick_if_due(spare=queued)   # a busy round still beats
-        self.tick_if_due()
+        if self.now >= self._next_tick:   # checked here first: most rounds are not due
+            self.tick_if_due()
 
     def clock(self) -> float:
+        """Read once per round. The Date line changes with the wall clock's
+        second, which the monotonic clock tells without a second clock call
+        per round (they are aligned again at each change)."""
         self.now = now = time.monotonic()
-        wall = time.time()
-        if wall >= self._second:
-            self._refresh_date(wall)
+        if now >= self._date_until:
+            self._refresh_date(time.time())
         return now
 
     def tick_if_due(self, spare=frozenset()):
@@ -218,7 +221,7 @@ class Worker:
             self.tick(self.now, spare)
 
     def _refresh_date(self, wall):
-        self._second = int(wall) + 1
+        self._date_until = time.monotonic() + (int(wall) + 1 - wall)
         self.date = http_date(wall)
         self.fixed_headers = f"Server: {self.server_name}\r\nDate: {self.date}\r\n".encode("latin-1")
         self.access_log.set_time(wall)

@@ -220,3 +220,33 @@ def test_a_cached_file_is_served_from_memory_until_it_is_due_to_be_read_again(
         assert get() == ("200 OK", b"one")
     clock[0] += 0.001   # past REVALIDATE since it was read: looked up and read again
     assert get() == ("200 OK", b"two, longer")
+
+
+def test_the_date_line_follows_the_wall_clock_second_read_off_the_monotonic_clock(
+        monkeypatch, tmp_path):
+    import types
+
+    from prefork import config as config_mod
+    from prefork.scoreboard import Scoreboard
+    from prefork.worker import loop as loop_mod
+    clocks = {"monotonic": 100.0, "time": 1_800_000_000.5}
+    reads = []
+
+    def read(name):
+        reads.append(name)
+        return clocks[name]
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(
+        monotonic=lambda: read("monotonic"), time=lambda: read("time")))
+    config = config_mod.load(None, {"logging": {"access_log": "", "error_log": ""},
+                                    "server": {"base": str(tmp_path)}})
+    worker = loop_mod.Worker(config, [], Scoreboard(1), 0, 1, 0, None)
+    first = worker.date
+    assert first == "Fri, 15 Jan 2027 08:00:00 GMT"
+    reads.clear()
+    clocks.update(monotonic=100.4, time=1_800_000_000.9)
+    worker.clock()
+    assert worker.date == first and reads == ["monotonic"]   # within the second: one read
+    clocks.update(monotonic=100.5, time=1_800_000_001.0)
+    worker.clock()
+    assert worker.date == "Fri, 15 Jan 2027 08:00:01 GMT"
+    assert worker.fixed_headers.endswith(f"Date: {worker.date}\r\n".encode())
