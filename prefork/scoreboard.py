@@ -1,13 +1,15 @@
 """Scoreboard: one shared-memory slot per worker, in the manner of Apache's.
 
 Owns: the slot layout. Each worker writes only its own slot (cheap enough to do
-on every request: one struct.pack_into as it begins, one as it ends); the master reads all slots to detect
-hung workers and to show what each one is doing. Reads may be torn; every field
-is display or heartbeat data where that is harmless.
+on every request: one write as it begins, one as it ends); the master reads all
+slots to detect hung workers and to show what each one is doing. Reads may be
+torn; every field is display or heartbeat data where that is harmless. But no
+field is ever seen zeroed: every write copies bytes packed beforehand, never
+struct.pack_into, which zeroes its region before it fills it (a master reading
+then saw a serving worker "empty", and a heartbeat of 0 would look stuck).
 """
 from __future__ import annotations
 
-import functools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -18,11 +20,12 @@ STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 # pid, generation, booted, heartbeat | requests, last_status, last_duration |
 # state | request_start, method, path | connections. The state byte sits
 # between the end of the last request and the start of this one, so that each
-# of the two per-request writes is one pack_into that includes it.
+# of the two per-request writes is one copy that includes it.
 _SLOT = struct.Struct("=iidd" "QHd" "B" "d8s120s" "I")
 _IDENTITY = struct.Struct("=iidd")
 _END = struct.Struct("=QHdB")       # requests, last_status, last_duration, state
 _BEGIN = struct.Struct("=Bd8s120s")   # state, request_start, method, path
+_HEARTBEAT = struct.Struct("=d")
 _HEARTBEAT_AT = struct.calcsize("=iid")
 _END_AT = _IDENTITY.size
 _STATE_AT = _END_AT + struct.calcsize("=QHd")
@@ -74,26 +77,31 @@ class Scoreboard:
 
     # -- worker side (own slot only) -----------------------------------------
     def claim(self, slot: int, pid: int, generation: int, now: float) -> None:
-        self._mem[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
-        _IDENTITY.pack_into(self._mem, slot * SLOT_SIZE, pid, generation, now, now)
-        self.set_state(slot, BOOTING)
+        self._write(slot, 0, _SLOT.pack(pid, generation, now, now, 0, 0, 0.0, BOOTING,
+                                        0.0, b"", b"", 0))
 
     def heartbeat(self, slot: int, now: float) -> None:
-        struct.pack_into("=d", self._mem, slot * SLOT_SIZE + _HEARTBEAT_AT, now)
+        self._write(slot, _HEARTBEAT_AT, _HEARTBEAT.pack(now))
+
+    def _write(self, slot: int, at: int, data: bytes) -> None:
+        start = slot * SLOT_SIZE + at
+        self._mem[start:start + len(data)] = data
 
     def set_state(self, slot: int, state: int) -> None:
         self._mem[slot * SLOT_SIZE + _STATE_AT] = state
 
     def request_writers(self, slot: int) -> tuple:
-        """(begin, end) for the slot's per-request fields, bound in C so that
-        the hot path makes no Python call for them:
-        begin(now, method bytes, target bytes) marks the slot busy;
-        end(requests, status, duration, IDLE) records the request and marks it idle."""
-        return (functools.partial(_BEGIN.pack_into, self._mem, slot * SLOT_SIZE + _BEGIN_AT, BUSY),
-                functools.partial(_END.pack_into, self._mem, slot * SLOT_SIZE + _END_AT))
+        """(mem, begin_at, pack_begin, end_at, pack_end) for the slot's
+        per-request fields, so that the hot path makes no Python call for them:
+        `mem[begin_at] = pack_begin(BUSY, now, method bytes, target bytes)` as a
+        request begins, `mem[end_at] = pack_end(requests, status, duration,
+        IDLE)` as it ends (each one copy, as every write here)."""
+        base = slot * SLOT_SIZE
+        return (self._mem, slice(base + _BEGIN_AT, base + _BEGIN_AT + _BEGIN.size), _BEGIN.pack,
+                slice(base + _END_AT, base + _END_AT + _END.size), _END.pack)
 
     def set_connections(self, slot: int, count: int) -> None:
-        _CONNECTIONS.pack_into(self._mem, slot * SLOT_SIZE + _CONNECTIONS_AT, count)
+        self._write(slot, _CONNECTIONS_AT, _CONNECTIONS.pack(count))
 
     def serving_connections(self) -> tuple:
         """(open connections, serving workers) over every slot: what a worker

@@ -87,7 +87,8 @@ class Worker:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.scoreboard = scoreboard
         self.slot = slot
-        self.slot_begin, self.slot_end = scoreboard.request_writers(slot)
+        (self._slot_mem, self._begin_at, self._pack_begin,
+         self._end_at, self._pack_end) = scoreboard.request_writers(slot)
         self.generation = generation
         self.master_pid = master_pid
         self.sink = sink                 # where stats deltas and log batches go
@@ -379,13 +380,14 @@ class Worker:
 
     def begin_request(self, request):
         # struct's "s" fields truncate: a long target costs nothing extra.
-        self.slot_begin(self.now, request.method.encode(), request.target)
+        self._slot_mem[self._begin_at] = self._pack_begin(sb.BUSY, self.now,
+                                                          request.method.encode(), request.target)
         return self.now
 
     def end_request(self, exchange, status, received):
         duration = monotonic() - exchange.started
         self.requests += 1
-        self.slot_end(self.requests, status, duration, sb.IDLE)
+        self._slot_mem[self._end_at] = self._pack_end(self.requests, status, duration, sb.IDLE)
         stats = self.stats
         stats.bytes_in += received
         if self.collect:

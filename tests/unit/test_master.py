@@ -8,6 +8,7 @@ import pytest
 from prefork import config as configmod
 from prefork.master.loop import SIGNAL_ACTIONS, Master
 from prefork.master.pool import Pool
+from prefork.scoreboard import BUSY
 from prefork.sockets import create_listener
 
 
@@ -231,8 +232,9 @@ def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
     master.config = dataclasses.replace(master.config, workers=dataclasses.replace(
         master.config.workers, request_timeout=5.0))
     slow, fine = list(master.workers.values())
-    master.scoreboard.request_writers(slow.slot)[0](master.now, b"GET", b"/slow")
-    master.scoreboard.request_writers(fine.slot)[0](master.now + 2, b"GET", b"/fine")
+    for worker, began, path in ((slow, master.now, b"/slow"), (fine, master.now + 2, b"/fine")):
+        mem, begin_at, pack_begin, _, _ = master.scoreboard.request_writers(worker.slot)
+        mem[begin_at] = pack_begin(BUSY, began, b"GET", path)
     master.tick(6)
     assert (slow.pid, signal.SIGUSR2) in master.sent and slow.exit_reason == "timeout"
     assert all(pid != fine.pid for pid, _ in master.sent)

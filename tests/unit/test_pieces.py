@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefork.http.errors import AppError
 from prefork.http.response import ResponseFraming
-from prefork.scoreboard import IDLE, Scoreboard, busy_idle
+from prefork.scoreboard import BUSY, IDLE, Scoreboard, busy_idle
 from prefork.stats import BUCKETS, RateWindow, Totals, WorkerStats, percentile
 from prefork.worker.static import StaticFiles
 from prefork.worker.status import prometheus
@@ -93,14 +93,14 @@ def test_scoreboard_slots_are_private_and_released():
     board = Scoreboard(4)
     board.claim(1, 111, 2, 5.0)
     board.set_state(1, 2)                         # idle
-    begin, end = board.request_writers(1)
-    begin(6.0, b"GET", b"/x" * 100)               # longer than the field: truncated
+    mem, begin_at, pack_begin, end_at, pack_end = board.request_writers(1)
+    mem[begin_at] = pack_begin(BUSY, 6.0, b"GET", b"/x" * 100)   # longer than the field: truncated
     view = board.read(1)
     assert (view.pid, view.generation, view.state, view.method) == (111, 2, "busy", "GET")
     assert len(view.path) == 120
     live = view.live_fields(7.5)
     assert live["current"] == {"method": "GET", "path": view.path, "elapsed": 1.5}
-    end(1, 200, 0.25, IDLE)
+    mem[end_at] = pack_end(1, 200, 0.25, IDLE)
     view = board.read(1)
     assert (view.state, view.requests, view.last_status, view.last_duration, view.pid) == \
         ("idle", 1, 200, 0.25, 111)
@@ -250,3 +250,28 @@ def test_the_date_line_follows_the_wall_clock_second_read_off_the_monotonic_cloc
     worker.clock()
     assert worker.date == "Fri, 15 Jan 2027 08:00:01 GMT"
     assert worker.fixed_headers.endswith(f"Date: {worker.date}\r\n".encode())
+
+
+def test_a_master_reading_while_a_worker_writes_never_sees_its_slot_zeroed():
+    import os
+
+    board = Scoreboard(1)
+    board.claim(0, os.getpid(), 1, 1.0)
+    board.set_state(0, IDLE)
+    mem, begin_at, pack_begin, end_at, pack_end = board.request_writers(0)
+    child = os.fork()
+    if child == 0:   # the worker: requests begin and end, the loop beats
+        try:
+            for number in range(1, 100_001):
+                mem[begin_at] = pack_begin(BUSY, 2.0, b"GET", b"/x")
+                mem[end_at] = pack_end(number, 200, 0.001, IDLE)
+                if number % 100 == 0:
+                    board.heartbeat(0, 3.0)
+        finally:
+            os._exit(0)
+    seen = set()
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        view = board.read(0)
+        seen.add((view.state, view.heartbeat > 0, view.pid > 0))
+    assert board.read(0).requests == 100_000   # the worker wrote them all
+    assert seen <= {("idle", True, True), ("busy", True, True)}
