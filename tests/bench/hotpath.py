@@ -89,12 +89,19 @@ def round_trips(count, client, answer):
     return (time.perf_counter() - started) / count
 
 
-def served(worker, count):
+def connected(worker, number=0):
+    """A Connection of the worker's, registered as the worker's own are, on
+    one end of a socketpair: -> (connection, the client's end)."""
     server, client = socket.socketpair()
     server.setblocking(False)
-    conn = Connection(worker, server, ("127.0.0.1", 40000), ("127.0.0.1", 8080))
+    conn = Connection(worker, server, ("127.0.0.1", 40000 + number), ("127.0.0.1", 8080))
     worker.conns[conn.fd] = conn
     worker.poller.register(conn.fd, select.EPOLLIN)
+    return conn, client
+
+
+def served(worker, count):
+    conn, client = connected(worker)
     try:
         took = round_trips(count, client, conn.on_readable)
         # What is deferred to the ship counts too (the batch is shipped per
@@ -115,26 +122,18 @@ def served_by_the_loop(worker, count, ready):
     loop_mod.FRESH_SECONDS = float("inf")
     worker.tick_seconds = float("inf")
     worker._next_tick = float("inf")
-    clients = []
-    for number in range(ready):
-        server, client = socket.socketpair()
-        server.setblocking(False)
-        conn = Connection(worker, server, ("127.0.0.1", 40000 + number), ("127.0.0.1", 8080))
-        worker.conns[conn.fd] = conn
-        worker.poller.register(conn.fd, select.EPOLLIN)
-        clients.append(client)
+    pairs = [connected(worker, number) for number in range(ready)]
     started = time.perf_counter()
     for _ in range(count // ready):
-        for client in clients:
+        for _, client in pairs:
             client.send(REQUEST)
         worker.serve_round(worker.poller.poll(1))
-        for client in clients:
+        for _, client in pairs:
             client.recv(65536)
     took = (time.perf_counter() - started) / (count // ready * ready)
     worker.flush_logs()
-    for conn in list(worker.conns.values()):
+    for conn, client in pairs:
         conn.close()
-    for client in clients:
         client.close()
     return took
 
