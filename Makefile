@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# setup.py builds prefork/http/_llhttp.c (our llhttp binding) in place.
+$(STAMP): pyproject.toml setup.py prefork/http/_llhttp.c
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -e '.[test]'
@@ -33,4 +34,4 @@ bench: install
 	$(VPY) tests/bench/run.py
 
 clean:
-	rm -rf $(VENV) .bench-venv build *.egg-info
+	rm -rf $(VENV) .bench-venv build *.egg-info prefork/http/*.so

@@ -22,6 +22,20 @@ PREFORK = os.path.join(ROOT, "bin", "prefork")
 READY = re.compile(r"listening on (\S+)")
 
 
+@pytest.fixture(params=["ours", "httptools"])
+def llhttp_binding(request, monkeypatch):
+    """Run a reader test against both bindings of llhttp: ours
+    (prefork/http/_llhttp.c) and httptools', the fallback where ours is not
+    built. Readers made during the test use the one named."""
+    from prefork.http import request as reader_module
+    if request.param == "httptools":
+        monkeypatch.setattr(reader_module, "_llhttp", None)
+    elif reader_module._llhttp is None:
+        pytest.fail("prefork/http/_llhttp.c is not built: was there a C compiler "
+                    "when `make install` ran?")
+    return request.param
+
+
 def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
     """Poll until predicate() is truthy; return its value or fail."""
     deadline = time.monotonic() + timeout

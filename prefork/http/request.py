@@ -17,6 +17,11 @@ from typing import Any, Protocol
 
 import httptools
 
+try:
+    from . import _llhttp   # our binding of the same llhttp: one Python call per head
+except ImportError:          # not built (no C compiler where prefork was installed)
+    _llhttp = None   # type: ignore[assignment]
+
 from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, NotImplementedMethod,
                      SpoolFailed, VersionNotSupported,
                      UnsupportedTransferCoding, RequestLineTooLong)
@@ -33,7 +38,7 @@ _FIELD_KEYS = {b"Host": "HTTP_HOST", b"host": "HTTP_HOST",
 _FIELD_KEYS_MAX = 512
 _new_object = object.__new__
 _METHOD_NAMES = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE",
-                                                   "OPTIONS", "PATCH")}
+                                                   "OPTIONS", "PATCH")}   # httptools' bytes -> str
 _LINE_VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
 _GOOD_HOSTS = {""}   # Host values already found valid ("": HTTP/1.0 without one)
 # RFC 9112 3.2 Host: uri-host [":" port]; uri-host is an IP literal or a reg-name.
@@ -115,7 +120,13 @@ class TrailerBudget:
 
 
 class RequestReader:
-    """httptools protocol object for one connection.
+    """The protocol object of one connection's llhttp parser.
+
+    Two bindings of llhttp drive it: ours (_llhttp.c), which gathers a head in
+    C and hands it over in one call, on_head(); and httptools', the fallback
+    where ours is not built, which calls on_message_begin, on_url and on_header
+    for each part, then on_headers_complete (which calls on_head). Both then
+    call on_body and on_message_complete, and on_header for trailer fields.
 
     template: the dict each request's fields start from (a copy per request).
     The worker passes the connection's base environ, so the fields become the
@@ -134,10 +145,16 @@ class RequestReader:
         self.in_head = False               # ... and its head is not complete yet
         self._small_feed = False
         self._small_size = limits.max_header_size - limits.max_headers
-        self._parser = httptools.HttpRequestParser(self)
         # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
-        # served as the highest we speak. The major version is checked below.
-        self._parser.set_dangerous_leniencies(lenient_version=True)
+        # served as the highest we speak. The major version is checked in on_head.
+        self._fast = _llhttp is not None
+        self._parser: Any
+        if _llhttp is not None:
+            self._parser = _llhttp.Parser(self, self.template, _FIELD_KEYS, limits.max_request_line)
+            self._parser.set_lenient_version(True)
+        else:
+            self._parser = httptools.HttpRequestParser(self)
+            self._parser.set_dangerous_leniencies(lenient_version=True)
         self._head_limit = limits.max_request_line + limits.max_header_size + 64
         self._max_line = limits.max_request_line
         self._trailers = TrailerBudget()
@@ -163,6 +180,19 @@ class RequestReader:
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
         ready_before = len(self.ready)
+        parser = self._parser
+        if self._fast:
+            try:
+                parser.feed_data(data)
+            except Exception as exc:
+                self._raise_as_http(exc, data, len(self.ready) > ready_before)
+            finally:
+                self.in_message = parser.in_message
+                self.in_head = in_head = parser.in_head
+            # Our binding holds an unfinished head's target and fields; bound them.
+            if in_head and parser.pending > self._head_limit:
+                raise HeadersTooLarge()
+            return
         # A head that begins in a feed this small needs no sum of its size:
         # each field counts at most one byte more than it takes on the wire,
         # and there are at most max_headers of them.
@@ -176,32 +206,9 @@ class RequestReader:
             if end > 10:
                 self._version = _LINE_VERSIONS.get(data[end - 10:end + 1])
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, HttpError):
-                raise cause from None
-            raise
-        except httptools.HttpParserUpgrade:
-            # We do not speak any upgraded protocol: answer the request that
-            # asked for it, then close (the bytes after it are not HTTP/1.1).
-            if self.ready:
-                self.ready[-1].keep_alive = False
-            return
-        except httptools.HttpParserInvalidMethodError:
-            # llhttp knows a fixed set of methods; any other token is a valid
-            # method we do not implement (RFC 9110 9.1): 501, not 400.
-            line = self._pending_line(data, len(self.ready) > ready_before)
-            if _REQUEST_LINE.match(line):
-                method = line.split(b" ", 1)[0].decode("latin-1")
-                raise NotImplementedMethod(f"method {method!r}") from None
-            raise BadRequest("invalid method") from None
-        except httptools.HttpParserError as exc:
-            text = str(exc)
-            if "invalid `Transfer-Encoding`" in text:
-                # A transfer coding we cannot decode (RFC 9112 6.1: 501).
-                raise UnsupportedTransferCoding(text) from None
-            raise BadRequest(text) from None
+            parser.feed_data(data)
+        except Exception as exc:
+            self._raise_as_http(exc, data, len(self.ready) > ready_before)
         if self.in_head:
             # httptools buffers a header line internally until it is complete,
             # so bound the bytes of an unfinished head here as well.
@@ -216,6 +223,36 @@ class RequestReader:
             if self._head_fed > self._head_limit:
                 raise HeadersTooLarge()
 
+    def _raise_as_http(self, exc: Exception, data: bytes, completed_in_feed: bool) -> None:
+        """What a binding raised from feed_data, as the HttpError to answer
+        (both raise httptools' exception classes, with llhttp's reasons)."""
+        if isinstance(exc, httptools.HttpParserCallbackError):
+            cause = exc.__context__
+            if isinstance(cause, HttpError):
+                raise cause from None
+            raise exc
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            # We do not speak any upgraded protocol: answer the request that
+            # asked for it, then close (the bytes after it are not HTTP/1.1).
+            if self.ready:
+                self.ready[-1].keep_alive = False
+            return
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+            # llhttp knows a fixed set of methods; any other token is a valid
+            # method we do not implement (RFC 9110 9.1): 501, not 400.
+            line = self._pending_line(data, completed_in_feed)
+            if _REQUEST_LINE.match(line):
+                method = line.split(b" ", 1)[0].decode("latin-1")
+                raise NotImplementedMethod(f"method {method!r}") from None
+            raise BadRequest("invalid method") from None
+        if isinstance(exc, httptools.HttpParserError):
+            text = str(exc)
+            if "invalid `Transfer-Encoding`" in text:
+                # A transfer coding we cannot decode (RFC 9112 6.1: 501).
+                raise UnsupportedTransferCoding(text) from None
+            raise BadRequest(text) from None
+        raise exc
+
     def _pending_line(self, data: bytes, completed_in_feed: bool) -> bytes:
         """The request line of the request llhttp refused, when this feed
         began with it (llhttp checks the method first); else b"" (400)."""
@@ -226,17 +263,19 @@ class RequestReader:
     def partial(self) -> tuple:
         """(method, target, version) of the request being read, as far as
         known: what the access log shows for a rejected request."""
-        method = self._parser.get_method().decode("latin-1", "replace") if self._url else "-"
-        return method, (self._url or b"-").decode("latin-1"), "-"
+        url = self._url or (self._parser.url if self._fast else b"")
+        method = self._parser.get_method().decode("latin-1", "replace") if url else "-"
+        return method, (url or b"-").decode("latin-1"), "-"
 
-    # -- httptools callbacks ----------------------------------------------
-    def on_message_begin(self):
+    # -- callbacks from the parser --------------------------------------------
+    def on_message_begin(self):   # httptools only
         self.in_message = True
         self.in_head = True
         self._head_began_in_feed = True
         self._fields = self.template.copy()
 
     def on_url(self, fragment):
+        # httptools: each fragment; ours: the whole target, once it is too long.
         url = self._url + fragment
         if len(url) > self._max_line:
             raise RequestLineTooLong()
@@ -282,23 +321,34 @@ class RequestReader:
         self._uncounted(name, value)
         self._fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
 
-    def on_headers_complete(self):
+    def on_headers_complete(self):   # httptools only: gathers what on_head takes
         parser = self._parser
         version = self._version or parser.get_http_version()
+        size = -1   # not summed
+        if not (self._head_began_in_feed and self._small_feed):
+            size = self.head_size()
+        method = parser.get_method()
+        self.on_head(_METHOD_NAMES.get(method) or method.decode("ascii"), self._url, version,
+                     self._fields, None, size)
+
+    def on_head(self, method, url, version, fields, odd, size):
+        """A whole head: method (str), target (bytes), version ("M.m"), the
+        fields filed so far, the (name, value) pairs still to file (None:
+        none), and the fields' size as max_header_size counts it (-1: not
+        summed, as the head is known to be small). See _llhttp.c."""
+        self._url = url
+        self._fields = fields
+        if odd is not None:
+            for name, value in odd:
+                self.on_header(name, value)
         if version not in ("1.1", "1.0"):
             if version[:2] != "1.":
                 raise VersionNotSupported(f"HTTP/{version}")
             version = "1.1"   # a higher 1.x minor: served as 1.1
-        fields = self._fields
         if len(fields) + self._extra_fields > self._max_fields:
             raise HeadersTooLarge(f"more than {self.limits.max_headers} headers")
-        size = -1   # not summed
-        if not (self._head_began_in_feed and self._small_feed):
-            size = self.head_size()
-            if size > self.limits.max_header_size:
-                raise HeadersTooLarge()
-        url = self._url
-        method = parser.get_method()
+        if size > self.limits.max_header_size:
+            raise HeadersTooLarge()
         if url[:1] != b"/":
             self._check_target(url, method)
         host = fields.get("HTTP_HOST")
@@ -316,7 +366,7 @@ class RequestReader:
         # Made without an __init__ frame (this runs once per request): the
         # class holds the defaults, and only these fields are set.
         request = self._request = _new_object(self._request_type)
-        request.method = _METHOD_NAMES.get(method) or method.decode("ascii")
+        request.method = method
         request.target = url
         request.version = version
         request.fields = fields
@@ -360,7 +410,7 @@ class RequestReader:
         if not url:
             raise BadRequest("empty request target")
         if url == b"*":
-            if method != b"OPTIONS":
+            if method != "OPTIONS":
                 raise BadRequest("* is a target for OPTIONS only")
             return
         if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":

@@ -11,6 +11,9 @@ from prefork.http.proxy import Networks
 from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
 from prefork.worker.wsgi import FileWrapper
 
+# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("llhttp_binding")
+
 
 class FakeHost:
     """The ConnectionHost interface, recording what the connection tells it."""

@@ -1,4 +1,7 @@
 """The HTTP reader fed bytes whole, line by line and byte by byte."""
+import gc
+import weakref
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -6,6 +9,9 @@ from prefork.http.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, Http
                                  UnsupportedTransferCoding, RequestLineTooLong)
 from prefork.config import HttpConfig
 from prefork.http.request import RequestReader
+
+# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("llhttp_binding")
 
 PIPELINED = (b"POST /upload?x=1 HTTP/1.1\r\nHost: example\r\nContent-Length: 5\r\n"
              b"X-Two: a\r\n\r\nhello"
@@ -153,3 +159,24 @@ def test_a_pipelined_burst_longer_than_the_head_limit_is_not_a_large_head():
     reader.feed(burst + b"GET /y HTTP/1.1\r\nHo")          # ...then one unfinished head
     reader.feed(b"st: x\r\n\r\n")
     assert len(reader.ready) == 51
+
+
+def test_repeated_fields_are_joined_in_the_order_received():
+    # Our binding files fields whose names it knows in C and leaves the rest
+    # to Python; a known spelling after an unknown one must not jump ahead
+    # (X-Forwarded-For's rightmost entry is the one a trusted proxy added).
+    feed_all([b"GET / HTTP/1.1\r\nHost: h\r\nX-Order-Test: known\r\n\r\n"])   # now a known name
+    (request,) = feed_all([b"GET / HTTP/1.1\r\nHost: h\r\nx-order-test: client\r\n"
+                           b"X-Order-Test: proxy\r\nX-Order-After: 1\r\n\r\n"]).ready
+    assert request.fields["HTTP_X_ORDER_TEST"] == "client,proxy"
+    assert request.fields["HTTP_X_ORDER_AFTER"] == "1"
+
+
+def test_a_reader_and_its_parser_are_freed_with_the_connection():
+    # The parser holds the reader's callbacks and the reader holds the
+    # parser: a cycle, which the garbage collector must be able to break.
+    reader = feed_all([b"GET / HTTP/1.1\r\nHost: h\r\nX-Half: "])
+    gone = weakref.ref(reader)
+    del reader
+    gc.collect()
+    assert gone() is None

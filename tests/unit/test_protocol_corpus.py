@@ -7,6 +7,9 @@ import pytest
 
 from tests.unit.test_connection import Pair
 
+# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("llhttp_binding")
+
 
 def echo_environ(environ, start_response):
     keys = ("REQUEST_METHOD", "PATH_INFO", "SCRIPT_NAME", "SERVER_PROTOCOL", "HTTP_HOST",

@@ -9,6 +9,9 @@ from prefork.config import HttpConfig
 from prefork.http.request import RequestReader
 from prefork.worker.wsgi import Response, base_environ, build_environ, split_target
 
+# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("llhttp_binding")
+
 
 def environ_for(raw: bytes) -> dict:
     base = base_environ("127.0.0.1", "8000", sys.stderr)
