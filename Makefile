@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-# setup.py builds prefork/http/_llhttp.c (our llhttp binding) in place.
-$(STAMP): pyproject.toml setup.py prefork/http/_llhttp.c
+# setup.py builds the C modules in place.
+$(STAMP): pyproject.toml setup.py prefork/http/_llhttp.c prefork/worker/_combined.c
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -e '.[test]'
@@ -34,4 +34,4 @@ bench: install
 	$(VPY) tests/bench/run.py
 
 clean:
-	rm -rf $(VENV) .bench-venv build *.egg-info prefork/http/*.so
+	rm -rf $(VENV) .bench-venv build *.egg-info prefork/*/*.so

@@ -17,6 +17,11 @@ import time
 
 from ..ipc import ACCESS, ERROR, LINE_FORMAT
 
+try:
+    from ._combined import combined_line as _fast_combined_line   # the same line, in C
+except ImportError:   # not built (no C compiler where prefork was installed)
+    _fast_combined_line = None
+
 # Ship early when a batch grows this large. Each shipment is a synchronous
 # round trip to the Manager process, which on a loaded machine waits for a CPU,
 # so the normal path is one shipment per stats interval; this is a memory cap.
@@ -90,8 +95,28 @@ def check_format(fmt: str):
     return None
 
 
-# Status codes as text: a lookup costs a fraction of formatting an int.
-_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
+def combined_line(environ, stamp, status, sent, duration):
+    """Apache/nginx combined format, plus the request time in microseconds.
+    The definition of the default line; _combined.c makes the same line
+    faster, and hands the odd case back here (see it)."""
+    uri = environ.get("RAW_URI", "-")
+    referer = environ.get("HTTP_REFERER", "-")
+    agent = environ.get("HTTP_USER_AGENT", "-")
+    try:
+        odd = ('"' in uri or '"' in agent or '"' in referer
+               or "\\" in uri or "\\" in agent or "\\" in referer)
+    except TypeError:   # an app put a non-str there (PEP 3333 asks for str)
+        uri, referer, agent, odd = str(uri), str(referer), str(agent), True
+    if odd:   # rare: then all three
+        uri, referer, agent = _quote(uri), _quote(referer), _quote(agent)
+    return (f'{environ.get("REMOTE_ADDR") or "-"} - - {stamp} '
+            f'"{environ.get("REQUEST_METHOD", "-")} {uri} {environ.get("SERVER_PROTOCOL", "-")}" '
+            f'{status} {sent} "{referer}" "{agent}" {int(duration * 1e6)}\n')
+
+
+# The combined line's formatter: C where it is built; it returns None for
+# what only the Python one does.
+_combined_line = _fast_combined_line or combined_line
 
 
 def json_line(environ, status, sent, duration, stamp):
@@ -105,8 +130,8 @@ def json_line(environ, status, sent, duration, stamp):
 
 def line_formatter(access_format: str):
     """The function that formats a line in access_format; None for
-    "combined", which AccessLog.record formats itself (it is the default, and
-    a call per request is a measurable share of its cost)."""
+    "combined", which AccessLog.record formats itself (through _combined_line,
+    the one call per request of the default format)."""
     if access_format == "combined":
         return None
     if access_format == "json":
@@ -133,17 +158,8 @@ class AccessLog:
 
     def record(self, environ, status, sent, duration):
         if self._combined:
-            # Apache/nginx combined format, plus the request time in microseconds.
-            uri = environ["RAW_URI"]
-            referer = environ.get("HTTP_REFERER", "-")
-            agent = environ.get("HTTP_USER_AGENT", "-")
-            if ('"' in uri or '"' in agent or '"' in referer
-                    or "\\" in uri or "\\" in agent or "\\" in referer):   # rare: then all three
-                uri, referer, agent = _quote(uri), _quote(referer), _quote(agent)
-            line = (f'{environ["REMOTE_ADDR"] or "-"} - - {self._stamp} '
-                    f'"{environ["REQUEST_METHOD"]} {uri} {environ["SERVER_PROTOCOL"]}" '
-                    f'{_STATUS_TEXT.get(status) or status} {sent} "{referer}" "{agent}" '
-                    f'{int(duration * 1e6)}\n')
+            line = (_combined_line(environ, self._stamp, status, sent, duration)
+                    or combined_line(environ, self._stamp, status, sent, duration))
         elif self.enabled:
             line = self.format(environ, status, sent, duration, self._stamp)
         else:

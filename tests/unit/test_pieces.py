@@ -175,7 +175,20 @@ def test_framing_decides_length_chunking_and_close():
         framing.chunk("text")
 
 
-def test_the_combined_line_quotes_only_what_needs_it():
+@pytest.fixture(params=["c", "python"])
+def combined_formatter(request, monkeypatch):
+    """The combined line made by prefork/worker/_combined.c, or by the Python
+    definition (the fallback where the C is not built)."""
+    from prefork.worker import logship
+    if request.param == "python":
+        monkeypatch.setattr(logship, "_combined_line", logship.combined_line)
+    elif logship._fast_combined_line is None:
+        pytest.fail("prefork/worker/_combined.c is not built: was there a C compiler "
+                    "when `make install` ran?")
+    return request.param
+
+
+def test_the_combined_line_quotes_only_what_needs_it(combined_formatter):
     from prefork.config import LoggingConfig
     from prefork.worker.logship import AccessLog
 
@@ -193,6 +206,30 @@ def test_the_combined_line_quotes_only_what_needs_it():
     assert sink.batch[1] == (
         '- - - [01/Jan/1970:00:00:00 +0000] "GET /a HTTP/1.1" 200 5 "-" "x\\"y\\\\z" 1000\n'
         '- - - [01/Jan/1970:00:00:00 +0000] "GET /a HTTP/1.1" 404 0 "/b" "curl" 1\n')
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"REMOTE_ADDR": "10.0.0.1"}, {"RAW_URI": '/q?a="b"\\c'}, {"HTTP_REFERER": "\\"},
+    {"HTTP_USER_AGENT": "caf\xe9 \xff"},          # latin-1 beyond ASCII
+    {"HTTP_USER_AGENT": "\u20ac"},                # not latin-1: the C hands it back
+    {"RAW_URI": b"/a"},                           # an app put bytes there: the same
+    {"RAW_URI": "/" + "x" * 9000},                # past the C buffer: the same
+    {"SERVER_PROTOCOL": "HTTP/1.0", "REQUEST_METHOD": "HEAD"},
+])
+@pytest.mark.parametrize("numbers", [(200, 0, 0.0), (599, 10**12, 12.3456789), (101, 7, 1e-7)])
+def test_the_c_combined_line_is_the_python_one(change, numbers):
+    from prefork.worker import logship
+    if logship._fast_combined_line is None:
+        pytest.fail("prefork/worker/_combined.c is not built")
+    environ = dict({"REMOTE_ADDR": "", "REQUEST_METHOD": "GET", "RAW_URI": "/a",
+                    "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": "curl"}, **change)
+    stamp = "[01/Jan/1970:00:00:00 +0000]"
+    expected = logship.combined_line(environ, stamp, *numbers)
+    fast = logship._fast_combined_line(environ, stamp, *numbers)
+    assert fast in (expected, None)
+    handed_back = any(not isinstance(v, str) or max(map(ord, v), default=0) > 255 or len(v) > 8000
+                      for v in change.values())
+    assert (fast is None) == handed_back
 
 
 def test_a_cached_file_is_served_from_memory_until_it_is_due_to_be_read_again(
