@@ -200,7 +200,10 @@ file_field(Parser *self)
         Py_DECREF(value);
         return failed;
     }
-    PyObject *pair = Py_BuildValue("(Ny#)", name, self->value.data, vlen);
+    PyObject *value = PyBytes_FromStringAndSize(self->value.data, vlen);
+    PyObject *pair = value == NULL ? NULL : PyTuple_Pack(2, name, value);
+    Py_DECREF(name);
+    Py_XDECREF(value);
     if (pair == NULL)
         return -1;
     if (self->odd == NULL && (self->odd = PyList_New(0)) == NULL) {
@@ -238,7 +241,6 @@ cb_headers_complete(llhttp_t *p)
     PyObject *size = PyLong_FromSsize_t(self->size);
     PyObject *fields = self->fields, *odd = self->odd;
     self->fields = self->odd = NULL;   /* the reader's from here */
-    self->state = BODY;
     PyObject *result = NULL;
     if (version != NULL && target != NULL && size != NULL) {
         PyObject *args[6] = {method_names[p->method & 63], target, version, fields,
@@ -253,6 +255,7 @@ cb_headers_complete(llhttp_t *p)
     if (result == NULL)
         return keep_error(self, "`on_headers_complete` callback error", -1);
     Py_DECREF(result);
+    self->state = BODY;
     return p->upgrade ? 1 : 0;   /* an upgrade: no body, llhttp pauses after it */
 }
 

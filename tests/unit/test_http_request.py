@@ -180,3 +180,68 @@ def test_a_reader_and_its_parser_are_freed_with_the_connection():
     del reader
     gc.collect()
     assert gone() is None
+
+
+def outcome(chunks, binding, monkeypatch):
+    """What a reader made of these feeds with one binding: its requests, then
+    the status it refused the rest with (or None)."""
+    from prefork.http import request as reader_module
+    with monkeypatch.context() as patch:
+        if binding == "httptools":
+            patch.setattr(reader_module, "_llhttp", None)
+        reader = RequestReader(HttpConfig())
+    status = None
+    try:
+        for chunk in chunks:
+            reader.feed(chunk)
+    except HttpError as exc:
+        status = exc.status
+    made = [(r.method, r.target, r.version, r.keep_alive, r.body, r.fields)
+            for r in reader.ready]
+    return made, status, reader.in_message, reader.in_head
+
+
+# Requests built from parts that each bend a rule somewhere (names, values,
+# versions, targets, line ends, bodies), pipelined, then cut anywhere.
+MESSAGE = st.tuples(
+    st.sampled_from([b"GET", b"POST", b"PURGE", b"get", b"OPTIONS"]),
+    st.sampled_from([b"/", b"/a?b=%20", b"*", b"http://h:1/p", b"x", b"/\xe9"]),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0"]),
+    st.lists(st.tuples(
+        st.sampled_from([b"Host", b"host", b"X-A", b"x-a", b"X_B", b"Content-Length",
+                         b"Transfer-Encoding", b"Connection", b"Expect", b"Cookie", b"Bad Name",
+                         b"X-Forwarded-For", b"User-Agent", b""]),
+        st.sampled_from([b"h", b"5", b"0", b"chunked", b"close", b"100-continue", b" a \t", b"\t",
+                         b"x\x00", b"\xe9", b"", b"a, b", b"gzip, chunked", b"[::1]:80"])),
+        max_size=6),
+    st.sampled_from([b"", b"hello", b"3\r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\n0\r\nX-T: 1 \r\n\r\n"]),
+    st.sampled_from([b"\r\n", b"\n"]))
+
+
+def serialized(message):
+    method, target, version, fields, body, eol = message
+    return (method + b" " + target + b" " + version + eol
+            + b"".join(name + b": " + value + eol for name, value in fields) + eol + body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(MESSAGE, min_size=1, max_size=3),
+       st.lists(st.integers(min_value=0, max_value=300), max_size=4))
+def test_both_bindings_make_the_same_of_any_bytes(messages, cuts):
+    # Ours and httptools' drive the same llhttp: the same requests, fields,
+    # bodies and refusals, however the bytes are split.
+    from prefork.http import request as reader_module
+    if reader_module._llhttp is None:
+        pytest.skip("the httptools leg: this test runs both bindings itself")
+    data = b"".join(map(serialized, messages))
+    points = sorted({min(c, len(data)) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0] + points, points + [len(data)], strict=True) if data[a:b]]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert outcome(chunks, "ours", monkeypatch) == outcome(chunks, "httptools", monkeypatch)
+
+
+def test_empty_field_values_are_kept_or_counted_like_any_other():
+    (request,) = feed_all([b"GET / HTTP/1.1\r\nHost: h\r\nX_Refused:\r\nX-New-Empty:\r\n"
+                           b"X-Spaces:  \t \r\n\r\n"]).ready
+    assert request.fields["HTTP_X_NEW_EMPTY"] == "" and request.fields["HTTP_X_SPACES"] == ""
+    assert "HTTP_X_REFUSED" not in request.fields
