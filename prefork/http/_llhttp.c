@@ -25,7 +25,7 @@ protocol.on_head(method, target, version, fields, odd, size):
            value + 4 (": " and CRLF) for each field, odd ones included
 The other calls: on_url(target) when the target grows past max_url (the
 reader refuses it), on_header(name, value) for trailer fields, on_body(bytes),
-on_message_complete(). An exception from any of them stops the parse:
+on_message_complete(keep_alive: bool, llhttp's verdict). An exception from any of them stops the parse:
 feed_data() raises httptools' HttpParserCallbackError with the exception as
 its __context__. llhttp's own errors raise httptools' exception classes with
 llhttp's reason, as httptools does, so the reader handles both bindings alike.
@@ -60,6 +60,16 @@ buf_add(Buf *b, const char *at, size_t n)
     return 0;
 }
 
+/* The bytes of the target and of the field being read live in three buffers
+   that a parser borrows from here when a feed begins between messages, and
+   gives back when a feed ends between messages: an idle connection holds
+   none. A parser whose feed ends inside a message keeps them until it is
+   done (the spare is then empty, and the next parser's grow from nothing).
+   One that grew past BUF_KEPT for a large head is freed, not kept as spare. */
+#define BUF_KEPT 4096
+enum { URL, NAME, VALUE, BUFS };
+static Buf spare[BUFS];
+
 typedef struct {
     PyObject_HEAD
     llhttp_t parser;
@@ -73,7 +83,7 @@ typedef struct {
     PyObject *error;        /* what a protocol call raised, for feed_data to chain */
     Py_ssize_t size;        /* field bytes so far, counted as on_head's size */
     int state;
-    Buf url, name, value;
+    Buf bufs[BUFS];         /* borrowed for a feed; kept while a message is unfinished */
 } Parser;
 
 static PyObject *method_names[64];   /* llhttp's method number -> its name ("-": none) */
@@ -113,7 +123,7 @@ cb_message_begin(llhttp_t *p)
     Parser *self = (Parser *)p->data;
     self->state = HEAD;
     self->size = 0;
-    self->url.len = self->name.len = self->value.len = 0;
+    self->bufs[URL].len = self->bufs[NAME].len = self->bufs[VALUE].len = 0;
     Py_CLEAR(self->odd);
     Py_XSETREF(self->fields, PyDict_Copy(self->template));
     if (self->fields == NULL)
@@ -125,10 +135,10 @@ static int
 cb_url(llhttp_t *p, const char *at, size_t length)
 {
     Parser *self = (Parser *)p->data;
-    if (buf_add(&self->url, at, length) < 0)
+    if (buf_add(&self->bufs[URL], at, length) < 0)
         return keep_error(self, "`on_url` callback error", HPE_USER);
-    if (self->url.len > self->max_url) {
-        PyObject *url = PyBytes_FromStringAndSize(self->url.data, self->url.len);
+    if (self->bufs[URL].len > self->max_url) {
+        PyObject *url = PyBytes_FromStringAndSize(self->bufs[URL].data, self->bufs[URL].len);
         PyObject *result = url == NULL ? NULL : call1(self->on_url, url);
         if (result == NULL)
             return keep_error(self, "`on_url` callback error", HPE_USER);
@@ -141,7 +151,7 @@ static int
 cb_header_field(llhttp_t *p, const char *at, size_t length)
 {
     Parser *self = (Parser *)p->data;
-    if (buf_add(&self->name, at, length) < 0)
+    if (buf_add(&self->bufs[NAME], at, length) < 0)
         return keep_error(self, "`on_header_field` callback error", HPE_USER);
     return 0;
 }
@@ -150,7 +160,7 @@ static int
 cb_header_value(llhttp_t *p, const char *at, size_t length)
 {
     Parser *self = (Parser *)p->data;
-    if (buf_add(&self->value, at, length) < 0)
+    if (buf_add(&self->bufs[VALUE], at, length) < 0)
         return keep_error(self, "`on_header_value` callback error", HPE_USER);
     return 0;
 }
@@ -160,12 +170,12 @@ cb_header_value(llhttp_t *p, const char *at, size_t length)
 static int
 file_field(Parser *self)
 {
-    Py_ssize_t vlen = self->value.len;
-    PyObject *name = PyBytes_FromStringAndSize(self->name.data, self->name.len);
+    Py_ssize_t vlen = self->bufs[VALUE].len;
+    PyObject *name = PyBytes_FromStringAndSize(self->bufs[NAME].data, self->bufs[NAME].len);
     if (name == NULL)
         return -1;
     if (self->state != HEAD) {
-        PyObject *value = PyBytes_FromStringAndSize(self->value.data, vlen);
+        PyObject *value = PyBytes_FromStringAndSize(self->bufs[VALUE].data, vlen);
         PyObject *result = value == NULL ? NULL
             : PyObject_CallFunctionObjArgs(self->on_header, name, value, NULL);
         Py_DECREF(name);
@@ -175,9 +185,10 @@ file_field(Parser *self)
         Py_DECREF(result);
         return 0;
     }
-    while (vlen > 0 && (self->value.data[vlen - 1] == ' ' || self->value.data[vlen - 1] == '\t'))
+    const char *value_at = self->bufs[VALUE].data;
+    while (vlen > 0 && (value_at[vlen - 1] == ' ' || value_at[vlen - 1] == '\t'))
         vlen--;
-    self->size += self->name.len + vlen + 4;
+    self->size += self->bufs[NAME].len + vlen + 4;
     PyObject *key = PyDict_GetItemWithError(self->keys, name);   /* borrowed */
     if (key == NULL && PyErr_Occurred()) {
         Py_DECREF(name);
@@ -193,14 +204,14 @@ file_field(Parser *self)
     }
     if (!present) {
         Py_DECREF(name);
-        PyObject *value = PyUnicode_DecodeLatin1(self->value.data, vlen, NULL);
+        PyObject *value = PyUnicode_DecodeLatin1(self->bufs[VALUE].data, vlen, NULL);
         if (value == NULL)
             return -1;
         int failed = PyDict_SetItem(self->fields, key, value);
         Py_DECREF(value);
         return failed;
     }
-    PyObject *value = PyBytes_FromStringAndSize(self->value.data, vlen);
+    PyObject *value = PyBytes_FromStringAndSize(self->bufs[VALUE].data, vlen);
     PyObject *pair = value == NULL ? NULL : PyTuple_Pack(2, name, value);
     Py_DECREF(name);
     Py_XDECREF(value);
@@ -220,7 +231,7 @@ cb_header_value_complete(llhttp_t *p)
 {
     Parser *self = (Parser *)p->data;
     int failed = file_field(self);
-    self->name.len = self->value.len = 0;
+    self->bufs[NAME].len = self->bufs[VALUE].len = 0;
     if (failed < 0)
         return keep_error(self, "`on_header` callback error", HPE_USER);
     return 0;
@@ -237,7 +248,7 @@ cb_headers_complete(llhttp_t *p)
         version = Py_NewRef(version_10);
     else
         version = PyUnicode_FromFormat("%d.%d", p->http_major, p->http_minor);
-    PyObject *target = PyBytes_FromStringAndSize(self->url.data, self->url.len);
+    PyObject *target = PyBytes_FromStringAndSize(self->bufs[URL].data, self->bufs[URL].len);
     PyObject *size = PyLong_FromSsize_t(self->size);
     PyObject *fields = self->fields, *odd = self->odd;
     self->fields = self->odd = NULL;   /* the reader's from here */
@@ -276,7 +287,8 @@ cb_message_complete(llhttp_t *p)
 {
     Parser *self = (Parser *)p->data;
     self->state = IDLE;
-    PyObject *result = PyObject_CallNoArgs(self->on_message_complete);
+    PyObject *result = PyObject_CallOneArg(self->on_message_complete,
+                                           llhttp_should_keep_alive(p) ? Py_True : Py_False);
     if (result == NULL)
         return keep_error(self, "`on_message_complete` callback error", -1);
     Py_DECREF(result);
@@ -352,10 +364,33 @@ Parser_dealloc(Parser *self)
 {
     PyObject_GC_UnTrack(self);
     Parser_clear(self);
-    PyMem_Free(self->url.data);
-    PyMem_Free(self->name.data);
-    PyMem_Free(self->value.data);
+    for (int i = 0; i < BUFS; i++)
+        PyMem_Free(self->bufs[i].data);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static void
+borrow_bufs(Parser *self)
+{
+    for (int i = 0; i < BUFS; i++) {
+        PyMem_Free(self->bufs[i].data);   /* (none: given back when the last feed ended) */
+        self->bufs[i] = spare[i];
+        self->bufs[i].len = 0;
+        spare[i] = (Buf){NULL, 0, 0};
+    }
+}
+
+static void
+give_back_bufs(Parser *self)
+{
+    for (int i = 0; i < BUFS; i++) {
+        Buf *b = &self->bufs[i];
+        if (spare[i].data == NULL && b->cap <= BUF_KEPT)
+            spare[i] = *b;
+        else
+            PyMem_Free(b->data);
+        *b = (Buf){NULL, 0, 0};
+    }
 }
 
 static PyObject *
@@ -397,7 +432,11 @@ Parser_feed_data(Parser *self, PyObject *data)
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
+    if (self->state == IDLE)
+        borrow_bufs(self);
     llhttp_errno_t err = llhttp_execute(&self->parser, view.buf, view.len);
+    if (self->state == IDLE)
+        give_back_bufs(self);
     if (err == HPE_PAUSED_UPGRADE && self->parser.upgrade) {
         /* As httptools: say where the upgraded bytes begin, and go on
            parsing HTTP if fed again. */
@@ -463,13 +502,14 @@ Parser_get_pending(Parser *self, void *closure)
     /* What is held for an unfinished head: its target and field bytes. */
     if (self->state != HEAD)
         return PyLong_FromLong(0);
-    return PyLong_FromSsize_t(self->url.len + self->size + self->name.len + self->value.len);
+    return PyLong_FromSsize_t(self->bufs[URL].len + self->size + self->bufs[NAME].len
+                              + self->bufs[VALUE].len);
 }
 
 static PyObject *
 Parser_get_url(Parser *self, void *closure)
 {
-    return PyBytes_FromStringAndSize(self->url.data, self->url.len);
+    return PyBytes_FromStringAndSize(self->bufs[URL].data, self->bufs[URL].len);
 }
 
 static PyMethodDef Parser_methods[] = {

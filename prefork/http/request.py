@@ -1,4 +1,4 @@
-"""Request reading on top of httptools (llhttp): bytes in, Request objects out.
+"""Request reading on top of llhttp: bytes in, Request objects out.
 
 Owns: request limits (line, header count and size, body), Host and framing
 rules, the 100-continue decision, body spooling. Must not: touch sockets or read
@@ -7,6 +7,8 @@ clocks; the worker feeds bytes and applies deadlines.
 Usage: reader.feed(data) parses what it can; completed requests accumulate in
 reader.ready (pipelining keeps their order). An HttpError raised from feed()
 means: answer with its status and close; the reader is unusable afterwards.
+llhttp is driven by our binding (_llhttp.c) where it is built, else by
+httptools' (see RequestReader); the tests hold the two equal.
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ class RequestReader:
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet
-        self._small_feed = False
+        self._small_feed = False   # (httptools only: this and the head's byte counts below)
         self._small_size = limits.max_header_size - limits.max_headers
         # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
         # served as the highest we speak. The major version is checked in on_head.
@@ -444,9 +446,10 @@ class RequestReader:
                 raise SpoolFailed(f"cannot spool the body: {exc.strerror}") from None
             self._body_chunks = []
 
-    def on_message_complete(self):
+    def on_message_complete(self, keep_alive=None):
+        # keep_alive: llhttp's verdict, which our binding passes (httptools' is asked).
         request = self._request
-        request.keep_alive = self._parser.should_keep_alive()
+        request.keep_alive = self._parser.should_keep_alive() if keep_alive is None else keep_alive
         if self._body_size or self._chunked:
             if self._chunked:
                 # Its length is known now that it is read: the app gets a

@@ -245,3 +245,20 @@ def test_empty_field_values_are_kept_or_counted_like_any_other():
                            b"X-Spaces:  \t \r\n\r\n"]).ready
     assert request.fields["HTTP_X_NEW_EMPTY"] == "" and request.fields["HTTP_X_SPACES"] == ""
     assert "HTTP_X_REFUSED" not in request.fields
+
+
+def test_readers_fed_in_turn_keep_their_own_unfinished_heads():
+    # Our binding lends one set of buffers to whichever reader is fed between
+    # messages; a reader left inside a message keeps its own until it ends.
+    first = RequestReader(HttpConfig())
+    first.feed(b"GET /first HTTP/1.1\r\nHost: h\r\nX-Split: abc")
+    second = RequestReader(HttpConfig())
+    second.feed(b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n")
+    (third,) = feed_all([b"GET /third-is-longer HTTP/1.1\r\nHost: h\r\nX-Split: zzzzzzzzz\r\n\r\n"]
+                        ).ready
+    assert first.partial() == ("GET", "/first", "-")
+    first.feed(b"def\r\n\r\n")
+    second.feed(b"0\r\n\r\n")
+    assert (first.ready[0].target, first.ready[0].fields["HTTP_X_SPLIT"]) == (b"/first", "abcdef")
+    assert second.ready[0].body == b"xyz"
+    assert (third.target, third.fields["HTTP_X_SPLIT"]) == (b"/third-is-longer", "zzzzzzzzz")
