@@ -400,6 +400,7 @@ raise_llhttp_error(Parser *self, llhttp_errno_t err)
     switch (err) {
     case HPE_CB_MESSAGE_BEGIN: case HPE_CB_HEADERS_COMPLETE: case HPE_CB_MESSAGE_COMPLETE:
     case HPE_CB_CHUNK_HEADER: case HPE_CB_CHUNK_COMPLETE: case HPE_USER:
+    case HPE_CB_HEADER_VALUE_COMPLETE:   /* (where cb_header_value_complete's errors land) */
         cls = CallbackError;
         break;
     case HPE_INVALID_METHOD:

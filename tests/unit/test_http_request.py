@@ -262,3 +262,10 @@ def test_readers_fed_in_turn_keep_their_own_unfinished_heads():
     assert (first.ready[0].target, first.ready[0].fields["HTTP_X_SPLIT"]) == (b"/first", "abcdef")
     assert second.ready[0].body == b"xyz"
     assert (third.target, third.fields["HTTP_X_SPLIT"]) == (b"/third-is-longer", "zzzzzzzzz")
+
+
+def test_trailer_fields_count_against_the_header_size_limit():
+    reader = RequestReader(HttpConfig(max_header_size=200))
+    reader.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+    with pytest.raises(HeadersTooLarge):
+        reader.feed(b"X-Trailer: " + b"v" * 300 + b"\r\n\r\n")
