@@ -397,28 +397,21 @@ static PyObject *
 raise_llhttp_error(Parser *self, llhttp_errno_t err)
 {
     PyObject *cls;
-    switch (err) {
-    case HPE_CB_MESSAGE_BEGIN: case HPE_CB_HEADERS_COMPLETE: case HPE_CB_MESSAGE_COMPLETE:
-    case HPE_CB_CHUNK_HEADER: case HPE_CB_CHUNK_COMPLETE: case HPE_USER:
-    case HPE_CB_HEADER_VALUE_COMPLETE:   /* (where cb_header_value_complete's errors land) */
+    if (self->error != NULL)   /* one of our callbacks failed (llhttp's code names which) */
         cls = CallbackError;
-        break;
-    case HPE_INVALID_METHOD:
+    else if (err == HPE_INVALID_METHOD)
         cls = InvalidMethodError;
-        break;
-    case HPE_INVALID_URL:
+    else if (err == HPE_INVALID_URL)
         cls = InvalidURLError;
-        break;
-    default:
+    else
         cls = ParserError;
-    }
     const char *reason = llhttp_get_error_reason(&self->parser);
     PyObject *text = PyUnicode_DecodeLatin1(reason ? reason : "", reason ? strlen(reason) : 0,
                                             NULL);
     PyObject *exc = text == NULL ? NULL : call1(cls, text);
     if (exc == NULL)
         return NULL;
-    if (cls == CallbackError && self->error != NULL) {
+    if (self->error != NULL) {
         PyException_SetContext(exc, self->error);   /* steals the reference */
         self->error = NULL;
     }
