@@ -8,6 +8,7 @@ request. With --profile, cProfile's top functions are printed.
 
 Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
        [--path /static/style.css --set static.enabled=true] [--only [--loop READY]]
+       [--without-c]
 --loop serves through the worker loop's rounds (Worker.serve_round) instead of
 calling the connection directly: the loop's own cost per request is the
 difference (`tests/bench/instructions.sh hello --loop 25`).
@@ -183,7 +184,15 @@ def main():
     parser.add_argument("--loop", type=int, default=0, metavar="READY",
                         help="serve through the worker loop's rounds, READY connections "
                         "with a request waiting per round (with --only)")
+    parser.add_argument("--without-c", action="store_true",
+                        help="serve as where prefork's C modules are not built: httptools' "
+                        "binding of llhttp, logship.combined_line")
     args = parser.parse_args()
+    if args.without_c:
+        from prefork.http import request as request_mod
+        from prefork.worker import logship
+        request_mod._llhttp = None
+        logship._combined_line = logship.combined_line
     global REQUEST
     REQUEST = REQUEST.replace(b"GET / ", f"GET {args.path} ".encode(), 1)
     worker = make_worker(APPS[args.app], args.set)
