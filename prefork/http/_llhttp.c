@@ -45,6 +45,8 @@ typedef struct {
 static int
 buf_add(Buf *b, const char *at, size_t n)
 {
+    if (n == 0)
+        return 0;   /* (an empty span: b->data may be NULL, which memcpy must not see) */
     if (b->len + (Py_ssize_t)n > b->cap) {
         Py_ssize_t cap = 2 * (b->len + (Py_ssize_t)n);
         char *data = PyMem_Realloc(b->data, cap < 128 ? 128 : cap);
