@@ -89,6 +89,17 @@ def test_worker_deltas_fold_into_totals():
     assert stats.take_delta(2.0).requests == 0   # taken: counting starts again
 
 
+def test_each_duration_lands_in_the_bucket_bisect_gives_it():
+    # record() skips the search for the first bucket: the edges must agree.
+    import bisect
+    for duration in (0.0, BUCKETS[0] / 2, BUCKETS[0], BUCKETS[0] * 1.0001, 0.003, 10.0, 11.0):
+        stats = WorkerStats()
+        stats.record(200, 0, duration)
+        expected = [0] * (len(BUCKETS) + 1)
+        expected[bisect.bisect_left(BUCKETS, duration)] = 1
+        assert stats.histogram == expected, duration
+
+
 def test_scoreboard_slots_are_private_and_released():
     board = Scoreboard(4)
     board.claim(1, 111, 2, 5.0)
