@@ -11,7 +11,7 @@ from prefork.http.proxy import Networks
 from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
 from prefork.worker.wsgi import FileWrapper
 
-# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+# Each test here runs on both bindings of llhttp (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("llhttp_binding")
 
 

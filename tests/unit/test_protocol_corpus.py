@@ -7,7 +7,7 @@ import pytest
 
 from tests.unit.test_connection import Pair
 
-# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+# Each test here runs on both bindings of llhttp (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("llhttp_binding")
 
 

@@ -9,7 +9,7 @@ from prefork.config import HttpConfig
 from prefork.http.request import RequestReader
 from prefork.worker.wsgi import Response, base_environ, build_environ, split_target
 
-# Every reader test runs against both bindings of llhttp (tests/conftest.py).
+# Each test here runs on both bindings of llhttp (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("llhttp_binding")
 
 
