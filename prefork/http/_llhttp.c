@@ -1,8 +1,9 @@
 /* prefork.http._llhttp: llhttp driven for RequestReader, one Python call per head.
 
 Owns: an llhttp request parser and the bytes it has seen of the head being
-read (the target and the field being read; llhttp buffers nothing); filing the
-usual header fields into the head's environ. Must not: decide anything about
+read (the target and the field being read; llhttp buffers nothing; the buffers
+are lent, see spare below); filing the usual header fields into the head's
+environ. Must not: decide anything about
 a request (limits, Host, framing, what is an error beyond llhttp's grammar):
 RequestReader (request.py) does, in Python, and is the only user.
 
@@ -25,9 +26,9 @@ protocol.on_head(method, target, version, fields, odd, size):
            value + 4 (": " and CRLF) for each field, odd ones included
 The other calls: on_url(target) when the target grows past max_url (the
 reader refuses it), on_header(name, value) for trailer fields, on_body(bytes),
-on_message_complete(keep_alive: bool, llhttp's verdict). An exception from any of them stops the parse:
-feed_data() raises httptools' HttpParserCallbackError with the exception as
-its __context__. llhttp's own errors raise httptools' exception classes with
+on_message_complete(keep_alive), keep_alive being llhttp's verdict. An
+exception from any of them stops the parse: feed_data() raises httptools'
+HttpParserCallbackError with the exception as its __context__. llhttp's own errors raise httptools' exception classes with
 llhttp's reason, as httptools does, so the reader handles both bindings alike.
 */
 #define PY_SSIZE_T_CLEAN
