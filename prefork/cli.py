@@ -19,7 +19,7 @@ import time
 
 import psutil
 
-from . import __version__, config as configmod
+from . import __version__, config as configmod, missing_c_modules, missing_c_note
 from .master import control
 from .master.loop import Master
 from .master.upgrade import REPORT_FD_ENV, UPGRADE_ENV
@@ -360,6 +360,9 @@ def cmd_check(args, config) -> int:
         return 1
     print(f"prefork: config {config.source or '(built-in defaults)'} is valid; "
           f"app {config.server.app} loads")
+    missing = missing_c_modules()
+    if missing:
+        print(f"prefork: note: {missing_c_note(missing)}")
     return 0
 
 

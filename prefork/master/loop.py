@@ -21,7 +21,7 @@ import time
 
 from setproctitle import setproctitle
 
-from .. import __version__, sockets, title
+from .. import __version__, missing_c_modules, missing_c_note, sockets, title
 from ..config import check_workers
 from ..ipc import LineLedger, MasterChannels
 from ..worker.loop import worker_uid
@@ -107,6 +107,9 @@ class Master:
         self.selector.register(self.control.sock, selectors.EVENT_READ, self.on_control)
         log.info("prefork %s starting: master pid %d, %d workers, app %s, listening on %s",
                  __version__, self.pid, self.target, self.config.server.app, " ".join(self.urls()))
+        missing = missing_c_modules()
+        if missing:
+            log.warning("%s", missing_c_note(missing))
         try:
             self.loop()
         finally:

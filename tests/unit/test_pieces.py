@@ -323,3 +323,20 @@ def test_a_master_reading_while_a_worker_writes_never_sees_its_slot_zeroed():
         seen.add((view.state, view.heartbeat > 0, view.pid > 0))
     assert board.read(0).requests == 100_000   # the worker wrote them all
     assert seen <= {("idle", True, True), ("busy", True, True)}
+
+
+def test_an_operator_hears_when_the_c_modules_are_not_built(monkeypatch, capsys):
+    import importlib.util
+
+    import prefork
+    from prefork import cli, config as config_mod
+    assert prefork.missing_c_modules() == []   # built here (make install compiles them)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None
+                        if name == "prefork.worker._combined" else real_find_spec(name, *rest))
+    assert prefork.missing_c_modules() == ["prefork.worker._combined"]
+    config = config_mod.load(None, {"server": {"app": "prefork.apps.hello:app"}})
+    assert cli.cmd_check(None, config) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "is valid" in out[0]
+    assert out[1].startswith("prefork: note: not built here: prefork.worker._combined")
