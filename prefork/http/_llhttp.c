@@ -470,18 +470,6 @@ Parser_get_method(Parser *self, PyObject *unused)
 }
 
 static PyObject *
-Parser_get_http_version(Parser *self, PyObject *unused)
-{
-    return PyUnicode_FromFormat("%d.%d", self->parser.http_major, self->parser.http_minor);
-}
-
-static PyObject *
-Parser_should_keep_alive(Parser *self, PyObject *unused)
-{
-    return PyBool_FromLong(llhttp_should_keep_alive(&self->parser));
-}
-
-static PyObject *
 Parser_get_in_head(Parser *self, void *closure)
 {
     return PyBool_FromLong(self->state == HEAD);
@@ -514,9 +502,6 @@ static PyMethodDef Parser_methods[] = {
     {"set_lenient_version", (PyCFunction)Parser_set_lenient_version, METH_O,
      "Accept any HTTP/x.y version (llhttp's lenient_version)."},
     {"get_method", (PyCFunction)Parser_get_method, METH_NOARGS, "The method's name, bytes."},
-    {"get_http_version", (PyCFunction)Parser_get_http_version, METH_NOARGS, "\"M.m\"."},
-    {"should_keep_alive", (PyCFunction)Parser_should_keep_alive, METH_NOARGS,
-     "llhttp_should_keep_alive()."},
     {NULL}
 };
 
