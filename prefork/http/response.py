@@ -7,11 +7,12 @@ close decision, chunk framing, Date formatting, and the canned error response.
 Must not: touch sockets or read clocks: the caller supplies the Date line and
 sends the bytes (as h11 separates its writers from the transport).
 
-One ResponseFraming per response. Its head() turns (request method and version,
-status, the app's header lines, its Content-Length, whether to close) into the
-head bytes; chunk() frames each body chunk; end() gives the closing bytes;
-whole() does all three for a body in hand. The worker's exchange object
-inherits it, so the hot path allocates nothing extra.
+One ResponseFraming per response, and it owns that response's state from the
+status to the last byte: whole() makes a response whose body is in hand,
+framed() each chunk of one that streams (its head first), ending() its last
+bytes, file_length() the length of a file sent by sendfile. The worker's
+exchange object inherits it, so the hot path allocates nothing extra; an
+HTTP/2 stream will frame the same response state its own way.
 """
 from __future__ import annotations
 
@@ -45,40 +46,53 @@ def http_date(timestamp: float) -> str:
 
 
 class ResponseFraming:
-    """How one response's head reads, how its body is delimited, and how much
-    of the body went out.
+    """One response from its status to its last byte: how its head reads, how
+    its body is delimited, how much of it went out, and whether the
+    connection ends after it. The caller only moves the bytes this gives.
 
     The defaults live on the class, so a response stores only the fields
     that differ from them (a request allocates one object and writes few
-    fields). Whoever starts the response sets status_code, status_line
-    (e.g. b"HTTP/1.1 200 OK\r\n"), lines (the other header lines, encoded),
-    content_length (None: unknown) and close, then asks for head() or whole()."""
+    fields). The request it answers supplies method, version and keep_alive
+    (the worker's exchange is that request too). Whoever starts the response
+    (wsgi.Response, the start_response callable) sets status_line (e.g.
+    b"HTTP/1.1 200 OK\r\n"), status_code, lines (the other header lines,
+    encoded), content_length (None: unknown) and close (the app asked for
+    Connection: close). Each method that makes bytes takes fixed (the Server
+    and Date lines) and closing (the server ends the connection after this
+    response, e.g. during a graceful stop)."""
+    method = "GET"           # the request's
+    version = "1.1"
+    keep_alive = True
     status_code = 0
-    status_line = b""
+    status_line = b""        # b"": not started (start_response not called)
     lines = b""
     content_length: int | None = None
     close = False            # the connection ends after this response
+    headers_sent = False
     body_ok = True           # False for HEAD and bodiless statuses
     chunked = False
     remaining: int | None = None   # bytes the declared length still allows
     sent = 0                 # body bytes framed so far
 
-    def head(self, method: str, version: str, fixed: bytes, close: bool) -> bytes:
-        """The head bytes. fixed: the Server and Date lines. close: the app or
-        the server asks to end the connection."""
-        close = self.close or close
+    def head(self, fixed: bytes, closing: bool) -> bytes:
+        """The head bytes (the caller counts them sent once they are framed
+        with what follows them)."""
+        if not self.status_line:
+            raise AppError("app returned without calling start_response")
+        close = self.close or closing or not self.keep_alive
         code = self.status_code
         length = self.content_length
+        version = self.version
         if code in NO_BODY_STATUSES:
             self.body_ok = False
             framing = b""
         elif length is not None:
             framing = (_LENGTH_LINES.get(length) or length_line(length))[:-2]
-            if method == "HEAD":
+            if self.method == "HEAD":
                 self.body_ok = False
             else:
                 self.remaining = length
-        elif method == "HEAD":
+        elif self.method == "HEAD":
             self.body_ok = False   # unknown length: no framing header needed
             framing = b""
         elif version == "1.1":
@@ -96,21 +110,32 @@ class ResponseFraming:
             end = b"\r\n"
         return b"".join((self.status_line, fixed, self.lines, framing, end))
 
-    def whole(self, method: str, version: str, fixed: bytes, close: bool, body: bytes) -> bytes:
-        """Head and body at once, for a body that is all in hand: its length is
+    def whole(self, fixed: bytes, closing: bool, body) -> bytes:
+        """The whole response, for a body that is all in hand: its length is
         the Content-Length unless the app declared one (then it is cut to
-        that; a shorter body means a close, as end() says)."""
+        that; a shorter body means a close, as end() says). After write()
+        calls, or for a body that is not bytes, it is framed as a chunk."""
+        if self.headers_sent or type(body) is not bytes:
+            if not self.headers_sent and self.content_length is None \
+                    and hasattr(body, "__len__"):
+                self.content_length = len(body)
+            return self.framed(body, fixed, closing) + self.ending(fixed, closing)
+        if not self.status_line:
+            raise AppError("app returned without calling start_response")
         length = self.content_length
         if length is None:
             length = self.content_length = len(body)
-        if (length == len(body) and not close and not self.close and version == "1.1"
-                and method != "HEAD" and self.status_code not in NO_BODY_STATUSES):
+        if (length == len(body) and not closing and not self.close and self.keep_alive
+                and self.version == "1.1" and self.method != "HEAD"
+                and self.status_code not in NO_BODY_STATUSES):
             # The common case: a kept-alive HTTP/1.1 response of the declared length.
             self.sent = length
             self.remaining = 0
+            self.headers_sent = True
             return b"".join((self.status_line, fixed, self.lines,
                              _LENGTH_LINES.get(length) or length_line(length), body))
-        head = self.head(method, version, fixed, close)
+        head = self.head(fixed, closing)
+        self.headers_sent = True
         if not self.body_ok:
             return head
         if len(body) > length:
@@ -120,6 +145,36 @@ class ResponseFraming:
         if size < length:
             self.close = True
         return head + body
+
+    def framed(self, data, fixed: bytes, closing: bool) -> bytes:
+        """One body chunk as it goes on the wire, the head first when it is not
+        sent yet (b"" when nothing may go). A bad first chunk raises before
+        the head counts as sent, so an error page can still answer."""
+        if self.headers_sent:
+            return self.chunk(data)
+        head = self.head(fixed, closing)
+        body = self.chunk(data) if data else b""
+        self.headers_sent = True   # only now: a bad first chunk still gets an error page
+        return head + body if body else head
+
+    def ending(self, fixed: bytes, closing: bool) -> bytes:
+        """The last bytes of a response whose body is complete: the head too
+        when nothing was sent (then its length is 0 unless the app said)."""
+        if self.headers_sent:
+            return self.end()
+        if self.content_length is None:
+            self.content_length = 0
+        head = self.head(fixed, closing)
+        self.headers_sent = True
+        return head + self.end()
+
+    def file_length(self, available: int) -> int:
+        """A file of `available` bytes is the body (sent by sendfile): its
+        length is the Content-Length, cut to the one the app declared."""
+        if self.content_length is not None:
+            available = min(available, self.content_length)
+        self.content_length = available
+        return available
 
     def chunk(self, data) -> bytes:
         """One body chunk as it goes on the wire (b"" when nothing may go)."""

@@ -24,9 +24,10 @@ from typing import Any, Callable, Protocol
 
 from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
-from ..http.request import Request, RequestReader
+from ..http.request import RequestReader
 from ..http.response import CONTINUE, error_response
-from .wsgi import FileWrapper, Response, build_environ, environ_template
+from .exchange import Exchange
+from .wsgi import FileWrapper, build_environ, environ_template
 
 READING, WRITING, LINGERING, CLOSED = "reading", "writing", "lingering", "closed"
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -80,23 +81,6 @@ def server_options(environ, start_response):
 
 class ClientGone(Exception):
     """The peer closed or reset the connection while we were writing."""
-
-
-class Exchange(Request, Response):
-    """One request and the response being produced for it, as one object: the
-    reader makes each request as an Exchange, and the start_response callable
-    and the framing are inherited. Defaults on the class: a request writes
-    only what differs."""
-    conn = None              # the Connection, once it answers this request
-    started = 0.0
-    environ = None
-    result = None
-    iterator = None
-    sendfile = None          # [fd, offset, remaining] when sending a file
-    write_deadline = 0.0     # set by the first blocking write()
-
-    def write(self, data):
-        self.conn.write(data)
 
 
 class Connection:
@@ -248,9 +232,6 @@ class Connection:
         self.exchange = ex
         ex.conn = self
         ex.started = host.begin_request(ex)
-        # Set on every exchange, though the class has a default: an instance
-        # attribute reads faster than a class one (CPython 3.11), and it is read twice.
-        ex.close = not ex.keep_alive
         app = host.app if ex.target != b"*" else server_options   # OPTIONS *
         try:
             environ = ex.environ = build_environ(ex, self.remote)
@@ -279,28 +260,18 @@ class Connection:
             self.fail(exc)
 
     def respond_whole(self, ex, parts):
-        """Fast path: the whole body is in hand, so one send carries head and
-        body, and the exchange ends here."""
+        """The whole body is in hand (a list or tuple has no close() to call,
+        PEP 3333): one send carries the response, and the exchange ends here."""
         try:
             body = parts[0] if len(parts) == 1 else b"".join(parts)
         except TypeError:
             return self.fail(AppError("app returned a body item that is not bytes"))
-        if ex.status is None:
-            return self.fail(AppError("app returned without calling start_response"))
-        if ex.headers_sent or type(body) is not bytes:
-            # After write() calls; or a bytearray, memoryview, or an error: chunk() says.
-            if ex.content_length is None and not ex.headers_sent and hasattr(body, "__len__"):
-                ex.content_length = len(body)
-            try:
-                self.emit(body)
-            except AppError as exc:
-                return self.fail(exc)
-            return self.finish()
         host = self.host
-        ex.headers_sent = True
-        self.send(ex.whole(ex.method, ex.version, host.fixed_headers,
-                           ex.app_close or host.stopping, body))
-        # A list or tuple has no close() to call (PEP 3333): the exchange ends.
+        try:
+            data = ex.whole(host.fixed_headers, host.stopping, body)
+        except AppError as exc:
+            return self.fail(exc)
+        self.send(data)
         self.exchange = None
         received, self.received = self.received, 0
         host.end_request(ex, ex.status_code, received)
@@ -315,10 +286,7 @@ class Connection:
         if not stat.S_ISREG(st.st_mode) or ex.status is None:
             return False
         offset = os.lseek(fd, 0, os.SEEK_CUR)
-        length = st.st_size - offset
-        if ex.content_length is not None:
-            length = min(length, ex.content_length)
-        ex.content_length = length
+        length = ex.file_length(st.st_size - offset)
         ex.result = wrapper
         ex.sendfile = [fd, offset, length]
         return True
@@ -390,30 +358,16 @@ class Connection:
             self.flush_blocking(ex.write_deadline)
 
     def emit(self, data):
-        """Send one body chunk, framed (with the head first if not sent yet)."""
-        ex = self.exchange
-        if not ex.headers_sent:
-            head = ex.head(ex.method, ex.version, self.host.fixed_headers,
-                           ex.app_close or self.host.stopping)
-            body = ex.chunk(data) if data else b""
-            ex.headers_sent = True   # only now: a bad first chunk still gets an error page
-            self.send(head + body if body else head)
-        else:
-            body = ex.chunk(data)
-            if body:
-                self.send(body)
+        """Send one body chunk, as the response frames it."""
+        data = self.exchange.framed(data, self.host.fixed_headers, self.host.stopping)
+        if data:
+            self.send(data)
 
     def finish(self):
         """The app's response is complete (maybe not yet flushed)."""
         ex = self.exchange
         try:
-            if not ex.headers_sent:
-                if ex.status is None:
-                    return self.fail(AppError("app returned without calling start_response"))
-                if ex.content_length is None:
-                    ex.content_length = 0
-                self.emit(b"")
-            end = ex.end()
+            end = ex.ending(self.host.fixed_headers, self.host.stopping)
             if end:
                 self.send(end)
         except AppError as exc:

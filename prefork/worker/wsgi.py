@@ -273,12 +273,10 @@ def look_up_start(status, headers) -> tuple:
 
 class Response(ResponseFraming):
     """One response as the app starts it: the start_response callable and
-    what it recorded, and (inherited) its framing. The connection's exchange
-    is one, so a request allocates one object for all of it. Defaults on the
-    class, as in ResponseFraming."""
+    what it recorded; the framing (inherited) owns the rest of its life. The
+    connection's exchange is one, so a request allocates one object for all
+    of it. Defaults on the class, as in ResponseFraming."""
     status = None             # the app's status string, once start_response ran
-    app_close = False         # the app asked for Connection: close
-    headers_sent = False
 
     def write(self, data):
         """The PEP 3333 write() callable: sending is the connection's."""
@@ -299,7 +297,7 @@ class Response(ResponseFraming):
         else:
             started = look_up_start(status, headers)
         self.status_code, self.status_line, self.lines, self.content_length, \
-            self.app_close = started
+            self.close = started
         self.status = status
         return self.write
 
@@ -307,8 +305,9 @@ class Response(ResponseFraming):
         """Undo an unsent status, so that another responder may start over."""
         self.status = None
         self.status_code = 0
+        self.status_line = b""
         self.content_length = None
-        self.app_close = False
+        self.close = False
         self.lines = b""
 
 

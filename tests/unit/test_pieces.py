@@ -144,46 +144,64 @@ def test_prometheus_text_parses():
     assert [s.value for s in histogram.samples if s.name.endswith("_count")] == [10]
 
 
-def framing_for(length, lines=b""):
+def framing_for(length, lines=b"", method="GET", version="1.1"):
     framing = ResponseFraming()
     framing.status_code, framing.status_line = 200, b"HTTP/1.1 200 OK\r\n"
     framing.lines, framing.content_length = lines, length
+    framing.method, framing.version = method, version
     return framing
 
 
 def test_framing_decides_length_chunking_and_close():
     fixed = b"Server: p\r\nDate: d\r\n"
     framing = framing_for(None, b"X: 1\r\n")
-    head = framing.head("GET", "1.1", fixed, False)
+    head = framing.framed(b"", fixed, False)
     assert head == b"HTTP/1.1 200 OK\r\nServer: p\r\nDate: d\r\nX: 1\r\n" \
                    b"Transfer-Encoding: chunked\r\n\r\n" and not framing.close
-    assert framing.chunk(b"abc") == b"3\r\nabc\r\n" and framing.end() == b"0\r\n\r\n"
-    framing = framing_for(None)
-    head = framing.head("GET", "1.0", fixed, False)
+    assert framing.headers_sent
+    assert framing.framed(b"abc", fixed, False) == b"3\r\nabc\r\n"
+    assert framing.ending(fixed, False) == b"0\r\n\r\n"
+    framing = framing_for(None, version="1.0")
+    head = framing.framed(b"", fixed, False)
     assert head.endswith(b"Connection: close\r\n\r\n") and framing.close
     framing = framing_for(5)
-    framing.head("GET", "1.1", fixed, False)
-    assert framing.chunk(b"1234567") == b"12345" and framing.chunk(b"8") == b""
+    assert framing.framed(b"1234567", fixed, False).endswith(b"\r\n\r\n12345")
+    assert framing.framed(b"8", fixed, False) == b""
     framing = framing_for(5)
-    framing.head("GET", "1.1", fixed, False)
-    framing.chunk(b"12")
-    assert framing.end() == b"" and framing.close     # short: only a close delimits it
+    framing.framed(b"12", fixed, False)
+    assert framing.ending(fixed, False) == b"" and framing.close   # short: only a close delimits it
+    framing = framing_for(5, method="HEAD", version="1.0")
+    head = framing.framed(b"12345", fixed, False)
+    assert head.endswith(b"Connection: keep-alive\r\n\r\n")
+    # The server's closing and the request's keep-alive verdict close it too.
+    assert framing_for(5).framed(b"", fixed, True).endswith(b"Connection: close\r\n\r\n")
     framing = framing_for(5)
-    head = framing.head("HEAD", "1.0", fixed, False)
-    assert head.endswith(b"Connection: keep-alive\r\n\r\n") and framing.chunk(b"12345") == b""
+    framing.keep_alive = False
+    assert framing.whole(fixed, False, b"12345").endswith(b"Connection: close\r\n\r\n12345")
+    # ending() with nothing sent: the head, with a length of 0 unless the app said.
+    framing = framing_for(None)
+    assert framing.ending(fixed, False).endswith(b"Content-Length: 0\r\n\r\n")
     # whole(): the body in hand gives the length, or is cut to the declared one.
     framing = framing_for(None)
-    assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(
+    assert framing.whole(fixed, False, b"abc").endswith(
         b"Content-Length: 3\r\n\r\nabc") and (framing.sent, framing.close) == (3, False)
     framing = framing_for(2)
-    assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(b"\r\n\r\nab")
+    assert framing.whole(fixed, False, b"abc").endswith(b"\r\n\r\nab")
     framing = framing_for(5)
-    assert framing.whole("GET", "1.1", fixed, False, b"abc").endswith(b"\r\n\r\nabc")
+    assert framing.whole(fixed, False, b"abc").endswith(b"\r\n\r\nabc")
     assert framing.close and framing.end() == b""
-    framing = framing_for(3)
-    assert framing.whole("HEAD", "1.1", fixed, False, b"abc").endswith(b"Length: 3\r\n\r\n")
+    framing = framing_for(3, method="HEAD")
+    assert framing.whole(fixed, False, b"abc").endswith(b"Length: 3\r\n\r\n")
+    # A file's length: what is left of it, cut to the declared length.
+    assert framing_for(None).file_length(10) == 10 and framing_for(4).file_length(10) == 4
+    # A bad first chunk leaves the head unsent (an error page can answer);
+    # so does a response that was never started.
+    framing = framing_for(None)
     with pytest.raises(AppError):
-        framing.chunk("text")
+        framing.framed("text", fixed, False)
+    assert not framing.headers_sent
+    with pytest.raises(AppError, match="start_response"):
+        ResponseFraming().whole(fixed, False, b"abc")
 
 
 @pytest.fixture(params=["c", "python"])
