@@ -1,8 +1,9 @@
 """Request reading on top of llhttp: bytes in, Request objects out.
 
 Owns: request limits (line, header count and size, body), Host and framing
-rules, the 100-continue decision, body spooling. Must not: touch sockets or read
-clocks; the worker feeds bytes and applies deadlines.
+rules, the 100-continue decision, when a body is spooled. Must not: touch
+sockets, files or clocks; the worker feeds bytes, applies deadlines, and
+gives the spool a large body is written to (BodySpool).
 
 Usage: reader.feed(data) parses what it can; completed requests accumulate in
 reader.ready (pipelining keeps their order). An HttpError raised from feed()
@@ -13,9 +14,9 @@ httptools' (see RequestReader); the tests hold the two equal.
 from __future__ import annotations
 
 import collections
+import io
 import re
-import tempfile
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import httptools
 
@@ -80,7 +81,15 @@ class Limits(Protocol):
     max_header_size: int
     max_body: int
     spool_threshold: int
-    spool_dir: str
+
+
+class BodySpool(Protocol):
+    """Where a body past the spool threshold is written as it arrives; it
+    becomes the request's body_file (read from 0). An OSError from opening
+    or writing it is the request's 507 (SpoolFailed)."""
+    def write(self, data: bytes) -> int: ...
+    def seek(self, position: int) -> int: ...
+    def close(self) -> None: ...
 
 
 class Request:
@@ -98,7 +107,7 @@ class Request:
     fields: Any = None
     keep_alive = True        # decided when the message is complete (False after an upgrade)
     body = b""
-    body_file = None         # set instead of body when spooled
+    body_file: BodySpool | None = None   # set instead of body when spooled
 
 
 class TrailerBudget:
@@ -134,11 +143,15 @@ class RequestReader:
     The worker passes the connection's base environ, so the fields become the
     WSGI environ with no second pass over the headers. request_type: what a
     request is made as, Request or a subclass (the worker's exchange, so that
-    a request and its response are one object)."""
+    a request and its response are one object). spool: opens the BodySpool of
+    a body past limits.spool_threshold (the worker's opens a temporary file;
+    by default the body stays in memory)."""
 
-    def __init__(self, limits: Limits, template: dict | None = None, request_type=Request):
+    def __init__(self, limits: Limits, template: dict | None = None, request_type=Request,
+                 spool: Callable[[], BodySpool] = io.BytesIO):
         self.limits = limits
         self._request_type = request_type
+        self._open_spool = spool
         self.template = {} if template is None else template   # read-only: copied per request
         self._max_fields = len(self.template) + limits.max_headers
         self.ready: collections.deque[Request] = collections.deque()   # complete, in order
@@ -177,7 +190,7 @@ class RequestReader:
         self._chunked = False
         self._body_chunks = None   # made by the first body fragment
         self._body_size = 0
-        self._body_file = None
+        self._body_file: BodySpool | None = None
 
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -261,6 +274,18 @@ class RequestReader:
         if completed_in_feed:
             return b""
         return data.lstrip(b"\r\n").partition(b"\n")[0] + b"\n"
+
+    def close(self) -> None:
+        """The connection ends: close the spool of a body being read and those
+        of requests read but not answered (an aborted upload holds no disk)."""
+        spools: list[BodySpool] = [request.body_file for request in self.ready
+                                   if request.body_file is not None]
+        if self._body_file is not None:
+            spools.append(self._body_file)
+            self._body_file = None
+        self.ready.clear()
+        for spool in spools:
+            spool.close()
 
     def partial(self) -> tuple:
         """(method, target, version) of the request being read, as far as
@@ -440,7 +465,7 @@ class RequestReader:
         self._body_chunks.append(data)
         if self._body_size > self.limits.spool_threshold:
             try:
-                self._body_file = tempfile.TemporaryFile(dir=self.limits.spool_dir or None)
+                self._body_file = self._open_spool()
                 self._body_file.write(b"".join(self._body_chunks))
             except OSError as exc:
                 raise SpoolFailed(f"cannot spool the body: {exc.strerror}") from None

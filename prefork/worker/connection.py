@@ -50,6 +50,7 @@ class ConnectionHost(Protocol):
     script_name: str           # the mount prefix ([server] script_name)
     trusted: Networks           # [proxy] trusted
     proxy_protocol: bool       # [proxy] proxy_protocol
+    open_spool: Callable       # opens the file a large request body is spooled to
 
     def begin_request(self, request) -> float: ...
     def end_request(self, exchange: "Exchange", status: int, received: int) -> None: ...
@@ -101,7 +102,7 @@ class Connection:
         # Each request's fields are read straight into a copy of the listener's
         # base environ (shared by the worker's connections).
         self.reader = RequestReader(host.http, environ_template(
-            server[0], server[1], host.wsgi_errors, host.script_name), Exchange)
+            server[0], server[1], host.wsgi_errors, host.script_name), Exchange, host.open_spool)
         self.out = []
         self.out_size = 0
         self.state = READING
@@ -532,3 +533,4 @@ class Connection:
         received, self.received = self.received, 0
         self.host.closed(self, received)
         self.sock.close()
+        self.reader.close()   # a body being spooled: its file goes now, not at collection

@@ -46,7 +46,7 @@ from .dispatch import Health, compose, load_app
 from .logship import AccessLog, install_worker_logging
 from .static import StaticFiles
 from .status import StatusApp
-from .wsgi import ErrorStream
+from .wsgi import ErrorStream, spool_opener
 
 BOOT_FAILED = 3
 ACCEPT_BATCH = 64
@@ -93,6 +93,7 @@ class Worker:
         self.master_pid = master_pid
         self.sink = sink                 # where stats deltas and log batches go
         self.http = config.http          # limits for the reader, timeouts for connections
+        self.open_spool = spool_opener(config.http.spool_dir)
         self.script_name = config.server.script_name
         self.trusted = Networks(config.proxy.trusted)
         self.proxy_protocol = config.proxy.proxy_protocol

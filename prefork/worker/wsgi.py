@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tempfile
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -73,6 +74,17 @@ class FileWrapper:
 
     def fileno(self):
         return self.filelike.fileno()
+
+
+def spool_opener(directory: str):
+    """What the reader spools a large body to ([http] spool_dir; "": the
+    system's temporary directory): an unnamed temporary file, which becomes
+    wsgi.input."""
+    directory = directory or None
+
+    def open_spool():
+        return tempfile.TemporaryFile(dir=directory)
+    return open_spool
 
 
 def base_environ(server_name: str, server_port: str, errors, script_name: str = "") -> dict:

@@ -1,7 +1,9 @@
 """The connection in-process: a real Connection over a socketpair, its worker
 replaced by a FakeHost with a fake clock. Bytes in, bytes out, no processes."""
+import os
 import select
 import socket
+import tempfile
 
 import pytest
 
@@ -28,6 +30,7 @@ class FakeHost:
         self.trusted = Networks(http.pop("trusted", ()))
         self.proxy_protocol = http.pop("proxy_protocol", False)
         self.http = HttpConfig(**http)
+        self.spooled = []
         self.app = app
         self.wsgi_errors = None
         self.ended, self.rejected, self.problems = [], [], []
@@ -35,6 +38,11 @@ class FakeHost:
         self.timeouts = 0
         self.events = {}
         self.forgotten = False
+
+    def open_spool(self):
+        spool = tempfile.TemporaryFile()
+        self.spooled.append(spool)
+        return spool
 
     def begin_request(self, request):
         return self.now
@@ -337,3 +345,24 @@ def test_100_continue_is_sent_before_the_body_is_read():
     assert pair.read_all() == b"HTTP/1.1 100 Continue\r\n\r\n"
     pair.send(b"hello")
     assert pair.read_all().endswith(b"\r\n\r\nhello")
+
+
+def test_the_spool_of_an_aborted_upload_is_closed_with_its_connection():
+    pair = Pair(spool_threshold=100)
+    pair.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
+    assert len(pair.host.spooled) == 1 and not pair.host.spooled[0].closed
+    pair.client.close()   # the client gives up mid-body
+    pair.run()
+    assert pair.conn.state == "closed" and pair.host.spooled[0].closed
+
+
+def test_spools_of_pipelined_requests_left_unanswered_are_closed_too():
+    def never(environ, start_response):
+        raise AssertionError("not reached")
+    pair = Pair(never, spool_threshold=10)
+    body = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n" + b"y" * 50
+    pair.conn.reader.feed(body + body)
+    assert len(pair.host.spooled) == 2
+    pair.conn.close()
+    assert all(spool.closed for spool in pair.host.spooled)
+    assert os.fstat(pair.client.fileno())   # the client's end is untouched
