@@ -1,11 +1,16 @@
 """Pure pieces that the integration tests only reach through processes:
 byte ranges, conditional requests, percentiles, rate windows, the
 scoreboard, the Prometheus text, the response framing."""
+import os
+import signal
+import threading
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefork.http.errors import AppError
 from prefork.http.response import ResponseFraming
+from prefork.signals import SignalInbox
 from prefork.scoreboard import BUSY, IDLE, Scoreboard, busy_idle
 from prefork.stats import BUCKETS, RateWindow, Totals, WorkerStats, percentile
 from prefork.worker.static import StaticFiles
@@ -358,3 +363,22 @@ def test_an_operator_hears_when_the_c_modules_are_not_built(monkeypatch, capsys)
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and "is valid" in out[0]
     assert out[1].startswith("prefork: note: not built here: prefork.worker._combined")
+
+
+def test_the_signal_inbox_is_read_from_its_pipe_by_any_thread():
+    """A worker's loop may run on another thread than the main one, which may
+    be stuck in an app's call: the pipe, not a Python handler, records."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGUSR2)}
+    inbox = SignalInbox(saved)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        taken = []
+        reader = threading.Thread(target=lambda: taken.extend(inbox.drain()))
+        reader.start()
+        reader.join(5)
+        assert taken == [signal.SIGUSR2, signal.SIGUSR1] and inbox.drain() == []
+    finally:
+        inbox.close()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
