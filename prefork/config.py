@@ -116,6 +116,13 @@ def check_workers(value):
 
 
 MAX_WORKERS = 128   # half the scoreboard: a reload boots a second generation beside the first
+MAX_THREADS = 256
+
+
+def check_threads(value):
+    if not 1 <= value <= MAX_THREADS:
+        return f"must be between 1 and {MAX_THREADS}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,15 @@ Value of the Server response header.""")
 
 @dataclass(frozen=True)
 class WorkersConfig:
+    threads: int = _setting(32, check_threads, flag="--threads", doc="""\
+App calls one worker runs at once (1 to 256). A worker's loop runs a fast
+app itself; an app call that waits (a database, an API) is handed to an app
+thread within a few milliseconds, and while the app keeps waiting, every
+request goes to a thread, so such an app serves about `threads / wait`
+requests per second per worker. Threads are started when needed and retired
+when idle. 1: one call at a time, on the loop (no threads). With threads, the
+app must be thread-safe (Django and Flask are) and each thread may hold its
+own database connection: allow workers x threads of them.""")
     timeout: float = _setting(30.0, _check_positive, doc="""\
 Seconds a worker's event loop may go without a heartbeat while it is not
 running the app. A stuck worker first has every thread's stack written to the

@@ -1,13 +1,18 @@
 """One client connection inside a worker: read requests, run the app, write.
 
-Owns: the connection's state (reading / writing / lingering), its deadline, its
-output queue, and one WSGI exchange at a time. Pipelined requests are answered
-in order, in a loop (never by recursion), at most PIPELINE_TURN per turn so the
-worker's other connections get theirs; while the output is above HIGH_WATER the
-connection neither reads nor pulls from the app. Output never blocks the worker:
-when the socket is full the response iterator is paused and resumed on EPOLLOUT
-(the PEP 3333 write() callable is the one exception: it must block, so it waits
-at most send_timeout in all for one response).
+Owns: the connection's state (reading / app / writing / lingering), its
+deadline, its output queue, and one WSGI exchange at a time. Pipelined
+requests are answered in order, in a loop (never by recursion), at most
+PIPELINE_TURN per turn so the worker's other connections get theirs; while
+the output is above HIGH_WATER the connection neither reads nor pulls from
+the app. Output never blocks the worker: when the socket is full the response
+iterator is paused and resumed on EPOLLOUT (the PEP 3333 write() callable
+must block: with app threads its call is detached first, worker/threads.py;
+with threads = 1 it waits at most send_timeout in all for one response).
+An exchange's app code runs inline, claimed in the host's `claims` (a claim
+found gone means the call was detached: the host raises threads.Detached),
+or on an app thread (remote): the connection is then parked (APP: out of the
+poller, no deadline) and answers from the exchange's inbox.
 Must not: accept, touch other connections, or reach into the worker: what it
 needs from it is the ConnectionHost interface below. The bytes of a response
 come from the exchange (wsgi.Response, http.response.ResponseFraming); this
@@ -26,20 +31,22 @@ from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
 from ..http.request import RequestReader
 from ..http.response import CONTINUE, error_response
-from .exchange import Exchange
+from .exchange import (ABORT, CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHOLE,
+                       ClientGone, Exchange, app_error)
 from .wsgi import FileWrapper, build_environ, environ_template
 
-READING, WRITING, LINGERING, CLOSED = "reading", "writing", "lingering", "closed"
+READING, APP, WRITING, LINGERING, CLOSED = "reading", "app", "writing", "lingering", "closed"
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 RECV_SIZE = 65536
 HIGH_WATER = 256 * 1024   # stop pulling from the app (and reading) past this
 PIPELINE_TURN = 32        # pipelined requests answered before yielding to others
 LINGER_SECONDS = 2.0
+NEVER = float("inf")
 
 
 class ConnectionHost(Protocol):
     """What a connection needs from its worker, and nothing more."""
-    now: float                 # the loop's clock, read once per event
+    now: float                 # the loop's clock, read once per round
     stopping: bool             # a graceful stop is under way: close after this response
     fixed_headers: bytes       # the Server and Date lines, refreshed each second
     date: str
@@ -51,15 +58,20 @@ class ConnectionHost(Protocol):
     trusted: Networks           # [proxy] trusted
     proxy_protocol: bool       # [proxy] proxy_protocol
     open_spool: Callable       # opens the file a large request body is spooled to
+    claims: list               # the inline app call in progress (threads.AppThreads)
+    offloading: bool           # complete requests go to app threads
+    threads: Any               # threads.AppThreads, or None (threads = 1)
 
     def begin_request(self, request) -> float: ...
     def end_request(self, exchange: "Exchange", status: int, received: int) -> None: ...
     def on_rejected(self, status: int, received: int, environ: dict) -> None: ...
     def on_timeout(self) -> None: ...
-    def app_failed(self, exchange: "Exchange | None") -> AppError: ...
     def app_problem(self, exchange: "Exchange | None", text: str) -> None: ...
+    def leave_app(self, exchange: "Exchange", kind: str, value) -> None: ...
+    def detached(self, exchange: "Exchange", kind: str, value) -> None: ...
     def error_page(self, status: int) -> bytes: ...
     def modify(self, fd: int, events: int) -> None: ...
+    def park(self, fd: int) -> None: ...
     def closed(self, conn: "Connection", received: int) -> None: ...
 
 
@@ -80,10 +92,6 @@ def server_options(environ, start_response):
     return []
 
 
-class ClientGone(Exception):
-    """The peer closed or reset the connection while we were writing."""
-
-
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
                  "events", "exchange", "close_after", "received", "refused", "believed", "preamble")
@@ -102,7 +110,8 @@ class Connection:
         # Each request's fields are read straight into a copy of the listener's
         # base environ (shared by the worker's connections).
         self.reader = RequestReader(host.http, environ_template(
-            server[0], server[1], host.wsgi_errors, host.script_name), Exchange, host.open_spool)
+            server[0], server[1], host.wsgi_errors, host.script_name, host.threads is not None),
+            Exchange, host.open_spool)
         self.out = []
         self.out_size = 0
         self.state = READING
@@ -238,14 +247,29 @@ class Connection:
             environ = ex.environ = build_environ(ex, self.remote)
             if self.believed:
                 believe_forwarding(environ, host.trusted)
-            result = ex.result = app(environ, ex)
         except HttpError as exc:
             return self.fail(exc)
+        if host.offloading:
+            return host.threads.offload(self, ex, app)
+        claims = host.claims
+        claims.append(ex)
+        try:
+            result = app(environ, ex)
+        except HttpError as exc:
+            host.leave_app(ex, ERROR, exc)
+            return self.fail(exc)
         except Exception:
-            return self.fail(host.app_failed(ex))
+            error = app_error()
+            host.leave_app(ex, ERROR, error)
+            return self.fail(error)
+        try:
+            claims.remove(ex)
+        except ValueError:   # the sentinel took the claim: this thread is an app thread now
+            host.detached(ex, RESULT, result)
         try:
             if type(result) is list or type(result) is tuple:
                 return self.respond_whole(ex, result)
+            ex.result = result
             if isinstance(result, FileWrapper) and self.prepare_sendfile(ex, result):
                 self.emit(b"")
             else:
@@ -305,14 +329,21 @@ class Connection:
                 if not progress:
                     break
                 continue
+            if ex.inbox is not None:   # remote: what its app thread pushed
+                if not ex.inbox:
+                    return self.await_app()
+                try:
+                    if self.take(ex):
+                        return
+                except AppError as exc:
+                    return self.fail(exc)
+                continue
             try:
-                data = next(ex.iterator)
+                data = self.pull(ex)
             except StopIteration:
                 return self.finish()
-            except ClientGone:
-                raise
-            except Exception as exc:
-                return self.fail(exc if isinstance(exc, AppError) else self.host.app_failed(ex))
+            except AppError as exc:
+                return self.fail(exc)
             if data:
                 try:
                     self.emit(data)
@@ -323,6 +354,99 @@ class Connection:
         self.state = WRITING
         self.deadline = self.host.now + self.host.http.send_timeout
         self.want(EPOLLOUT)
+
+    def pull(self, ex):
+        """The iterator's next chunk, app code claimed as the app's call is."""
+        host = self.host
+        claims = host.claims
+        claims.append(ex)
+        try:
+            data = next(ex.iterator)
+        except StopIteration:
+            host.leave_app(ex, STOP, None)
+            raise
+        except ClientGone:
+            host.leave_app(ex, STOP, None)
+            raise
+        except AppError as exc:
+            host.leave_app(ex, ERROR, exc)
+            raise
+        except Exception:
+            error = app_error()
+            host.leave_app(ex, ERROR, error)
+            raise error from None
+        try:
+            claims.remove(ex)
+        except ValueError:
+            host.detached(ex, CHUNK, data)
+        return data
+
+    def take(self, ex) -> bool:
+        """One event of a remote exchange; True when it ended the exchange."""
+        kind, value = ex.inbox.popleft()
+        if kind is DATA:
+            ex.taken += len(value)
+            if ex.drained is not None and ex.pushed - ex.taken <= HIGH_WATER:
+                ex.drained.set()
+            self.emit(value)
+            if not ex.body_ok:
+                self.finish()
+                return True
+            return False
+        if kind is WHOLE:
+            self.respond_whole(ex, value)
+        elif kind is FILE:
+            if self.prepare_sendfile(ex, value):
+                self.emit(b"")
+                return False
+            raise AppError("the file to send could not be read")
+        elif kind is END:
+            self.finish()
+        elif kind is ERROR:
+            self.fail(value)
+        elif kind is PROBLEM:
+            self.host.app_problem(ex, value)
+            return False
+        elif kind is ABORT:
+            self.host.on_timeout()
+            self.abort()
+        return True
+
+    def await_app(self):
+        """A remote exchange's inbox is empty: send what is queued, then wait
+        for its app thread parked."""
+        if self.out:
+            self.state = WRITING
+            self.deadline = self.host.now + self.host.http.send_timeout
+            self.want(EPOLLOUT)
+        else:
+            self.park()
+
+    def park(self):
+        """The exchange's app code runs on an app thread: the connection reads
+        nothing meanwhile (as while the loop runs an app) and keeps no
+        deadline (request_timeout is the watchdog's); output already queued
+        is still sent."""
+        if self.out:
+            self.state = WRITING
+            self.deadline = self.host.now + self.host.http.send_timeout
+            self.want(EPOLLOUT)
+            return
+        self.state = APP
+        self.deadline = NEVER
+        if self.events:
+            self.events = 0
+            self.host.park(self.fd)
+
+    def on_mail(self):
+        """Its remote exchange pushed events (the loop, from threads.deliver)."""
+        try:
+            if self.state == APP:
+                self.pump()
+            if self.state == READING and self.reader.ready and self.exchange is None:
+                self.serve_ready()
+        except ClientGone:
+            self.abort()
 
     def sendfile_step(self, ex):
         """One os.sendfile call: True on progress, False when the socket is
@@ -345,18 +469,33 @@ class Connection:
         return True
 
     def write(self, data):
-        """PEP 3333 write(): send now. It must block while the client is slow,
-        so one response's write() calls may block send_timeout in all (not per
-        call: a client trickling bytes cannot pin the worker longer)."""
+        """PEP 3333 write() of an inline call: send now. It must block while
+        the client is slow: with app threads, a write() that would block
+        detaches its call (the loop goes on on another thread; this one waits
+        as an app thread). With threads = 1, one response's write() calls may
+        block send_timeout in all (not per call: a client trickling bytes
+        cannot pin the worker longer)."""
         ex = self.exchange
         if ex is None or ex.status is None:
             raise AssertionError("write() called before start_response")
+        host = self.host
+        threads = host.threads
+        if threads is not None:
+            try:
+                host.claims.remove(ex)   # out of app code while the connection works
+            except ValueError:           # detached meanwhile: remote from here
+                threads.settle()
+                return ex.write(data)
         if data:
             self.emit(data)
         if self.out_size >= HIGH_WATER:
+            if threads is not None:
+                return threads.detach_self(ex)
             if not ex.write_deadline:
                 ex.write_deadline = time.monotonic() + self.host.http.send_timeout
             self.flush_blocking(ex.write_deadline)
+        if threads is not None:
+            host.claims.append(ex)
 
     def emit(self, data):
         """Send one body chunk, as the response frames it."""
@@ -406,12 +545,17 @@ class Connection:
     def end_exchange(self, status):
         ex = self.exchange
         self.exchange = None
-        close = getattr(ex.result, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                self.host.app_failed(ex)
+        # The app's result is closed where its app code ran: here when inline
+        # (or a file this connection sent), else by its app thread.
+        if ex.outlet is None or ex.sendfile is not None:
+            close = getattr(ex.result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    self.host.app_problem(ex, app_error().detail)
+        if ex.outlet is not None:
+            ex.cancel()   # its app thread, if still at work, stops at its next push
         received, self.received = self.received, 0
         self.host.end_request(ex, status, received)
 

@@ -1,16 +1,48 @@
 """One request and its response, as the WSGI side sees them.
 
-Owns: what an exchange carries between the reader that makes it and the
-connection that answers it: the request (http.request.Request), the response
-(wsgi.Response: start_response, and the framing it inherits), the environ,
-the app's result and its iterator, and when the request began. Must not: do
-socket I/O. The connection (or, later, an HTTP/2 stream) moves the bytes the
-response's framing gives; the PEP 3333 write() callable is handed to it.
+Owns: what an exchange carries between the reader that makes it and what
+answers it: the request (http.request.Request), the response (wsgi.Response:
+start_response, and the framing it inherits, which owns the response's state
+to its last byte), the environ, the app's result and its iterator, when the
+request began, and, when its app code runs on an app thread, what that
+thread pushed for the loop. Must not: do socket I/O. The connection moves
+the bytes the framing gives (an HTTP/2 stream will frame the same response
+its own way); the PEP 3333 write() callable goes to whatever sends.
+
+A remote exchange (its app code on an app thread, worker/threads.py) is
+answered from its inbox: (kind, value) events in order, pushed by the thread
+and taken by the loop:
+  DATA bytes   a body chunk (write() or the iterable); counted in pushed/taken
+  WHOLE list   the app returned a list or tuple: the whole body
+  FILE wrapper a wsgi.file_wrapper of a regular file: the loop sends it
+  END          the body is complete (close() was called)
+  ERROR exc    an HttpError (an AppError with its traceback text): answer it
+  PROBLEM text close() failed after the body was made: log it, go on
+  ABORT        the client took too long to read: cut the connection
 """
 from __future__ import annotations
 
+import traceback
+
+from ..http.errors import AppError
 from ..http.request import Request
 from .wsgi import Response
+
+DATA, WHOLE, FILE, END, ERROR, PROBLEM, ABORT = (
+    "data", "whole", "file", "end", "error", "problem", "abort")
+# What an inline app call did when it was found detached (threads.Detached).
+RESULT, CHUNK, STOP = "result", "chunk", "stop"
+
+
+class ClientGone(Exception):
+    """The peer closed or reset the connection while we were writing (or,
+    for an app thread, the connection was ended under its exchange)."""
+
+
+def app_error() -> AppError:
+    """The exception being handled in app code, as the AppError that answers
+    it; its traceback is the detail the loop logs."""
+    return AppError(traceback.format_exc().rstrip())
 
 
 class Exchange(Request, Response):
@@ -24,7 +56,28 @@ class Exchange(Request, Response):
     result = None
     iterator = None
     sendfile = None          # [fd, offset, remaining] when sending a file
-    write_deadline = 0.0     # set by the first blocking write()
+    write_deadline = 0.0     # set by the first write() that has to wait
+    # Remote (see above): set when its app code goes to an app thread.
+    outlet = None            # the AppThreads its app code runs on
+    app = None               # the callable it runs
+    inbox = None             # deque of (kind, value)
+    pushed = 0               # DATA bytes pushed (the app thread writes it)
+    taken = 0                # ... and taken (the loop writes it)
+    drained = None           # threading.Event the app thread waits on past HIGH_WATER
+    cancelled = False        # the connection ended: the app thread stops at its next push
+    posted = False           # in the loop's mail, not yet read
+    seat = -1
 
     def write(self, data):
-        self.conn.write(data)
+        outlet = self.outlet
+        if outlet is None:
+            return self.conn.write(data)   # inline: the connection sends (or detaches)
+        if self.status is None:
+            raise AssertionError("write() called before start_response")
+        outlet.push_data(self, data)
+
+    def cancel(self):
+        """The loop ended this remote exchange: its app thread stops pushing."""
+        self.cancelled = True
+        if self.drained is not None:
+            self.drained.set()

@@ -13,6 +13,11 @@ log channel does not. Connections see the worker only as a ConnectionHost.
 Signals: TERM = graceful (stop accepting, finish in-flight requests, answer
 keep-alive clients with Connection: close); INT, QUIT = exit now; USR1 = the
 server drains (the health path answers 503); USR2 = write every thread's stack.
+
+With [workers] threads > 1 the loop may move between threads (threads.py): it
+runs on whichever thread leads, and everything this module owns is touched by
+that thread alone (or by the thread committing a detach while the loop's
+thread is stuck in an app call). App threads reach the loop through the mail.
 """
 from __future__ import annotations
 
@@ -34,7 +39,6 @@ from setproctitle import setproctitle
 from .. import scoreboard as sb
 from .. import title
 from .. import templates
-from ..http.errors import AppError
 from ..http.proxy import Networks
 from ..http.response import http_date
 from ..ipc import die_with_parent
@@ -46,6 +50,7 @@ from .dispatch import Health, compose, load_app
 from .logship import AccessLog, install_worker_logging
 from .static import StaticFiles
 from .status import StatusApp
+from .threads import LEAD, AppThreads
 from .wsgi import ErrorStream, spool_opener
 
 BOOT_FAILED = 3
@@ -93,7 +98,13 @@ class Worker:
         self.master_pid = master_pid
         self.sink = sink                 # where stats deltas and log batches go
         self.http = config.http          # limits for the reader, timeouts for connections
+        self.send_timeout = config.http.send_timeout
         self.open_spool = spool_opener(config.http.spool_dir)
+        self.threads = None              # AppThreads, once booted with threads > 1
+        self.claims = []                 # the inline app call in progress (AppThreads')
+        self.offloading = False          # AppThreads says: complete requests go to app threads
+        self.full = False                # every seat taken: no accepting
+        self.report_fd = -1
         self.script_name = config.server.script_name
         self.trusted = Networks(config.proxy.trusted)
         self.proxy_protocol = config.proxy.proxy_protocol
@@ -127,6 +138,7 @@ class Worker:
 
     # -- boot -----------------------------------------------------------------
     def boot(self, report_fd):
+        self.report_fd = report_fd
         setproctitle(title(f"worker {self.slot}", self.config.server.name))
         die_with_parent()   # a master killed with -9 leaves no worker holding the port
         self.inbox = SignalInbox([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, DRAIN_SIGNAL])
@@ -154,8 +166,35 @@ class Worker:
         self.poller.register(self.inbox.wakeup_fd, select.EPOLLIN)
         for fd in self.listeners:
             self.poller.register(fd, select.EPOLLIN)
+        if self.config.workers.threads > 1:
+            self.threads = AppThreads(self, self.config.workers.threads)
+            self.claims = self.threads.claims
+            self.poller.register(self.threads.wakeup_fd, select.EPOLLIN)
+            self.threads.begin()
         self.scoreboard.set_state(self.slot, sb.IDLE)
         os.write(report_fd, b"OK\n")
+
+    def run(self):
+        """Serve until the worker exits (never returns)."""
+        if self.threads is None:
+            self.lead()
+        self.threads.work(LEAD)   # the main thread leads first, then whatever comes
+
+    def lead(self):
+        """The loop, on whichever thread leads it; a thread whose inline app
+        call is detached leaves it by threads.Detached."""
+        self.serve()
+        self.exit(0)
+
+    def crashed(self):
+        """The exception being handled ends the worker: the report pipe reaches
+        the master even when our log batch cannot."""
+        report = f"worker crashed:\n{traceback.format_exc()}".encode("utf-8", "replace")
+        try:
+            os.write(self.report_fd, report)
+        except OSError:
+            pass
+        os._exit(1)
 
     # -- the loop -------------------------------------------------------------
     def serve(self):
@@ -193,6 +232,8 @@ class Worker:
                     conn.on_readable()
                 else:
                     conn.on_writable()
+            elif self.threads is not None and fd == self.threads.wakeup_fd:
+                self.threads.deliver()
             elif fd == self.inbox.wakeup_fd:
                 self.on_signals(self.inbox.drain())
             if queue and monotonic() - polled_at > FRESH_SECONDS:
@@ -261,6 +302,17 @@ class Worker:
         if len(self.conns) >= self.config.workers.max_connections:
             self.listen(False)   # the listen queue holds the rest, or a peer takes them
 
+    def accepting(self, room):
+        """The app threads' seats: all taken (no room) or some free again. A
+        worker that cannot run a request now leaves new connections in the
+        listen queue for a peer that can."""
+        self.full = not room
+        if not room:
+            self.listen(False)
+        elif not self.accept_paused_until \
+                and len(self.conns) < self.config.workers.max_connections:
+            self.listen(True)
+
     def listen(self, on):
         """Watch the listeners or not: a worker that cannot accept must not be
         woken by them (level-triggered epoll would spin on a waiting queue)."""
@@ -286,7 +338,7 @@ class Worker:
     def resume_accepting(self, now):
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
-            if len(self.conns) < self.config.workers.max_connections:
+            if len(self.conns) < self.config.workers.max_connections and not self.full:
                 self.listen(True)
 
     def fair_share(self, listener) -> int:
@@ -305,6 +357,8 @@ class Worker:
         for conn in [c for c in self.conns.values() if c.deadline <= now and c.fd not in spare]:
             conn.on_deadline()
         self.resume_accepting(now)
+        if self.threads is not None:
+            self.threads.tick(now)
         reap_children()
         if self.stats.due(now, self.config.status.interval):
             if self.accept_failures > 1:
@@ -369,14 +423,23 @@ class Worker:
 
     # -- the ConnectionHost interface (connection.py) ------------------------------
     def modify(self, fd, events):
-        self.poller.modify(fd, events)
+        try:
+            self.poller.modify(fd, events)
+        except FileNotFoundError:   # parked while its app code ran on a thread
+            self.poller.register(fd, events)
+
+    def park(self, fd):
+        self.poller.unregister(fd)
 
     def closed(self, conn, received):
         self.stats.bytes_in += received
         if self.conns.pop(conn.fd, None) is not None:
-            self.poller.unregister(conn.fd)
+            try:
+                self.poller.unregister(conn.fd)
+            except FileNotFoundError:   # parked
+                pass
             self.scoreboard.set_connections(self.slot, len(self.conns))
-            if not self.listening and not self.accept_paused_until:
+            if not self.listening and not self.accept_paused_until and not self.full:
                 self.listen(True)
 
     def begin_request(self, request):
@@ -396,12 +459,22 @@ class Worker:
         if exchange.environ is not None:
             self.access_log.record(exchange.environ, status, exchange.sent, duration)
 
-    def app_failed(self, exchange):
-        """Log the app's exception (we are inside an except block)."""
-        self.app_problem(exchange, traceback.format_exc().rstrip())
-        error = AppError()
-        error.logged = True
-        return error
+    def leave_app(self, exchange, kind, value):
+        """The inline app code of exchange returned (kind: how): give up its
+        claim, or find that it was detached (threads.Detached is raised)."""
+        try:
+            self.claims.remove(exchange)
+        except ValueError:
+            self.threads.detached(exchange, kind, value)
+
+    def detached(self, exchange, kind, value):
+        self.threads.detached(exchange, kind, value)
+
+    def seat_taken(self, seat, exchange):
+        pass
+
+    def seat_freed(self, seat):
+        pass
 
     def app_problem(self, exchange, text):
         self.stats.app_exceptions += 1
@@ -450,8 +523,7 @@ def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, 
     try:
         worker = Worker(config, listeners, scoreboard, slot, generation, master_pid, sink)
         worker.boot(report_fd)
-        worker.serve()
-        worker.exit(0)
+        worker.run()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

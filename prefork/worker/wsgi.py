@@ -87,7 +87,8 @@ def spool_opener(directory: str):
     return open_spool
 
 
-def base_environ(server_name: str, server_port: str, errors, script_name: str = "") -> dict:
+def base_environ(server_name: str, server_port: str, errors, script_name: str = "",
+                 multithread: bool = False) -> dict:
     """The part of the environ that is the same for every request on a
     listener. Each request's header fields are read into a copy of it, and
     build_environ adds the rest (the client's address too). It is made with
@@ -100,7 +101,7 @@ def base_environ(server_name: str, server_port: str, errors, script_name: str = 
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
         "wsgi.errors": errors,
-        "wsgi.multithread": False,
+        "wsgi.multithread": multithread,   # app threads ([workers] threads > 1)
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
@@ -138,9 +139,10 @@ _TEMPLATES: dict = {}
 _TEMPLATES_MAX = 64
 
 
-def environ_template(server_name: str, server_port: str, errors, script_name: str = "") -> dict:
+def environ_template(server_name: str, server_port: str, errors, script_name: str = "",
+                     multithread: bool = False) -> dict:
     """The shared base environ for requests that come to this listener."""
-    key = (server_name, server_port, errors, script_name)
+    key = (server_name, server_port, errors, script_name, multithread)
     template = _TEMPLATES.get(key)
     if template is None:
         if len(_TEMPLATES) >= _TEMPLATES_MAX:

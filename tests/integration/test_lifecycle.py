@@ -7,6 +7,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import requests
 import socket
 
@@ -103,8 +104,11 @@ def test_term_lets_an_in_flight_slow_request_finish(server):
     assert server.proc.wait(20) == 0
 
 
-def test_graceful_stop_past_its_deadline_kills(make_server):
-    server = make_server(extra="[workers]\ngraceful_timeout = 0.5\n")
+@pytest.mark.parametrize("threads", [1, 32])
+def test_graceful_stop_past_its_deadline_kills(make_server, threads):
+    """A worker stuck in its only app call is killed by the master; one with
+    app threads cuts the connection at the deadline itself and exits."""
+    server = make_server(extra=f"[workers]\ngraceful_timeout = 0.5\nthreads = {threads}\n")
     def doomed():
         try:
             requests.get(server.url + "/slow?10", timeout=20)
@@ -117,7 +121,11 @@ def test_graceful_stop_past_its_deadline_kills(make_server):
     server.signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0
     assert time.monotonic() - started < 5
-    assert "killing it" in server.log("error")
+    if threads == 1:
+        assert "killing it" in server.log("error")
+    else:
+        assert "graceful_timeout (0.5s) reached; cutting 1 connection(s), 1 with a request " \
+            "in flight" in server.log("error")
     thread.join(20)
     assert not thread.is_alive()
 

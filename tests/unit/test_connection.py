@@ -8,7 +8,6 @@ import tempfile
 import pytest
 
 from prefork.config import HttpConfig
-from prefork.http.errors import AppError
 from prefork.http.proxy import Networks
 from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
 from prefork.worker.wsgi import FileWrapper
@@ -31,6 +30,9 @@ class FakeHost:
         self.proxy_protocol = http.pop("proxy_protocol", False)
         self.http = HttpConfig(**http)
         self.spooled = []
+        self.claims = []
+        self.offloading = False
+        self.threads = None
         self.app = app
         self.wsgi_errors = None
         self.ended, self.rejected, self.problems = [], [], []
@@ -59,11 +61,14 @@ class FakeHost:
     def on_timeout(self):
         self.timeouts += 1
 
-    def app_failed(self, exchange):
-        error = AppError()
-        error.logged = True
-        self.problems.append("traceback")
-        return error
+    def leave_app(self, exchange, kind, value):
+        self.claims.remove(exchange)
+
+    def detached(self, exchange, kind, value):
+        raise AssertionError("no threads here: nothing detaches")
+
+    def park(self, fd):
+        self.events[fd] = 0
 
     def app_problem(self, exchange, text):
         self.problems.append(text)
