@@ -341,12 +341,18 @@ def render_status(s) -> str:
             lines.append(f"log problem ({kind}): {state['error']}; "
                          f"{state['lost_lines']} line(s) lost so far")
     lines.append(f"  {'slot':>4} {'pid':>7} {'gen':>3} {'state':<8} {'reqs':>8} {'rss':>8} "
-                 f"{'cpu%':>5}  current")
+                 f"{'cpu%':>5} {'threads':>9}  running")
     for w in s["workers"]:
-        current = (f"{w['current']['method']} {w['current']['path']} ({w['current']['elapsed']:.1f}s)"
-                   if w["current"] else "-")
+        running = ([w["current"]] if w["current"] else []) + w.get("running", [])
+        shown = [f"{r['method']} {r['path']} ({r['elapsed']:.1f}s)" for r in running] or ["-"]
+        threads = w.get("threads")
+        busy = f"{threads['busy']}/{threads['alive']}" if threads else "-"
         lines.append(f"  {w['slot']:>4} {w['pid']:>7} {w['generation']:>3} {w['state']:<8} "
-                     f"{w['requests']:>8} {w['rss'] / 1048576:>7.1f}M {w['cpu']:>5.1f}  {current}")
+                     f"{w['requests']:>8} {w['rss'] / 1048576:>7.1f}M {w['cpu']:>5.1f} "
+                     f"{busy:>9}  {shown[0]}")
+        lines.extend(f"{'':>60}{more}" for more in shown[1:])
+        if threads and threads["waiting"]:
+            lines.append(f"{'':>60}({threads['waiting']} waiting for a thread)")
     return "\n".join(lines)
 
 

@@ -139,6 +139,11 @@ class Server:
         assert answer["ok"], answer
         return answer["status"]
 
+    def running(self):
+        """The requests the workers are running, on their loops or threads."""
+        return [r for w in self.status()["workers"]
+                for r in ([w["current"]] if w["current"] else []) + w["running"]]
+
     def worker_pids(self):
         return {w["pid"] for w in self.status()["workers"] if w["state"] in ("idle", "busy")}
 

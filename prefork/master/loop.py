@@ -22,7 +22,7 @@ import time
 from setproctitle import setproctitle
 
 from .. import __version__, missing_c_modules, missing_c_note, sockets, title
-from ..config import check_workers
+from ..config import MAX_THREADS, check_workers
 from ..ipc import LineLedger, MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
@@ -69,7 +69,7 @@ class Master:
         self.last_publish = 0.0
         self.files = self.channels = self.inbox = self.control = self.watcher = None
         self.selector = selectors.DefaultSelector()
-        self.scoreboard = Scoreboard(MAX_SLOTS)
+        self.scoreboard = Scoreboard(MAX_SLOTS, MAX_THREADS)
         self.pool = self.make_pool()
         self.watchdog = Watchdog(self.pool, self.scoreboard)
         self.reloader = Reloader(self.pool)

@@ -4,9 +4,13 @@ Owns: its own per-worker timers (slow request already logged, jittered
 max_requests, RSS samples, the recycling reason) and the decisions, made each
 tick from the scoreboard and psutil:
   - a worker whose loop stops beating for [workers] timeout (outside the app),
-    or whose current request passes request_timeout (timeout when 0), gets its
-    thread stacks dumped to the error log, then SIGTERM, then SIGKILL after
-    kill_grace;
+    or whose loop's own app call passes request_timeout (timeout when 0), gets
+    its thread stacks dumped to the error log, then SIGTERM, then SIGKILL
+    after kill_grace;
+  - a request on one of its app threads past request_timeout: its stacks are
+    dumped and the worker is recycled (a thread cannot be killed: the
+    replacement is ready before the worker stops accepting, and its other
+    threads finish within graceful_timeout);
   - slow_request_log dumps the stacks of a request running that long, once,
     without stopping anything (PHP-FPM's slowlog);
   - recycling (max_requests + jitter, max_rss over RSS_SAMPLES samples in a
@@ -33,7 +37,7 @@ RSS_EVERY = 1.0          # seconds between RSS samples of one worker
 class Watch:
     """The watchdog's timers for one worker."""
     max_requests: int               # jittered recycling limit (0: none)
-    slow_logged: float = 0.0        # request_start of the slow request already dumped
+    slow_logged: set = dataclasses.field(default_factory=set)   # (thread, start) dumped
     rss_sampled: float = 0.0
     rss_over: int = 0
     recycle_reason: str = ""
@@ -73,26 +77,47 @@ class Watchdog:
     def check_one(self, rec, now, cfg):
         watch = self.watch(rec, cfg)
         view = self.scoreboard.read(rec.slot)
-        if view.state == "busy":
+        limit = cfg.request_timeout or cfg.timeout
+        if view.inline_busy:
             running = now - view.request_start
-            limit = cfg.request_timeout or cfg.timeout
             if running > limit:
                 return self.stop_stuck(rec, now, cfg, f"request {view.method} {view.path} has "
                                                       f"run {running:.1f}s (limit {limit:g}s)")
-            if cfg.slow_request_log and running > cfg.slow_request_log \
-                    and watch.slow_logged != view.request_start:
-                watch.slow_logged = view.request_start
-                log.warning("slow request: worker %d (pid %d) %s %s running for %.1fs; its "
-                            "stacks follow", rec.slot, rec.pid, view.method, view.path, running)
-                self.pool.signal(rec, DUMP_SIGNAL)
+            self.log_slow(rec, watch, cfg, -1, view, now)
         elif now - view.heartbeat > cfg.timeout:
             return self.stop_stuck(rec, now, cfg, f"loop silent for {now - view.heartbeat:.1f}s "
                                                   f"(timeout {cfg.timeout:g}s)")
+        for seat in view.running:
+            running = now - seat.request_start
+            if running > limit and not watch.recycle_reason.startswith("stuck"):
+                log.error("worker %d (pid %d) is stuck: request %s %s on thread %d has run "
+                          "%.1fs (limit %gs); dumping its stacks, then replacing the worker",
+                          rec.slot, rec.pid, seat.method, seat.path, seat.seat, running, limit)
+                self.timeouts += 1
+                self.pool.signal(rec, DUMP_SIGNAL)
+                watch.recycle_reason = f"stuck request on thread {seat.seat}"
+            else:
+                self.log_slow(rec, watch, cfg, seat.seat, seat, now)
+        watch.slow_logged &= {(-1, view.request_start)} | {(s.seat, s.request_start)
+                                                           for s in view.running}
         if not watch.recycle_reason:
             watch.recycle_reason = self.recycle_reason(rec, watch, view, now, cfg)
             if watch.recycle_reason:
                 log.info("worker %d (pid %d) will be recycled: %s", rec.slot, rec.pid,
                          watch.recycle_reason)
+
+    def log_slow(self, rec, watch, cfg, thread, request, now):
+        """slow_request_log: a request running that long has its stacks
+        dumped, once (request: the slot's or a seat's view)."""
+        running = now - request.request_start
+        key = (thread, request.request_start)
+        if cfg.slow_request_log and running > cfg.slow_request_log and key not in watch.slow_logged:
+            watch.slow_logged.add(key)
+            where = f" on thread {thread}" if thread >= 0 else ""
+            log.warning("slow request: worker %d (pid %d) %s %s%s running for %.1fs; its "
+                        "stacks follow", rec.slot, rec.pid, request.method, request.path,
+                        where, running)
+            self.pool.signal(rec, DUMP_SIGNAL)
 
     def stop_stuck(self, rec, now, cfg, why):
         log.error("worker %d (pid %d) is stuck: %s; dumping its stacks, then stopping it",

@@ -171,6 +171,7 @@ class Worker:
             self.claims = self.threads.claims
             self.poller.register(self.threads.wakeup_fd, select.EPOLLIN)
             self.threads.begin()
+            self.threads_changed()
         self.scoreboard.set_state(self.slot, sb.IDLE)
         os.write(report_fd, b"OK\n")
 
@@ -359,6 +360,7 @@ class Worker:
         self.resume_accepting(now)
         if self.threads is not None:
             self.threads.tick(now)
+            self.threads_changed()   # threads started and retired meanwhile
         reap_children()
         if self.stats.due(now, self.config.status.interval):
             if self.accept_failures > 1:
@@ -471,10 +473,22 @@ class Worker:
         self.threads.detached(exchange, kind, value)
 
     def seat_taken(self, seat, exchange):
-        pass
+        """An app thread takes exchange: the scoreboard shows it there, and
+        the loop, which began it, as free again."""
+        self.scoreboard.seat_busy(self.slot, seat, exchange.started, exchange.method.encode(),
+                                  exchange.target, exchange.environ["REMOTE_ADDR"].encode())
+        self.scoreboard.set_state(self.slot, sb.STOPPING if self.stopping else sb.IDLE)
+        self.threads_changed()
 
     def seat_freed(self, seat):
-        pass
+        self.scoreboard.seat_idle(self.slot, seat)
+        self.threads_changed()
+
+    def threads_changed(self):
+        """The app threads' figures, as the scoreboard shows them."""
+        threads = self.threads
+        self.scoreboard.set_threads(self.slot, threads.limit, threads.alive - 1, threads.busy(),
+                                    len(threads.waiting), threads.waits, threads.detaches)
 
     def app_problem(self, exchange, text):
         self.stats.app_exceptions += 1

@@ -165,6 +165,20 @@ def prometheus(s) -> str:
             [({"slot": w["slot"]}, w["requests"]) for w in workers])
     _metric(lines, "prefork_worker_busy", "gauge", "1 while the worker runs the app.",
             [({"slot": w["slot"]}, int(w["state"] == "busy")) for w in workers])
+    threaded = [w for w in workers if w.get("threads")]
+    _metric(lines, "prefork_worker_threads", "gauge",
+            "A worker's app threads: at most (limit), started (alive), running a request (busy).",
+            [({"slot": w["slot"], "state": k}, w["threads"][k]) for w in threaded
+             for k in ("limit", "alive", "busy")])
+    _metric(lines, "prefork_worker_requests_waiting", "gauge",
+            "Complete requests waiting for a free app thread.",
+            [({"slot": w["slot"]}, w["threads"]["waiting"]) for w in threaded])
+    _metric(lines, "prefork_worker_thread_waits_total", "counter",
+            "Requests that waited for a free app thread.",
+            [({"slot": w["slot"]}, w["threads"]["waits"]) for w in threaded])
+    _metric(lines, "prefork_worker_detached_total", "counter",
+            "App calls the loop began that moved to a thread as they ran long.",
+            [({"slot": w["slot"]}, w["threads"]["detaches"]) for w in threaded])
     _metric(lines, "prefork_worker_rss_bytes", "gauge", "Worker resident memory.",
             [({"slot": w["slot"]}, w["rss"]) for w in workers])
     _metric(lines, "prefork_worker_cpu_percent", "gauge", "Worker CPU use since the last snapshot.",

@@ -90,6 +90,7 @@ class ThreadsHost(Protocol):
     def accepting(self, room: bool) -> None: ...     # seats free or not: accept or not
     def seat_taken(self, seat: int, exchange) -> None: ...
     def seat_freed(self, seat: int) -> None: ...
+    def threads_changed(self) -> None: ...           # the figures below changed
 
 
 def sendable(wrapper) -> bool:
@@ -238,6 +239,7 @@ class AppThreads:
             conn.park()
             self.waits += 1
             self.waiting.append(ex)
+            self.host.threads_changed()
 
     def take_seat(self, ex):
         seat = ex.seat = self.free_seats.pop()

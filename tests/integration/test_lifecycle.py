@@ -97,7 +97,7 @@ def test_term_lets_an_in_flight_slow_request_finish(server):
         result["response"] = requests.get(server.url + "/slow?1.5", timeout=20)
     thread = threading.Thread(target=slow)
     thread.start()
-    wait_for(lambda: any(w["current"] for w in server.status()["workers"]), message="busy")
+    wait_for(server.running, message="busy")
     server.signal(signal.SIGTERM)
     thread.join(20)
     assert result["response"].status_code == 200 and result["response"].text == "slow done"
@@ -116,7 +116,7 @@ def test_graceful_stop_past_its_deadline_kills(make_server, threads):
             pass   # expected: the worker is killed at the deadline
     thread = threading.Thread(target=doomed)
     thread.start()
-    wait_for(lambda: any(w["current"] for w in server.status()["workers"]), message="busy")
+    wait_for(server.running, message="busy")
     started = time.monotonic()
     server.signal(signal.SIGTERM)
     assert server.proc.wait(10) == 0

@@ -3,6 +3,7 @@ import os
 import signal
 import threading
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,7 +39,8 @@ def test_totals_match_a_known_mix_class_by_class(server):
         assert key in body
     assert body["totals"]["requests"] >= 21
     assert set(body["workers"][0]) >= {"slot", "pid", "generation", "state", "requests",
-                                       "current", "rss", "cpu", "age", "heartbeat_age"}
+                                       "current", "running", "threads", "rss", "cpu", "age",
+                                       "heartbeat_age"}
     assert body["workers"][0]["rss"] > 1_000_000
 
 
@@ -88,26 +90,24 @@ def test_prometheus_output_parses_and_matches_the_json(server):
     assert slots == {str(w["slot"]) for w in status["workers"]}
 
 
-def test_a_slow_request_shows_busy_and_status_answers_when_all_are_stuck(make_server):
+@pytest.mark.parametrize("threads", [1, 32])
+def test_a_slow_request_shows_busy_and_status_answers_when_all_are_stuck(make_server, threads):
     # One worker, so one slow request makes every worker busy: which worker
     # takes which connection is the kernel's and the scheduler's business.
     # Long enough that spawning `bin/prefork status` on a loaded machine fits inside it.
-    server = make_server(workers=1)
+    # With threads = 1 the worker's loop is stuck in the call; with threads,
+    # an app thread runs it (the loop detached it).
+    server = make_server(workers=1, extra=f"[workers]\nthreads = {threads}\n")
     thread = threading.Thread(target=lambda: requests.get(server.url + "/slow?6", timeout=30))
     thread.start()
 
-    def all_busy():
-        workers = server.status()["workers"]
-        return workers if all(w["current"] for w in workers) else None
-    workers = wait_for(all_busy, message="the worker busy")
-    assert [w["current"]["path"] for w in workers] == ["/slow?6"]
-    assert all(w["state"] == "busy" and w["current"]["method"] == "GET" for w in workers)
-    result = server.cli("status", timeout=20)   # the master answers; no worker is free
+    running = wait_for(server.running, message="the worker busy")
+    assert [(r["method"], r["path"]) for r in running] == [("GET", "/slow?6")]
+    assert [w["state"] for w in server.status()["workers"]] == ["busy"]
+    result = server.cli("status", timeout=20)   # the master answers, whatever the workers do
     assert result.returncode == 0 and result.stdout.count("GET /slow?6") == 1
-    elapsed = wait_for(lambda: [w for w in server.status()["workers"]
-                                if w["current"] and w["current"]["elapsed"] > 1.0],
-                       message="elapsed time to grow")
-    assert elapsed
+    wait_for(lambda: [r for r in server.running() if r["elapsed"] > 1.0],
+             message="elapsed time to grow")
     thread.join(20)
 
 

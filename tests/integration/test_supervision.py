@@ -16,7 +16,8 @@ from tests.integration.test_lifecycle import Load
 
 
 def test_a_request_past_request_timeout_is_dumped_then_stopped(make_server):
-    server = make_server(extra="[workers]\nrequest_timeout = 1.0\nkill_grace = 0.5\n")
+    server = make_server(extra="[workers]\nrequest_timeout = 1.0\nkill_grace = 0.5\n"
+                               "threads = 1\n")
     before = server.worker_pids()
     started = time.monotonic()
     try:
@@ -33,6 +34,34 @@ def test_a_request_past_request_timeout_is_dumped_then_stopped(make_server):
              message="a replacement")
     status = server.status()
     assert status["totals"]["timeouts"] == 1 and status["pool"]["exits"]["killed"] == 1
+
+
+def test_a_request_stuck_on_an_app_thread_is_dumped_and_its_worker_replaced(make_server):
+    """A thread cannot be killed: its stacks are dumped, a replacement boots,
+    then the worker stops accepting and its other requests finish; the stuck
+    one is cut at graceful_timeout. Nothing else fails meanwhile."""
+    server = make_server(extra="[workers]\nrequest_timeout = 1.0\ngraceful_timeout = 1.0\n")
+    before = server.worker_pids()
+    outcome = {}
+
+    def stuck():
+        try:
+            outcome["stuck"] = requests.get(server.url + "/slow?30", timeout=20).status_code
+        except requests.ConnectionError:
+            outcome["stuck"] = "cut"
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    with Load(server.url, threads=2, path="/") as load:
+        wait_for(lambda: "reports:" in server.log("error"), message="the stack dump")
+        wait_for(lambda: len(server.worker_pids() - before) == 1 and len(server.worker_pids()) == 2,
+                 timeout=20, message="a replacement, and the stuck worker gone")
+        status = wait_for(lambda: (lambda s: s if s["pool"]["exits"]["recycled"] else None)(
+            server.status()), timeout=20, message="the stuck worker's exit")
+    thread.join(20)
+    assert outcome["stuck"] == "cut" and load.failures == [] and load.ok > 20
+    log = server.log("error")
+    assert "is stuck: request GET /slow?30 on thread" in log and "in slow" in log
+    assert status["totals"]["timeouts"] == 1 and status["pool"]["exits"]["killed"] == 0
 
 
 def test_slow_request_log_dumps_without_killing(make_server):
@@ -104,7 +133,7 @@ def test_graceful_stop_answers_keep_alive_clients_with_close(server):
         assert b"Connection: close" not in keep.recv(65536)
         slow = threading.Thread(target=lambda: requests.get(server.url + "/slow?1", timeout=20))
         slow.start()
-        wait_for(lambda: any(w["current"] for w in server.status()["workers"]), message="busy")
+        wait_for(server.running, message="busy")
         server.signal(signal.SIGTERM)
         time.sleep(0.2)   # the TERM reaches the workers; the client's next request follows
         keep.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -273,7 +302,7 @@ def test_graceful_stop_serves_connections_already_queued(make_server):
     slow = threading.Thread(target=lambda: result.update(
         slow=requests.get(server.url + "/slow?1.5", timeout=20).text))
     slow.start()
-    wait_for(lambda: any(w["current"] for w in server.status()["workers"]), message="busy")
+    wait_for(server.running, message="busy")
     queued = server.connect()
     queued.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     server.signal(signal.SIGTERM)
