@@ -41,6 +41,7 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
 import time
 from multiprocessing.managers import BaseManager, BaseProxy
 
@@ -296,7 +297,10 @@ class MasterChannels:
 class WorkerSink:
     """Worker side: plain data until connect() runs in the child. Shipping
     never blocks serving for more than CALL_TIMEOUT; what cannot be shipped
-    is held (stats always, log text up to HOLD_BYTES) or counted as lost."""
+    is held (stats always, log text up to HOLD_BYTES) or counted as lost.
+    Its calls may come from several threads (the loop's, app threads logging
+    or rendering the status page): one at a time. The proxies themselves
+    keep one connection per thread."""
 
     def __init__(self, address, authkey: bytes):
         self.address = address
@@ -310,6 +314,7 @@ class WorkerSink:
         self.shipped_lines = 0       # log lines the Manager took from this worker
         self.pid = 0                 # set by connect(), in the worker
         self._announced = False
+        self._lock = threading.RLock()
 
     def connect(self) -> bool:
         self.pid = os.getpid()
@@ -367,31 +372,35 @@ class WorkerSink:
         return True
 
     def ship_stats(self, delta):
-        self._held_stats.append(delta)   # deltas are small: every one is kept
-        if self._usable():
-            self._flush_held()
+        with self._lock:
+            self._held_stats.append(delta)   # deltas are small: every one is kept
+            if self._usable():
+                self._flush_held()
 
     def ship_logs(self, batch):
-        if self._held_bytes + len(batch[1]) > HOLD_BYTES:
-            self.lost_lines += batch[1].count("\n")
-        else:
-            self._held_logs.append(batch)
-            self._held_bytes += len(batch[1])
-        if self._usable():
-            self._flush_held()
+        with self._lock:
+            if self._held_bytes + len(batch[1]) > HOLD_BYTES:
+                self.lost_lines += batch[1].count("\n")
+            else:
+                self._held_logs.append(batch)
+                self._held_bytes += len(batch[1])
+            if self._usable():
+                self._flush_held()
 
     def take_lost_lines(self) -> int:
-        lost, self.lost_lines = self.lost_lines, 0
+        with self._lock:
+            lost, self.lost_lines = self.lost_lines, 0
         return lost
 
     def snapshot(self) -> dict:
-        if not self._usable():
-            return {}
-        try:
-            return self._board.get()
-        except (OSError, EOFError) as exc:
-            self._broken(exc)
-            return {}
+        with self._lock:
+            if not self._usable():
+                return {}
+            try:
+                return self._board.get()
+            except (OSError, EOFError) as exc:
+                self._broken(exc)
+                return {}
 
     def close(self):
         self._stats = self._logs = self._board = None

@@ -31,8 +31,8 @@ from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.proxy import BadProxyHeader, Networks, forwarded_client, parse_proxy_header
 from ..http.request import RequestReader
 from ..http.response import CONTINUE, error_response
-from .exchange import (ABORT, CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHOLE,
-                       ClientGone, Exchange, app_error)
+from .exchange import (CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHOLE, ClientGone,
+                       Exchange, app_error)
 from .wsgi import FileWrapper, build_environ, environ_template
 
 READING, APP, WRITING, LINGERING, CLOSED = "reading", "app", "writing", "lingering", "closed"
@@ -407,9 +407,6 @@ class Connection:
         elif kind is PROBLEM:
             self.host.app_problem(ex, value)
             return False
-        elif kind is ABORT:
-            self.host.on_timeout()
-            self.abort()
         return True
 
     def await_app(self):
@@ -440,6 +437,9 @@ class Connection:
 
     def on_mail(self):
         """Its remote exchange pushed events (the loop, from threads.deliver)."""
+        if self.exchange.gave_up:   # its thread waited send_timeout for this client
+            self.host.on_timeout()
+            return self.abort()
         try:
             if self.state == APP:
                 self.pump()

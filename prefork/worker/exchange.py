@@ -18,7 +18,8 @@ and taken by the loop:
   END          the body is complete (close() was called)
   ERROR exc    an HttpError (an AppError with its traceback text): answer it
   PROBLEM text close() failed after the body was made: log it, go on
-  ABORT        the client took too long to read: cut the connection
+An app thread that waited send_timeout for the client to read sets gave_up:
+the loop cuts the connection at once, whatever is still in the inbox.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ from ..http.errors import AppError
 from ..http.request import Request
 from .wsgi import Response
 
-DATA, WHOLE, FILE, END, ERROR, PROBLEM, ABORT = (
-    "data", "whole", "file", "end", "error", "problem", "abort")
+DATA, WHOLE, FILE, END, ERROR, PROBLEM = "data", "whole", "file", "end", "error", "problem"
 # What an inline app call did when it was found detached (threads.Detached).
 RESULT, CHUNK, STOP = "result", "chunk", "stop"
 
@@ -65,6 +65,7 @@ class Exchange(Request, Response):
     taken = 0                # ... and taken (the loop writes it)
     drained = None           # threading.Event the app thread waits on past HIGH_WATER
     cancelled = False        # the connection ended: the app thread stops at its next push
+    gave_up = False          # the app thread waited send_timeout for the client: cut it
     posted = False           # in the loop's mail, not yet read
     seat = -1
 

@@ -193,9 +193,11 @@ class ShippingHandler(logging.Handler):
             self.flush()
 
     def flush(self):
-        if self._lines:
-            self.sink.ship_logs((ERROR, "".join(self._lines)))
-            self._lines = []
+        # Under the handler's lock, as emit() runs: app threads log too.
+        with self.lock:
+            if self._lines:
+                self.sink.ship_logs((ERROR, "".join(self._lines)))
+                self._lines = []
 
 
 def install_worker_logging(sink, level) -> ShippingHandler:

@@ -105,6 +105,7 @@ class Worker:
         self.offloading = False          # AppThreads says: complete requests go to app threads
         self.full = False                # every seat taken: no accepting
         self.report_fd = -1
+        self.exited_children = set()     # children found exited at the last tick
         self.script_name = config.server.script_name
         self.trusted = Networks(config.proxy.trusted)
         self.proxy_protocol = config.proxy.proxy_protocol
@@ -361,7 +362,7 @@ class Worker:
         if self.threads is not None:
             self.threads.tick(now)
             self.threads_changed()   # threads started and retired meanwhile
-        reap_children()
+        self.exited_children = reap_children(self.exited_children)
         if self.stats.due(now, self.config.status.interval):
             if self.accept_failures > 1:
                 log.error("accept failed %d more time(s) for want of file descriptors",
@@ -518,17 +519,28 @@ class Worker:
         return page
 
 
-def reap_children():
+def reap_children(seen: set) -> set:
     """Children the app forked and left behind would pile up as zombies: the
-    worker reaps them each tick. (An app that polls a subprocess.Popen across
-    ticks then sees returncode 0, as Python reports a child it cannot wait for.)"""
+    worker reaps a child found exited at two ticks in a row, so that an app
+    thread waiting for its own child (subprocess.run) gets it first. seen:
+    what the last tick found; -> what this one found. (An app that polls a
+    subprocess.Popen across ticks may then see returncode 0, as Python
+    reports a child it cannot wait for.)"""
+    found = set()
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            return found
+        if info is None:
+            return found
+        if info.si_pid not in seen:
+            found.add(info.si_pid)   # the next tick reaps it, if nobody did
+            return found
+        try:
+            os.waitpid(info.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, sink):

@@ -52,8 +52,8 @@ import traceback
 from typing import Protocol
 
 from ..http.errors import AppError, HttpError
-from .exchange import (ABORT, CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHOLE,
-                       ClientGone, app_error)
+from .exchange import (CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHOLE, ClientGone,
+                       app_error)
 from .wsgi import FileWrapper
 
 CHECK = 0.005           # seconds between the sentinel's looks while requests flow
@@ -329,8 +329,7 @@ class AppThreads:
                 raise ClientGone()
             left = ex.write_deadline - time.monotonic()
             if left <= 0:
-                ex.cancelled = True
-                ex.inbox.append((ABORT, None))
+                ex.gave_up = True
                 self.post(ex)
                 raise ClientGone("send timeout")
             event.wait(left)

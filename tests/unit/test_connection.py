@@ -93,8 +93,8 @@ class Pair:
     """A connection on one end of a socketpair, the client on the other; run()
     plays the worker loop: deliver readable/writable events until quiet."""
 
-    def __init__(self, app=hello, family=socket.AF_UNIX, **http):
-        self.host = FakeHost(app, **http)
+    def __init__(self, app=hello, family=socket.AF_UNIX, host_type=None, **http):
+        self.host = (host_type or FakeHost)(app, **http)
         if family == socket.AF_UNIX:
             server, self.client = socket.socketpair()
         else:   # a TCP pair on loopback, for what depends on the peer's address

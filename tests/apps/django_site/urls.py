@@ -1,4 +1,8 @@
+import threading
+
 from django.contrib import admin
+from django.contrib.auth.models import User
+from django.db import connection
 from django.http import HttpResponse, JsonResponse
 from django.middleware.csrf import get_token
 from django.urls import path
@@ -18,4 +22,26 @@ def upload(request):
                          "length": request.META.get("CONTENT_LENGTH")})
 
 
-urlpatterns = [path("admin/", admin.site.urls), path("form/", form), path("upload/", upload)]
+_gates: dict = {}
+_gates_lock = threading.Lock()
+
+
+def queries(request, parties):
+    """A query, a wait until `parties` requests are in here at once, a query:
+    concurrent views, each on its own thread's database connection."""
+    users = User.objects.count()
+    with _gates_lock:
+        gate = _gates.get(parties)
+        if gate is None or gate.broken:
+            gate = _gates[parties] = threading.Barrier(parties)
+    try:
+        gate.wait(timeout=10)
+        passed = True
+    except threading.BrokenBarrierError:
+        passed = False
+    return JsonResponse({"users": User.objects.count() + users, "passed": passed,
+                         "connection": id(connection.connection)})
+
+
+urlpatterns = [path("admin/", admin.site.urls), path("form/", form), path("upload/", upload),
+               path("queries/<int:parties>/", queries)]
