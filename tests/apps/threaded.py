@@ -20,10 +20,9 @@ def text(start_response, body, status="200 OK"):
     return [body.encode()]
 
 
-def barrier(environ, start_response, query):
-    """/barrier?N: passes only once N requests are in the app at once (at most
-    10 s: a worker that runs them one by one answers 503)."""
-    parties = int(query)
+def meet(parties: int) -> bool:
+    """Wait until `parties` callers are here at once (at most 10 s): True
+    when they met, False when they did not (calls run one by one)."""
     with _barriers_lock:
         gate = _barriers.get(parties)
         if gate is None or gate.broken:
@@ -31,6 +30,13 @@ def barrier(environ, start_response, query):
     try:
         gate.wait(timeout=10)
     except threading.BrokenBarrierError:
+        return False
+    return True
+
+
+def barrier(environ, start_response, query):
+    """/barrier?N: passes only once N requests are in the app at once."""
+    if not meet(int(query)):
         return text(start_response, "broken", "503 Service Unavailable")
     return text(start_response, f"passed on {threading.current_thread().name}")
 

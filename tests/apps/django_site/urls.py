@@ -1,5 +1,3 @@
-import threading
-
 from django.contrib import admin
 from django.contrib.auth.models import User
 from django.db import connection
@@ -7,6 +5,8 @@ from django.http import HttpResponse, JsonResponse
 from django.middleware.csrf import get_token
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
+
+from tests.apps.threaded import meet
 
 
 def form(request):
@@ -22,23 +22,11 @@ def upload(request):
                          "length": request.META.get("CONTENT_LENGTH")})
 
 
-_gates: dict = {}
-_gates_lock = threading.Lock()
-
-
 def queries(request, parties):
     """A query, a wait until `parties` requests are in here at once, a query:
     concurrent views, each on its own thread's database connection."""
     users = User.objects.count()
-    with _gates_lock:
-        gate = _gates.get(parties)
-        if gate is None or gate.broken:
-            gate = _gates[parties] = threading.Barrier(parties)
-    try:
-        gate.wait(timeout=10)
-        passed = True
-    except threading.BrokenBarrierError:
-        passed = False
+    passed = meet(parties)
     return JsonResponse({"users": User.objects.count() + users, "passed": passed,
                          "connection": id(connection.connection)})
 
