@@ -71,6 +71,7 @@ class ConnectionHost(Protocol):
     def detached(self, exchange: "Exchange", kind: str, value) -> None: ...
     def error_page(self, status: int) -> bytes: ...
     def modify(self, fd: int, events: int) -> None: ...
+    def register(self, fd: int, events: int) -> None: ...
     def park(self, fd: int) -> None: ...
     def closed(self, conn: "Connection", received: int) -> None: ...
 
@@ -128,6 +129,9 @@ class Connection:
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
+        if self.state == APP:   # the client speaks while its app call runs
+            self.events = 0
+            return self.host.park(self.fd)   # read nothing more until it is answered
         try:
             data = self.sock.recv(RECV_SIZE)
         except BlockingIOError:
@@ -423,7 +427,8 @@ class Connection:
         """The exchange's app code runs on an app thread: the connection reads
         nothing meanwhile (as while the loop runs an app) and keeps no
         deadline (request_timeout is the watchdog's); output already queued
-        is still sent."""
+        is still sent. It stays in the poller, for the client is silent while
+        it waits: it leaves the poller only if the client speaks (on_readable)."""
         if self.out:
             self.state = WRITING
             self.deadline = self.host.now + self.host.http.send_timeout
@@ -431,7 +436,7 @@ class Connection:
             return
         self.state = APP
         self.deadline = NEVER
-        if self.events:
+        if self.events == EPOLLOUT:   # flushed: nothing to wait for but the app
             self.events = 0
             self.host.park(self.fd)
 
@@ -654,8 +659,11 @@ class Connection:
 
     def want(self, events):
         if events != self.events and self.state != CLOSED:
+            if self.events:
+                self.host.modify(self.fd, events)
+            else:   # out of the poller: back in
+                self.host.register(self.fd, events)
             self.events = events
-            self.host.modify(self.fd, events)
 
     def linger(self):
         """Close our side, then read and discard for a moment so that an

@@ -426,10 +426,10 @@ class Worker:
 
     # -- the ConnectionHost interface (connection.py) ------------------------------
     def modify(self, fd, events):
-        try:
-            self.poller.modify(fd, events)
-        except FileNotFoundError:   # parked while its app code ran on a thread
-            self.poller.register(fd, events)
+        self.poller.modify(fd, events)
+
+    def register(self, fd, events):
+        self.poller.register(fd, events)
 
     def park(self, fd):
         self.poller.unregister(fd)
@@ -479,11 +479,9 @@ class Worker:
         self.scoreboard.seat_busy(self.slot, seat, exchange.started, exchange.method.encode(),
                                   exchange.target, exchange.environ["REMOTE_ADDR"].encode())
         self.scoreboard.set_state(self.slot, sb.STOPPING if self.stopping else sb.IDLE)
-        self.threads_changed()
 
     def seat_freed(self, seat):
         self.scoreboard.seat_idle(self.slot, seat)
-        self.threads_changed()
 
     def threads_changed(self):
         """The app threads' figures, as the scoreboard shows them."""

@@ -1,8 +1,9 @@
 """App threads inside a worker: the loop never waits on an app that waits.
 
-Owns: the worker's app threads (started when a job finds none idle, retired
-after IDLE_SECONDS without one; the main thread is never retired), which
-thread leads the loop, the sentinel that detaches an inline app call that
+Owns: the worker's app threads (the loop starts one when the seats taken
+outnumber them, and retires one at a time once some stayed unused for
+IDLE_SECONDS; the main thread, told to retire, parks for good), which thread
+leads the loop, the sentinel that detaches an inline app call that
 runs too long, whether app calls run inline or are offloaded, the seats (app
 calls running on threads: at most [workers] threads), the requests waiting
 for a seat, and the mail from app threads to the loop (events of their
@@ -13,7 +14,7 @@ How a request runs:
   as with threads = 1, its call claimed in `claims` while it runs (one list.append and
   one list.remove, each atomic under the GIL).
 - The sentinel looks every CHECK seconds (NAP seconds when the worker is
-  quiet). A claim it sees at two looks in a row, an app call running for
+  quiet or offloads: then there is no inline call to watch). A claim it sees at two looks in a row, an app call running for
   CHECK to 2 x CHECK, it takes out of `claims` (its list.remove races the
   loop's own, and exactly one of them wins): that call is detached. Under `deciding`,
   its exchange gets a seat and goes remote (its connection parked), the
@@ -61,9 +62,10 @@ NAP = 0.1               # ... and while the worker is quiet
 QUIET_LOOKS = 200       # looks without a request before the sentinel naps (a second)
 SLOW = 0.005            # an app call this long makes the worker offload
 HOLD = 2.0              # seconds offloaded after the last slow call
-IDLE_SECONDS = 10.0     # an app thread with no job this long retires
+IDLE_SECONDS = 10.0     # app threads unused this long retire, one per RETIRE_EVERY
+RETIRE_EVERY = 1.0
 HIGH_WATER = 256 * 1024   # bytes pushed and not yet taken by the loop, at most
-LEAD = "lead"           # the job of leading the loop
+LEAD, RETIRE = "lead", "retire"   # jobs: lead the loop; end this thread
 log = logging.getLogger("prefork.worker")
 
 
@@ -115,59 +117,40 @@ class AppThreads:
         self.freed: collections.deque = collections.deque()
         self.mail: collections.deque = collections.deque()
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # The threads.
+        # The threads. Counted by the loop (or a committer) alone: it starts
+        # them and tells them to retire.
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.books = threading.Lock()     # guards the three counts below
-        self.alive = 1                    # threads, the main one included
-        self.idle = 0                     # waiting for a job
-        self.queued = 0                   # jobs put and not yet taken
-        self.started = 0                  # threads ever started (status)
+        self.alive = 1                    # threads that lead or take jobs, the main one included
+        self.retire_at = 0.0              # when an unused app thread may retire
         self.detaches = 0                 # inline calls detached (status)
+        self.parked = threading.Event()   # never set: the main thread's rest
 
     # -- threads ---------------------------------------------------------------
     def begin(self):
         """After boot: the sentinel starts watching."""
         threading.Thread(target=self.watch, name="sentinel", daemon=True).start()
 
-    def submit(self, job):
-        """Give a job to an idle thread, or to a new one."""
-        with self.books:
-            self.queued += 1
-            self.jobs.put(job)
-            start = self.idle < self.queued and self.alive < self.limit + 1
-            if start:
-                self.alive += 1
-                self.started += 1
-        if start:
-            threading.Thread(target=self.work, name="app", daemon=True).start()
+    def start(self, job=None):
+        self.alive += 1
+        self.retire_at = time.monotonic() + IDLE_SECONDS
+        threading.Thread(target=self.work, args=(job,), name="app", daemon=True).start()
 
-    def next_job(self, main: bool):
-        """The next job, or None when this thread retires (never the main one)."""
-        with self.books:
-            self.idle += 1
-        while True:
-            try:
-                job = self.jobs.get(timeout=None if main else IDLE_SECONDS)
-            except queue.Empty:
-                with self.books:
-                    if self.queued:   # one was put as the wait ran out: take it
-                        continue
-                    self.idle -= 1
-                    self.alive -= 1
-                return None
-            with self.books:
-                self.idle -= 1
-                self.queued -= 1
-            return job
+    def submit(self, job):
+        """An app call for the threads; one more of them if every one has a
+        seat's work (one thread leads)."""
+        self.jobs.put(job)
+        if self.alive - 1 < self.busy():
+            self.start()
 
     def work(self, job=None):
         """A thread's life: lead the loop or run app calls, as jobs come."""
-        main = threading.current_thread() is threading.main_thread()
         while True:
             if job is None:
-                job = self.next_job(main)
-                if job is None:
-                    return
+                job = self.jobs.get()
+            if job is RETIRE:
+                if threading.current_thread() is threading.main_thread():
+                    self.parked.wait()   # the main thread never returns (run() would exit)
+                return
             if job is LEAD:
                 try:
                     self.host.lead()
@@ -199,7 +182,10 @@ class AppThreads:
                 claim = None
             last = claim
             seen, requests = requests, self.host.requests
-            quiet = 0 if claim is not None or seen != requests else quiet + 1
+            if self.host.offloading:   # no inline call to watch
+                quiet = QUIET_LOOKS
+            else:
+                quiet = 0 if claim is not None or seen != requests else quiet + 1
 
     def commit(self, ex):
         """Under `deciding`, with the loop's thread in ex's app code (stuck,
@@ -208,7 +194,8 @@ class AppThreads:
         self.detaches += 1
         self.take_seat(ex)
         self.slow_call(time.monotonic())
-        self.submit(LEAD)
+        self.start(LEAD)
+        self.host.threads_changed()
 
     def settle(self):
         """This thread's claim was taken: wait until its detach is committed."""
@@ -259,18 +246,7 @@ class AppThreads:
             os.eventfd_read(self.wakeup_fd)
         except BlockingIOError:
             pass
-        freed = self.freed
-        if freed:
-            now = time.monotonic()
-            had_room = bool(self.free_seats)
-            while freed:
-                seat, took = freed.popleft()
-                self.free_seats.append(seat)
-                self.host.seat_freed(seat)
-                if took >= SLOW:
-                    self.slow_call(now)
-            if not had_room:
-                self.host.accepting(True)
+        self.take_freed()
         mail = self.mail
         while mail:
             ex = mail.popleft()
@@ -278,6 +254,7 @@ class AppThreads:
             conn = ex.conn
             if conn is not None and conn.exchange is ex:
                 conn.on_mail()
+        self.take_freed()   # seats freed as their last events were read
         waiting = self.waiting
         while waiting and self.free_seats:
             ex = waiting.popleft()
@@ -285,15 +262,38 @@ class AppThreads:
                 self.take_seat(ex)
                 self.submit((ex, ex.app))
 
+    def take_freed(self):
+        freed = self.freed
+        if not freed:
+            return
+        now = time.monotonic()
+        had_room = bool(self.free_seats)
+        while freed:
+            seat, took = freed.popleft()
+            self.free_seats.append(seat)
+            self.host.seat_freed(seat)
+            if took >= SLOW:
+                self.slow_call(now)
+        if not had_room:
+            self.host.accepting(True)
+
     def slow_call(self, now):
         self.offload_until = now + HOLD
         self.host.offloading = True
 
     def tick(self, now):
-        """Back to inline once nothing slow ran for HOLD and no seat is taken."""
-        if self.host.offloading and now >= self.offload_until \
-                and len(self.free_seats) == self.limit and not self.waiting:
+        """Back to inline once nothing slow ran for HOLD and no seat is taken;
+        an app thread unused for IDLE_SECONDS retires (one per RETIRE_EVERY)."""
+        busy = self.busy()
+        if self.host.offloading and now >= self.offload_until and not busy \
+                and not self.waiting:
             self.host.offloading = False
+        if self.alive - 1 <= busy:
+            self.retire_at = now + IDLE_SECONDS   # every app thread has work
+        elif now >= self.retire_at:
+            self.alive -= 1
+            self.jobs.put(RETIRE)
+            self.retire_at = now + RETIRE_EVERY
 
     def busy(self) -> int:
         """App calls running on threads."""
@@ -308,7 +308,9 @@ class AppThreads:
             os.eventfd_write(self.wakeup_fd, 1)
 
     def push(self, ex, kind, value=None, size=0):
-        """One event for the loop; past HIGH_WATER, wait for it to take them."""
+        """One event for the loop; past HIGH_WATER, wait for it to take them.
+        The last one (WHOLE, FILE, END, ERROR) comes after free(): it wakes
+        the loop for both."""
         if ex.cancelled:
             raise ClientGone()
         ex.inbox.append((kind, value))
@@ -347,11 +349,11 @@ class AppThreads:
         try:
             result = app(ex.environ, ex)
         except ClientGone:
-            return self.free(ex)
+            return self.last(ex, None)
         except HttpError as exc:
-            return self.fail(ex, exc)
+            return self.last(ex, ERROR, exc)
         except Exception:
-            return self.fail(ex, app_error())
+            return self.last(ex, ERROR, app_error())
         self.carry(ex, result)
 
     def carry_on(self, step):
@@ -365,26 +367,21 @@ class AppThreads:
             self.end(ex)
         else:
             self.close_result(ex)
-            self.fail(ex, value)
+            self.last(ex, ERROR, value)
 
     def carry(self, ex, result):
         """What the app returned: a body in hand, a file, or an iterable."""
+        if type(result) is list or type(result) is tuple:
+            return self.last(ex, WHOLE, result)
+        if isinstance(result, FileWrapper) and sendable(result):
+            return self.last(ex, FILE, result)   # the loop sends it, then closes it
         try:
-            if type(result) is list or type(result) is tuple:
-                self.push(ex, WHOLE, result)
-            elif isinstance(result, FileWrapper) and sendable(result):
-                self.push(ex, FILE, result)   # the loop sends it, then closes it
-            else:
-                try:
-                    ex.iterator = iter(result)
-                except TypeError:
-                    return self.fail(ex, AppError(f"app returned {type(result).__name__}, "
-                                                  "not an iterable of bytes"))
-                ex.result = result
-                return self.iterate(ex, None)
-        except ClientGone:
-            pass
-        self.free(ex)
+            ex.iterator = iter(result)
+        except TypeError:
+            return self.last(ex, ERROR, AppError(f"app returned {type(result).__name__}, "
+                                                 "not an iterable of bytes"))
+        ex.result = result
+        self.iterate(ex, None)
 
     def iterate(self, ex, first):
         try:
@@ -395,30 +392,19 @@ class AppThreads:
                     self.push(ex, DATA, data, len(data))
         except ClientGone:
             self.close_result(ex)
-            return self.free(ex)
+            return self.last(ex, None)
         except HttpError as exc:
             self.close_result(ex)
-            return self.fail(ex, exc)
+            return self.last(ex, ERROR, exc)
         except Exception:
             error = app_error()
             self.close_result(ex)
-            return self.fail(ex, error)
+            return self.last(ex, ERROR, error)
         self.end(ex)
 
     def end(self, ex):
         self.close_result(ex)
-        try:
-            self.push(ex, END)
-        except ClientGone:
-            pass
-        self.free(ex)
-
-    def fail(self, ex, error):
-        try:
-            self.push(ex, ERROR, error)
-        except ClientGone:
-            pass
-        self.free(ex)
+        self.last(ex, END)
 
     def close_result(self, ex):
         close = getattr(ex.result, "close", None)
@@ -429,8 +415,15 @@ class AppThreads:
             except Exception:
                 ex.inbox.append((PROBLEM, traceback.format_exc().rstrip()))
 
-    def free(self, ex):
-        """This thread's app code for ex is over: its seat goes back."""
+    def last(self, ex, kind, value=None):
+        """This thread's app code for ex is over: its seat goes back, with
+        the exchange's last event (kind None: none, the loop ended it). One
+        wake for both: a post still pending is read after this seat (deliver
+        looks at the freed seats again after the mail)."""
         self.freed.append((ex.seat, time.monotonic() - ex.started))
-        os.eventfd_write(self.wakeup_fd, 1)
+        if kind is None or ex.cancelled:
+            os.eventfd_write(self.wakeup_fd, 1)
+            return
+        ex.inbox.append((kind, value))
+        self.post(ex)
 

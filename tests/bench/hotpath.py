@@ -39,6 +39,7 @@ from prefork.worker.dispatch import compose, load_app  # noqa: E402
 from prefork.worker import loop as loop_mod         # noqa: E402
 from prefork.worker.loop import Worker              # noqa: E402
 from prefork.worker.static import StaticFiles       # noqa: E402
+from prefork.worker.threads import AppThreads       # noqa: E402
 from prefork.worker.wsgi import base_environ, build_environ  # noqa: E402
 
 APPS = {"hello": "prefork.apps.hello:app", "flask": "flask_app:app"}
@@ -71,7 +72,13 @@ def make_worker(app_spec, settings=()):
         section, _, key = name.partition(".")
         overrides.setdefault(section, {})[key] = tomllib.loads(f"v = {value}")["v"]
     config = config_mod.load(None, overrides)
-    worker = Worker(config, [], Scoreboard(1), 0, 1, os.getppid(), NullSink())
+    worker = Worker(config, [], Scoreboard(1, config.workers.threads), 0, 1, os.getppid(),
+                    NullSink())
+    if config.workers.threads > 1:
+        # As boot() makes them, but for the sentinel: its wakeups (every 5 ms
+        # while requests flow) would be counted by the time valgrind takes.
+        worker.threads = AppThreads(worker, config.workers.threads)
+        worker.claims = worker.threads.claims
     static = StaticFiles(config.static) if config.serves("static") else None
     worker.app = compose(load_app(app_spec, (ROOT, os.path.join(ROOT, "tests", "bench"))),
                          None, static)

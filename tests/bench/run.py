@@ -3,7 +3,10 @@
 Each server gets the same worker count, the same app and the same wrk load;
 each figure is the median of --runs runs. Ratios are prefork / peer (above 1:
 prefork is faster). This machine is small and noisy: read medians, not runs.
-Usage: tests/bench/run.py [--runs 3] [--duration 5] [--only NAME ...]
+Sections: servers (hello and Flask against every peer), wait (an app that waits
+20 ms, as on a database), mixed (fast requests beside slow ones: the fast ones'
+p99 against their p99 alone), access-log, stats, static, reload, idle.
+Usage: tests/bench/run.py [--runs 3] [--duration 5] [--sections NAME ...]
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ SERVERS = {
         f"{PEERS}/gunicorn", "-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--chdir", ROOT,
         "--pythonpath", f"{ROOT}/tests/bench", "--log-level", "warning", app],
     "gunicorn-gthread": lambda app, port, wd: [
-        f"{PEERS}/gunicorn", "-w", str(WORKERS), "-k", "gthread", "--threads", "4",
+        f"{PEERS}/gunicorn", "-w", str(WORKERS), "-k", "gthread", "--threads", "8",
         "-b", f"127.0.0.1:{port}", "--chdir", ROOT, "--pythonpath", f"{ROOT}/tests/bench",
         "--log-level", "warning", app],
     "uwsgi": lambda app, port, wd: [
@@ -75,6 +78,8 @@ SERVERS = {
 APPS = {
     "hello": "prefork.apps.hello:app",
     "flask": "flask_app:app",
+    "wait": "wait_app:app",
+    "mixed": "wait_app:mixed",
 }
 
 
@@ -95,8 +100,12 @@ def wait_answering(url, proc, timeout=30.0):
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
+def wrk_command(url, duration, connections=CONNECTIONS):
+    return ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+
+
 def run_wrk(url, duration, connections=CONNECTIONS):
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+    out = subprocess.run(wrk_command(url, duration, connections),
                          capture_output=True, text=True, timeout=duration + 30).stdout
     return parse_wrk(out)
 
@@ -245,6 +254,83 @@ def server_dir(parent, name) -> str:
     return path
 
 
+def compare_wait(args):
+    """The app that waits 20 ms per request: what app threads are for."""
+    parent = tempfile.mkdtemp(prefix="pfcfg")
+    app = APPS["wait"]
+    try:
+        commands = {}
+        for name, extra in (("prefork", ""), ("prefork-threads8", "[workers]\nthreads = 8\n")):
+            port = free_port()
+            workdir = server_dir(parent, name)
+            commands[name] = (prefork_command(app, port, workdir, log_section(workdir) + extra),
+                              f"http://127.0.0.1:{port}")
+        for server in ("gunicorn-gthread", "gunicorn-sync", "granian"):
+            if not os.path.exists(SERVERS[server]("", 0, "")[0]):
+                print(f"  (skipping {server}: not installed; run tests/bench/setup.sh)")
+                continue
+            port = free_port()
+            commands[server] = (SERVERS[server](app, port, server_dir(parent, server)),
+                                f"http://127.0.0.1:{port}")
+        results = side_by_side(args, commands)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    print_table(f"app: wait (sleeps 20 ms per request; {WORKERS} workers, wrk -t1 "
+                f"-c{CONNECTIONS} -d{args.duration}s, median of {args.runs}, runs rotated; "
+                f"gunicorn-gthread: 8 threads; prefork: its defaults, then threads = 8)", results)
+    for ours, peer in (("prefork", "granian"), ("prefork-threads8", "gunicorn-gthread")):
+        if ours in results and peer in results:
+            print(f"  {ours} / {peer}: {results[ours]['rps'] / results[peer]['rps']:.2f}x")
+
+
+def probe_beside(url, load_url, duration, load_connections):
+    """p99 of fast requests (a wrk of 5 connections on url) while another wrk
+    of load_connections loads load_url."""
+    load = subprocess.Popen(wrk_command(load_url, duration + 2, load_connections),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(1)   # the load is under way
+        probe = run_wrk(url, duration, connections=5)
+    finally:
+        load.communicate(timeout=duration + 30)
+    return probe
+
+
+def compare_mixed(args):
+    """Fast requests beside slow ones (wait_app.mixed: 1 in 10 waits 200 ms):
+    the fast requests' p99, probed on /?fast, against the same probe while
+    the load is fast requests only. Runs alternated."""
+    parent = tempfile.mkdtemp(prefix="pfcfg")
+    port = free_port()
+    workdir = server_dir(parent, "prefork")
+    command = prefork_command(APPS["mixed"], port, workdir, log_section(workdir))
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT}/tests/bench")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=env,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    probes = {"alone": [], "mixed": []}
+    try:
+        wait_answering(url + "/?fast", proc)
+        for _ in range(args.runs):
+            for name, load in (("alone", "/?fast"), ("mixed", "/")):
+                probes[name].append(probe_beside(url + "/?fast", url + load, args.duration,
+                                                 CONNECTIONS - 5))
+    finally:
+        stop(proc)
+        shutil.rmtree(parent, ignore_errors=True)
+    print(f"\nmixed: 5 connections of fast requests beside {CONNECTIONS - 5} of load "
+          f"(fast only, or 1 in 10 waiting 200 ms); prefork defaults, {WORKERS} workers")
+    print(f"{'load':<8}{'fast req/s':>11}{'fast p50':>10}{'fast p99':>10}  runs (p99)")
+    p99 = {}
+    for name, runs in probes.items():
+        p99[name] = statistics.median(r["p99"] for r in runs)
+        print(f"{name:<8}{statistics.median(r['rps'] for r in runs):>11.0f}"
+              f"{fmt_ms(statistics.median(r['p50'] for r in runs)):>10}{fmt_ms(p99[name]):>10}  "
+              f"{[fmt_ms(r['p99']) for r in runs]}")
+    print(f"  fast p99 beside slow requests / alone: {p99['mixed'] / p99['alone']:.2f}x "
+          f"(goal: at most 2x)")
+
+
 def instruction_count(app_name, *options):
     """User-space instructions per request on prefork's hot path, counted by
     callgrind (tests/bench/instructions.sh): the same on every run, so it is
@@ -260,8 +346,10 @@ def instruction_count(app_name, *options):
 def compare_servers(args):
     for app_name in args.apps:
         # Counted first, alone: valgrind must not share the cores with wrk.
-        instructions = (f"{instruction_count(app_name)}; through the worker loop with 25 "
-                        f"connections ready per round: {instruction_count(app_name, '--loop', '25')}")
+        instructions = (f"{instruction_count(app_name, '--set', 'workers.threads=1')} with threads "
+                        f"= 1, {instruction_count(app_name)} with the default threads; through "
+                        f"the worker loop with 25 connections ready per round: "
+                        f"{instruction_count(app_name, '--loop', '25')}")
         commands = {}
         parent = tempfile.mkdtemp(prefix="pfcfg")
         try:
@@ -463,11 +551,16 @@ def main():
     parser.add_argument("--servers", nargs="*", default=list(SERVERS))
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
     parser.add_argument("--sections", nargs="*",
-                        default=["servers", "access-log", "stats", "static", "reload", "idle"])
+                        default=["servers", "wait", "mixed", "access-log", "stats", "static",
+                                 "reload", "idle"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
         compare_servers(args)
+    if "wait" in args.sections:
+        compare_wait(args)
+    if "mixed" in args.sections:
+        compare_mixed(args)
     if "access-log" in args.sections:
         compare_prefork_variants(args, "access log on vs off (prefork, hello)", {
             "access-log-on": lambda wd: log_section(wd, access=True),

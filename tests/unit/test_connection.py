@@ -79,6 +79,8 @@ class FakeHost:
     def modify(self, fd, events):
         self.events[fd] = events
 
+    register = modify
+
     def closed(self, conn, received):
         self.forgotten = True
         self.received += received
