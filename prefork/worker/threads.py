@@ -3,30 +3,33 @@
 Owns: the worker's app threads (the loop starts one when the seats taken
 outnumber them, and retires one at a time once some stayed unused for
 IDLE_SECONDS; the main thread, told to retire, parks for good), which thread
-leads the loop, the sentinel that detaches an inline app call that
-runs too long, whether app calls run inline or are offloaded, the seats (app
-calls running on threads: at most [workers] threads), the requests waiting
-for a seat, and the mail from app threads to the loop (events of their
-exchanges, seats freed) with its wakeup fd.
+leads the loop, the sentinel that detaches an inline app call that runs too
+long, whether app calls run inline or are offloaded, the seats (app calls
+running on threads: at most [workers] threads), the requests waiting for a
+seat, and the mail from app threads to the loop (events of their exchanges,
+seats freed) with its wakeup fd.
 
 How a request runs:
 - Inline, the starting state: the loop's thread runs the app itself, exactly
-  as with threads = 1, its call claimed in `claims` while it runs (one list.append and
-  one list.remove, each atomic under the GIL).
+  as with threads = 1, its call claimed in `claims` while it runs (one
+  list.append and one list.remove, each atomic under the GIL).
 - The sentinel looks every CHECK seconds (NAP seconds when the worker is
-  quiet or offloads: then there is no inline call to watch). A claim it sees at two looks in a row, an app call running for
-  CHECK to 2 x CHECK, it takes out of `claims` (its list.remove races the
-  loop's own, and exactly one of them wins): that call is detached. Under `deciding`,
-  its exchange gets a seat and goes remote (its connection parked), the
-  worker offloads, and another thread is made the loop's leader. The
-  detached thread, when its app code returns, finds its claim gone, unwinds
-  the loop's frames (Detached) and goes on with the exchange as an app
-  thread. A PEP 3333 write() that would block detaches its call the same way.
-- Offloaded: each complete request takes a seat and goes to an app thread;
-  the loop runs no app code. Without a seat it waits (counted), and the
-  worker stops accepting, so new connections go to workers with room. After
-  HOLD seconds with no slow call (SLOW seconds or more) and no seat taken,
-  the worker runs inline again.
+  quiet or offloads: then there is no inline call to watch). A claim it sees
+  at two looks in a row, an app call running for CHECK to 2 x CHECK, it takes
+  out of `claims` (its list.remove races the loop's own, and exactly one of
+  them wins): that call is detached. Under `deciding`, its exchange gets a
+  seat and goes remote (its connection parked), the worker offloads, and a
+  new thread leads the loop. The detached thread, when its app code returns,
+  finds its claim gone, unwinds the loop's frames (Detached) and goes on with
+  the exchange as an app thread. A PEP 3333 write() that would block detaches
+  its call the same way.
+- Offloaded: each complete request takes a seat; the loop's thread hands the
+  loop to an idle thread (or a new one), unwinds (Detached) and runs the call
+  itself, so no hand-off delays the call; the loop's other events wait for
+  the next leader, a wakeup away. Without a seat a request waits (counted)
+  and goes to a thread as one frees, and the worker stops accepting, so new
+  connections go to workers with room. After HOLD seconds with no slow call
+  (SLOW seconds or more) and no seat taken, the worker runs inline again.
 
 An app thread runs app code only (the call, iterating its result, close(),
 write()) and pushes what it yields into the exchange's inbox (the kinds in
@@ -36,9 +39,9 @@ at most send_timeout in all per response (as a blocking write() does), so a
 response that fits in the buffers never holds a thread for a slow reader.
 
 Must not: touch a connection, the poller, statistics, the scoreboard or the
-access log from an app thread (only the loop does, and the thread committing
-a detach while the loop is stuck in that very call); run more than
-`threads` app calls at once.
+access log from an app thread (only the leader does, and a thread that
+commits a detach or a hand-over before it lets go of the loop); run more
+than `threads` app calls at once.
 """
 from __future__ import annotations
 
@@ -66,15 +69,18 @@ IDLE_SECONDS = 10.0     # app threads unused this long retire, one per RETIRE_EV
 RETIRE_EVERY = 1.0
 HIGH_WATER = 256 * 1024   # bytes pushed and not yet taken by the loop, at most
 LEAD, RETIRE = "lead", "retire"   # jobs: lead the loop; end this thread
+RUN = "run"             # Detached: the loop's thread runs an offloaded call
 log = logging.getLogger("prefork.worker")
 
 
 class Detached(BaseException):
     """Raised on the thread whose inline app call was detached, once that app
-    code returns: it unwinds the loop's frames (it is no Exception, so no
-    handler there takes it) to the thread's top, where AppThreads.carry_on
-    goes on with the exchange. kind: what the app code did (RESULT, CHUNK,
-    STOP or ERROR); value: its result, chunk or error."""
+    code returns, or that hands the loop over to run an offloaded call: it
+    unwinds the loop's frames (it is no Exception, so no handler there takes
+    it) to the thread's top, where AppThreads.carry_on goes on with the
+    exchange. kind: what the app code did (RESULT, CHUNK, STOP or ERROR) or
+    RUN (the call is still to make); value: its result, chunk or error, or
+    the app to call."""
 
     def __init__(self, exchange, kind, value):
         super().__init__(kind)
@@ -214,12 +220,18 @@ class AppThreads:
 
     # -- the loop's side ----------------------------------------------------------
     def offload(self, conn, ex, app):
-        """A complete request, while offloading: to an app thread when a seat
-        is free, else it waits for one."""
+        """A complete request, while offloading: on this thread, which hands
+        the loop over, when a seat is free; else it waits for one."""
         ex.app = app
         if self.free_seats:
+            # The loop's thread runs it: it hands the loop to another thread
+            # and leaves the loop's frames first (no hand-off before the call).
             self.take_seat(ex)
-            self.submit((ex, app))
+            if self.alive - 1 < self.busy():
+                self.start(LEAD)
+            else:
+                self.jobs.put(LEAD)
+            raise Detached(ex, RUN, app)
         else:
             ex.outlet = self
             ex.inbox = collections.deque()
@@ -359,7 +371,9 @@ class AppThreads:
     def carry_on(self, step):
         """The detached thread goes on with its exchange, then with jobs."""
         ex, kind, value = step.exchange, step.kind, step.value
-        if kind is RESULT:
+        if kind is RUN:
+            self.run(ex, value)
+        elif kind is RESULT:
             self.carry(ex, value)
         elif kind is CHUNK:
             self.iterate(ex, value)

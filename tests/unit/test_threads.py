@@ -67,6 +67,16 @@ def connect(host):
     return Connection(host, server, ("10.0.0.9", 9999), ("10.0.0.2", 80)), client
 
 
+def on_readable(host, conn):
+    """The loop's dispatch: an offloaded request leaves the loop's thread by
+    Detached, to run its call there (as AppThreads.work does at its top);
+    the test's thread stays the loop, so the call goes to a thread of its own."""
+    try:
+        conn.on_readable()
+    except Detached as step:
+        threading.Thread(target=host.threads.carry_on, args=(step,), name="app").start()
+
+
 def drive(host, conns, until, timeout=5.0):
     """Play the loop: socket events and the threads' mail, until until()."""
     deadline = time.monotonic() + timeout
@@ -81,7 +91,7 @@ def drive(host, conns, until, timeout=5.0):
             host.threads.deliver()
         for conn in conns:
             if conn.fd in ready_r:
-                conn.on_readable()
+                on_readable(host, conn)
             if conn.fd in ready_w:
                 conn.on_writable()
 
