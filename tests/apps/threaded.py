@@ -82,6 +82,13 @@ def big_stream(environ, start_response, query):
         yield chunk
 
 
+def file(environ, start_response, query):
+    """/file?S: waits, then a wsgi.file_wrapper of this module's source."""
+    time.sleep(float(query or 0))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return environ["wsgi.file_wrapper"](open(__file__, "rb"))
+
+
 def fails(environ, start_response, query):
     """/fails?S: waits, then raises."""
     time.sleep(float(query or 0))
@@ -89,4 +96,4 @@ def fails(environ, start_response, query):
 
 
 ROUTES = {"/barrier": barrier, "/where": where, "/stream": stream, "/write": write,
-          "/big-list": big_list, "/big-stream": big_stream, "/fails": fails}
+          "/big-list": big_list, "/big-stream": big_stream, "/file": file, "/fails": fails}

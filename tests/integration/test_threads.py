@@ -2,13 +2,16 @@
 at once, the loop keeps serving, nothing is lost or miscounted. Each route of
 tests/apps/threaded.py waits first, so its call leaves the loop for a thread;
 the assertions hold whenever that happens (nothing here is timed)."""
+import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
 import requests
 
-from tests.conftest import read_until_close, wait_for
+from tests.conftest import ROOT, read_until_close, wait_for
 
 APP = "tests.apps.threaded:app"
 
@@ -55,12 +58,14 @@ def test_the_environ_says_multithread_and_one_thread_keeps_the_loop_alone(make_s
     assert server.get("/where").text.endswith("multithread=True")
 
 
-def test_streams_write_and_errors_from_app_threads(make_server):
+def test_streams_write_files_and_errors_from_app_threads(make_server):
     server = make_server(app=APP, workers=1)
     assert server.get("/where?0.3").status_code == 200
     wait_for(lambda: threads(server)["detaches"] >= 1, message="a detached call")
     assert server.get("/stream?0.2").text == "".join(f"chunk{i}\n" for i in range(5))
     assert server.get("/write?0.2").text == "written0\nwritten1\nwritten2\nreturned\n"
+    with open(os.path.join(ROOT, "tests", "apps", "threaded.py"), "rb") as fh:
+        assert server.get("/file?0.2").content == fh.read()   # sent by the loop (sendfile)
     response = server.get("/fails?0.2")
     assert response.status_code == 500
     wait_for(lambda: "failed on a thread" in server.log("error"), message="the traceback")
@@ -118,10 +123,6 @@ def test_graceful_stop_finishes_the_requests_on_every_thread(make_server):
 
 def test_django_queries_its_database_from_several_threads_at_once(make_server, tmpdir_short):
     pytest.importorskip("django")
-    import os
-    import subprocess
-    import sys
-    from tests.conftest import ROOT
     db = os.path.join(tmpdir_short, "django.sqlite3")
     env = dict(os.environ, DJANGO_DB=db, DJANGO_SETTINGS_MODULE="tests.apps.django_site.settings",
                PYTHONPATH=ROOT)
