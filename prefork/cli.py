@@ -99,13 +99,15 @@ def parse_args(argv):
         p.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
         p.add_argument("--print-config", action="store_true",
                        help="print the effective settings and where each came from, then exit")
-        for flag, _, key, kind, doc in configmod.start_flags():
-            if kind == "strlist":
-                p.add_argument(flag, dest=key, action="append", help=doc + " (repeatable)")
-            elif kind == "bool":
-                p.add_argument(flag, dest=key, action="store_const", const=True, help=doc)
+        for flag in configmod.start_flags():
+            if flag.kind == "strlist":
+                p.add_argument(flag.flag, dest=flag.key, action="append",
+                               help=flag.help + " (repeatable)")
+            elif flag.kind == "bool":
+                p.add_argument(flag.flag, dest=flag.key, action="store_const", const=True,
+                               help=flag.help)
             else:
-                p.add_argument(flag, dest=key, help=doc)
+                p.add_argument(flag.flag, dest=flag.key, help=flag.help)
     def control(name, help_text):
         """A command for a running master: found by its config, or --pidfile."""
         p = command(name, help_text)
@@ -129,21 +131,21 @@ def overrides_from(args) -> dict:
     """The settings given as `start` flags, as config overrides (checked by
     config.load like the file's, and blamed on the flag)."""
     overrides = {}
-    for _, section, key, kind, _ in configmod.start_flags():
-        value = getattr(args, key, None)
+    for flag in configmod.start_flags():
+        value = getattr(args, flag.key, None)
         if value is None:
             continue
-        if kind == "workers" and value != "auto":
+        if flag.kind == "workers" and value != "auto":
             try:
                 value = int(value)
             except ValueError:
                 pass   # left as text: the check names the flag
-        if key == "bind":
+        if flag.key == "bind":
             value = [b if not b.startswith("unix:") else "unix:" + os.path.abspath(b[5:])
                      for b in value]
-        elif key in ("pidfile", "access_log", "error_log") and value not in ("", "-"):
+        elif flag.path and value not in ("", "-"):
             value = os.path.abspath(value)   # a path on the command line is the shell's
-        overrides.setdefault(section, {})[key] = value
+        overrides.setdefault(flag.section, {})[flag.key] = value
     return overrides
 
 

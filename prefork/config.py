@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 
 
@@ -480,7 +481,7 @@ def _build_section(cls, name, table, source):
 
 def _check_overrides(overrides):
     """Flags are checked on their own, so a bad one is blamed on the flag."""
-    flags = {(section, key): flag for flag, section, key, _, _ in start_flags()}
+    flags = {(f.section, f.key): f.flag for f in start_flags()}
     for name, table in overrides.items():
         known = {f.name: f for f in dataclasses.fields(SECTIONS[name])}
         for key, raw in table.items():
@@ -649,27 +650,43 @@ def render_toml(values: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_flags() -> list:
-    """[(flag, section, key, kind, help)] for the settings `start` can override."""
+class StartFlag(typing.NamedTuple):
+    flag: str       # --workers
+    section: str
+    key: str
+    kind: str       # the setting's kind ("workers", "strlist"...) or its type's name
+    path: bool      # a path (relative to the shell's directory on the command line)
+    help: str       # the first sentence of its documentation
+
+
+def first_sentence(doc: str) -> str:
+    text = " ".join(doc.split())
+    found = re.match(r"(.+?\.)(\s|$)", text)
+    return found.group(1) if found else text
+
+
+def start_flags() -> list[StartFlag]:
+    """The settings `start` can override, as flags."""
     flags = []
     for name, cls in SECTIONS.items():
         for spec in dataclasses.fields(cls):
             if spec.metadata["flag"]:
-                doc = spec.metadata["doc"].split("\n")[0]
-                flags.append((spec.metadata["flag"], name, spec.name, spec.metadata["kind"]
-                              or type(spec.default).__name__, doc))
+                flags.append(StartFlag(spec.metadata["flag"], name, spec.name,
+                                       spec.metadata["kind"] or type(spec.default).__name__,
+                                       spec.metadata["path"],
+                                       first_sentence(spec.metadata["doc"])))
     return flags
 
 
 def override_args(overrides: dict) -> list:
     """The `start` flags that give these overrides again (for upgrade)."""
     argv = []
-    for flag, section, key, _, _ in start_flags():
-        value = overrides.get(section, {}).get(key)
+    for f in start_flags():
+        value = overrides.get(f.section, {}).get(f.key)
         if value is None:
             continue
         for item in (value if isinstance(value, (list, tuple)) else [value]):
-            argv += [flag, str(item)]
+            argv += [f.flag, str(item)]
     return argv
 
 

@@ -131,3 +131,10 @@ def test_the_operations_files_say_what_upgrade_and_reload_need():
     with open(os.path.join(root, "conf", "logrotate.example")) as fh:
         rotate = fh.read()
     assert "prefork reopen" in rotate and "max_bytes = 0" in rotate
+
+
+def test_start_flags_say_whole_sentences_and_their_paths_come_from_the_table():
+    flags = {f.flag: f for f in config.start_flags()}
+    assert all(f.help.endswith(".") for f in flags.values()), [f.help for f in flags.values()]
+    assert flags["--threads"].help == "App calls one worker runs at once (1 to 256)."
+    assert {f.key for f in flags.values() if f.path} == {"pidfile", "access_log", "error_log"}
