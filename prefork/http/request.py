@@ -8,8 +8,10 @@ gives the spool a large body is written to (BodySpool).
 Usage: reader.feed(data) parses what it can; completed requests accumulate in
 reader.ready (pipelining keeps their order). An HttpError raised from feed()
 means: answer with its status and close; the reader is unusable afterwards.
-llhttp is driven by our binding (_llhttp.c) where it is built, else by
-httptools' (see RequestReader); the tests hold the two equal.
+RequestReader is the core, the same for both bindings of llhttp; what it
+makes is one of its two drivers: LlhttpReader (our binding, _llhttp.c) where
+that is built, else HttptoolsReader (httptools' binding). The tests hold the
+two equal.
 """
 from __future__ import annotations
 
@@ -131,13 +133,15 @@ class TrailerBudget:
 
 
 class RequestReader:
-    """The protocol object of one connection's llhttp parser.
+    """The protocol object of one connection's llhttp parser: what a request
+    may be (limits, Host, framing, bodies), whichever binding drives llhttp.
 
-    Two bindings of llhttp drive it: ours (_llhttp.c), which gathers a head in
-    C and hands it over in one call, on_head(); and httptools', the fallback
-    where ours is not built, which calls on_message_begin, on_url and on_header
-    for each part, then on_headers_complete (which calls on_head). Both then
-    call on_body and on_message_complete, and on_header for trailer fields.
+    RequestReader(...) makes the driver of the binding at hand, a subclass
+    that owns its parser and feed(): LlhttpReader (ours, _llhttp.c), which
+    gathers a head in C and hands it over in one call, on_head(); or
+    HttptoolsReader, the fallback where ours is not built, which is called
+    back for each part of a head and calls on_head itself. Both then call
+    on_body and on_message_complete, and on_header for trailer fields.
 
     template: the dict each request's fields start from (a copy per request).
     The worker passes the connection's base environ, so the fields become the
@@ -146,6 +150,11 @@ class RequestReader:
     a request and its response are one object). spool: opens the BodySpool of
     a body past limits.spool_threshold (the worker's opens a temporary file;
     by default the body stays in memory)."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is RequestReader:   # the driver of the binding built (looked up now: tests switch)
+            cls = LlhttpReader if _llhttp is not None else HttptoolsReader
+        return object.__new__(cls)
 
     def __init__(self, limits: Limits, template: dict | None = None, request_type=Request,
                  spool: Callable[[], BodySpool] = io.BytesIO):
@@ -158,25 +167,13 @@ class RequestReader:
         self.continue_pending = False      # worker should send 100 Continue
         self.in_message = False            # bytes of an unfinished request seen
         self.in_head = False               # ... and its head is not complete yet
-        self._small_feed = False   # (httptools only: this and the head's byte counts below)
-        self._small_size = limits.max_header_size - limits.max_headers
-        # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
-        # served as the highest we speak. The major version is checked in on_head.
-        self._fast = _llhttp is not None
-        self._parser: Any
-        if _llhttp is not None:
-            self._parser = _llhttp.Parser(self, self.template, _FIELD_KEYS, limits.max_request_line)
-            self._parser.set_lenient_version(True)
-        else:
-            self._parser = httptools.HttpRequestParser(self)
-            self._parser.set_dangerous_leniencies(lenient_version=True)
+        self._parser: Any = None           # the driver's
+        # An unfinished head is bounded by what it may hold (each driver counts).
         self._head_limit = limits.max_request_line + limits.max_header_size + 64
         self._max_line = limits.max_request_line
         self._trailers = TrailerBudget()
-        self._head_began_in_feed = False
         self._fields: Any = None   # a dict in a head; a TrailerBudget after a chunked one
         self._url = b""
-        self._version: str | None = None   # from the request line, when feed() saw it whole
         self._request = None
         self._reset_counts()
         self._reset_body()
@@ -184,7 +181,6 @@ class RequestReader:
     def _reset_counts(self):
         self._extra_fields = 0     # fields repeated or refused (not one entry each)
         self._extra_size = 0       # ... and their bytes
-        self._head_fed = 0         # bytes of whole feeds inside this head
 
     def _reset_body(self):
         self._chunked = False
@@ -194,49 +190,8 @@ class RequestReader:
 
     # -- input ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        ready_before = len(self.ready)
-        parser = self._parser
-        if self._fast:
-            try:
-                parser.feed_data(data)
-            except Exception as exc:
-                self._raise_as_http(exc, data, len(self.ready) > ready_before)
-            finally:
-                self.in_message = parser.in_message
-                self.in_head = in_head = parser.in_head
-            # Our binding holds an unfinished head's target and fields; bound them.
-            if in_head and parser.pending > self._head_limit:
-                raise HeadersTooLarge()
-            return
-        # A head that begins in a feed this small needs no sum of its size:
-        # each field counts at most one byte more than it takes on the wire,
-        # and there are at most max_headers of them.
-        self._small_feed = len(data) <= self._small_size
-        if not self.in_message:
-            # httptools formats the version anew on each call (a large share
-            # of a small request's cost); when this feed begins a request, its
-            # request line's end names it. llhttp checks that line: this only
-            # reads it, and leaves any other version to get_http_version().
-            end = data.find(b"\n")
-            if end > 10:
-                self._version = _LINE_VERSIONS.get(data[end - 10:end + 1])
-        try:
-            parser.feed_data(data)
-        except Exception as exc:
-            self._raise_as_http(exc, data, len(self.ready) > ready_before)
-        if self.in_head:
-            # httptools buffers a header line internally until it is complete,
-            # so bound the bytes of an unfinished head here as well.
-            # Only whole feeds inside one head count: in the feed where the
-            # head began, the bytes before it were other requests' (a
-            # pipelined burst is not a large head). That feed's share of the
-            # head is at most one read, which the caller bounds.
-            if self._head_began_in_feed:
-                self._head_began_in_feed = False
-            else:
-                self._head_fed += len(data)
-            if self._head_fed > self._head_limit:
-                raise HeadersTooLarge()
+        """Parse what data holds (the driver's)."""
+        raise NotImplementedError
 
     def _raise_as_http(self, exc: Exception, data: bytes, completed_in_feed: bool) -> None:
         """What a binding raised from feed_data, as the HttpError to answer
@@ -290,17 +245,15 @@ class RequestReader:
     def partial(self) -> tuple:
         """(method, target, version) of the request being read, as far as
         known: what the access log shows for a rejected request."""
-        url = self._url or (self._parser.url if self._fast else b"")
+        url = self._url or self._pending_url()
         method = self._parser.get_method().decode("latin-1", "replace") if url else "-"
         return method, (url or b"-").decode("latin-1"), "-"
 
-    # -- callbacks from the parser --------------------------------------------
-    def on_message_begin(self):   # httptools only
-        self.in_message = True
-        self.in_head = True
-        self._head_began_in_feed = True
-        self._fields = self.template.copy()
+    def _pending_url(self) -> bytes:
+        """The target of a head not yet whole, where the binding holds it."""
+        return b""
 
+    # -- callbacks from the parser --------------------------------------------
     def on_url(self, fragment):
         # httptools: each fragment; ours: the whole target, once it is too long.
         url = self._url + fragment
@@ -347,16 +300,6 @@ class RequestReader:
             raise BadRequest("more than one Content-Length")
         self._uncounted(name, value)
         self._fields[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
-
-    def on_headers_complete(self):   # httptools only: gathers what on_head takes
-        parser = self._parser
-        version = self._version or parser.get_http_version()
-        size = -1   # not summed
-        if not (self._head_began_in_feed and self._small_feed):
-            size = self.head_size()
-        method = parser.get_method()
-        self.on_head(_METHOD_NAMES.get(method) or method.decode("ascii"), self._url, version,
-                     self._fields, None, size)
 
     def on_head(self, method, url, version, fields, odd, size):
         """A whole head: method (str), target (bytes), version ("M.m"), the
@@ -471,10 +414,10 @@ class RequestReader:
                 raise SpoolFailed(f"cannot spool the body: {exc.strerror}") from None
             self._body_chunks = []
 
-    def on_message_complete(self, keep_alive=None):
-        # keep_alive: llhttp's verdict, which our binding passes (httptools' is asked).
+    def on_message_complete(self, keep_alive):
+        """keep_alive: llhttp's verdict on the connection after this request."""
         request = self._request
-        request.keep_alive = self._parser.should_keep_alive() if keep_alive is None else keep_alive
+        request.keep_alive = keep_alive
         if self._body_size or self._chunked:
             if self._chunked:
                 # Its length is known now that it is read: the app gets a
@@ -491,8 +434,107 @@ class RequestReader:
         self.ready.append(request)
         self.in_message = False
         self._url = b""
-        self._version = None
         self._request = None
         self._fields = None   # the request has them: an idle connection keeps no environ
-        if self._extra_fields or self._head_fed:
+        if self._extra_fields:
             self._reset_counts()
+
+
+class LlhttpReader(RequestReader):
+    """The driver of our binding (_llhttp.c): it gathers a head in C, files
+    its usual fields into a copy of the template, and calls on_head once."""
+
+    def __init__(self, limits: Limits, template: dict | None = None, request_type=Request,
+                 spool: Callable[[], BodySpool] = io.BytesIO):
+        super().__init__(limits, template, request_type, spool)
+        self._parser = _llhttp.Parser(self, self.template, _FIELD_KEYS, limits.max_request_line)
+        # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
+        # served as the highest we speak. The major version is checked in on_head.
+        self._parser.set_lenient_version(True)
+
+    def feed(self, data: bytes) -> None:
+        ready_before = len(self.ready)
+        parser = self._parser
+        try:
+            parser.feed_data(data)
+        except Exception as exc:
+            self._raise_as_http(exc, data, len(self.ready) > ready_before)
+        finally:
+            self.in_message = parser.in_message
+            self.in_head = in_head = parser.in_head
+        # Our binding holds an unfinished head's target and fields; bound them.
+        if in_head and parser.pending > self._head_limit:
+            raise HeadersTooLarge()
+
+    def _pending_url(self) -> bytes:
+        return self._parser.url
+
+
+class HttptoolsReader(RequestReader):
+    """The driver of httptools' binding, the fallback where ours is not
+    built: called back for the start of a request, each piece of its target,
+    each header field and the head's end, it gathers what on_head takes."""
+
+    def __init__(self, limits: Limits, template: dict | None = None, request_type=Request,
+                 spool: Callable[[], BodySpool] = io.BytesIO):
+        super().__init__(limits, template, request_type, spool)
+        self._parser = httptools.HttpRequestParser(self)
+        self._parser.set_dangerous_leniencies(lenient_version=True)   # as LlhttpReader
+        self._small_feed = False   # this feed is small enough not to sum a head's size
+        self._small_size = limits.max_header_size - limits.max_headers
+        self._head_began_in_feed = False
+        self._head_fed = 0         # bytes of whole feeds inside this head
+        self._version: str | None = None   # from the request line, when feed() saw it whole
+
+    def feed(self, data: bytes) -> None:
+        ready_before = len(self.ready)
+        # A head that begins in a feed this small needs no sum of its size:
+        # each field counts at most one byte more than it takes on the wire,
+        # and there are at most max_headers of them.
+        self._small_feed = len(data) <= self._small_size
+        if not self.in_message:
+            # httptools formats the version anew on each call (a large share
+            # of a small request's cost); when this feed begins a request, its
+            # request line's end names it. llhttp checks that line: this only
+            # reads it, and leaves any other version to get_http_version().
+            end = data.find(b"\n")
+            if end > 10:
+                self._version = _LINE_VERSIONS.get(data[end - 10:end + 1])
+        try:
+            self._parser.feed_data(data)
+        except Exception as exc:
+            self._raise_as_http(exc, data, len(self.ready) > ready_before)
+        if self.in_head:
+            # httptools buffers a header line internally until it is complete,
+            # so bound the bytes of an unfinished head here as well.
+            # Only whole feeds inside one head count: in the feed where the
+            # head began, the bytes before it were other requests' (a
+            # pipelined burst is not a large head). That feed's share of the
+            # head is at most one read, which the caller bounds.
+            if self._head_began_in_feed:
+                self._head_began_in_feed = False
+            else:
+                self._head_fed += len(data)
+            if self._head_fed > self._head_limit:
+                raise HeadersTooLarge()
+
+    def on_message_begin(self):
+        self.in_message = True
+        self.in_head = True
+        self._head_began_in_feed = True
+        self._fields = self.template.copy()
+
+    def on_headers_complete(self):
+        parser = self._parser
+        version = self._version or parser.get_http_version()
+        size = -1   # not summed
+        if not (self._head_began_in_feed and self._small_feed):
+            size = self.head_size()
+        method = parser.get_method()
+        self.on_head(_METHOD_NAMES.get(method) or method.decode("ascii"), self._url, version,
+                     self._fields, None, size)
+
+    def on_message_complete(self, keep_alive=None):
+        super().on_message_complete(self._parser.should_keep_alive())
+        self._version = None
+        self._head_fed = 0

@@ -12,8 +12,8 @@ from prefork.http.proxy import Networks
 from prefork.worker.connection import HIGH_WATER, PIPELINE_TURN, Connection
 from prefork.worker.wsgi import FileWrapper
 
-# Each test here runs on both bindings of llhttp (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("llhttp_binding")
+# The reader is the same for both bindings of llhttp (http/request.py's core;
+# test_http_request.py and the corpus run on both): these run on the one built.
 
 
 class FakeHost:

@@ -15,7 +15,8 @@ from prefork.worker.loop import Worker
 from prefork.worker.threads import HIGH_WATER, AppThreads, Detached
 from tests.unit.test_connection import FakeHost, Pair, get
 
-pytestmark = pytest.mark.usefixtures("llhttp_binding")
+# The reader is the same for both bindings of llhttp (http/request.py's core;
+# test_http_request.py and the corpus run on both): these run on the one built.
 
 
 class ThreadsFakeHost(FakeHost):

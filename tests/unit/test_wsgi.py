@@ -9,8 +9,8 @@ from prefork.config import HttpConfig
 from prefork.http.request import RequestReader
 from prefork.worker.wsgi import Response, base_environ, build_environ, split_target
 
-# Each test here runs on both bindings of llhttp (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("llhttp_binding")
+# The reader is the same for both bindings of llhttp (http/request.py's core;
+# test_http_request.py and the corpus run on both): these run on the one built.
 
 
 def environ_for(raw: bytes) -> dict:
