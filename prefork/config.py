@@ -247,6 +247,13 @@ Open connections one worker holds at most; more wait in the listen queue or go
 to another worker. With the [http] sizes this bounds a worker's memory: about
 max_connections x (64 KiB read + 256 KiB unsent output + spool_threshold).""")
 
+    @property
+    def stop_grace(self) -> float:
+        """Seconds a worker told to stop gracefully gets before SIGKILL: it
+        cuts what is left at graceful_timeout itself (and logs it); the kill
+        after kill_grace is the backstop for one stuck in the app."""
+        return self.graceful_timeout + self.kill_grace
+
 
 def _check_access_format(value):
     if value in ("combined", "json"):

@@ -93,6 +93,13 @@ class SeatView:
                 "client": self.client, "elapsed": round(max(0.0, now - self.request_start), 3)}
 
 
+def shown_state(stopping: bool, view: SlotView) -> str:
+    """The one rule for the state a worker is shown in: "stopping" once the
+    master told it to stop (the pool knows first), else what its slot says
+    (booting, idle, busy), which the worker itself writes."""
+    return "stopping" if stopping else view.state
+
+
 def busy_idle(states) -> tuple:
     """(busy, idle) among worker state names."""
     states = list(states)

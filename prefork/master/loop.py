@@ -12,6 +12,7 @@ Must not: import the app (workers do, so that reload re-imports it), or block.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -33,7 +34,8 @@ from ..worker import loop as worker_loop
 from . import control, systemd, upgrade
 from .autoreload import CodeWatcher
 from .logfiles import LogFiles, install_master_logging
-from .pool import MAX_SLOTS, Pool
+from .lifecycle import Lifecycle, Phase
+from .pool import MAX_SLOTS, Generation, Pool
 from .reload import Reloader
 from .snapshot import SnapshotBuilder, View
 from .watchdog import Watchdog
@@ -46,19 +48,14 @@ SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.
 
 class Master:
     def __init__(self, config, overrides, reporter, foreground=False):
-        self.config = config
+        self.current = Generation(1, config, {})   # the running generation
         self.overrides = overrides
         self.reporter = reporter
         self.foreground = foreground
         self.pid = os.getpid()
-        self.generation = 1
         self.target = config.server.workers
-        self.listeners = {}             # bind text -> socket
-        self.starting = True            # until the first generation is ready
+        self.life = Lifecycle()         # starting, running, draining, stopping, finished
         self.upgrading = False          # started by `upgrade`: pidfile and control path wait
-        self.stopping = False
-        self.draining_until = 0.0       # TERM with [workers] drain_time: serving until then
-        self.finished = False
         self.exit_code = 0
         self.started_wall = time.time()
         self.started = self.now = time.monotonic()
@@ -75,6 +72,19 @@ class Master:
         self.reloader = Reloader(self.pool)
         self.upgrader = upgrade.Upgrader()
         self.snapshots = SnapshotBuilder(self.scoreboard)
+
+    # The running generation's parts, read often.
+    @property
+    def config(self):
+        return self.current.config
+
+    @property
+    def generation(self) -> int:
+        return self.current.number
+
+    @property
+    def listeners(self) -> dict:
+        return self.current.listeners
 
     def make_pool(self) -> Pool:
         return Pool(self.scoreboard, self.selector, self.run_worker)
@@ -121,12 +131,15 @@ class Master:
         replace (USR2); bind the rest."""
         activated = systemd.activated_sockets()
         if activated:
-            self.listeners = {describe(sock): sock for sock in activated}
+            self.current = dataclasses.replace(
+                self.current, listeners={describe(sock): sock for sock in activated})
             log.info("using %d socket(s) from the service manager", len(activated))
             return
         adopted = sockets.inherited()
+        listeners = {}
         for bind in self.config.server.bind:
-            self.listeners[bind] = adopted.pop(bind, None) or listener_for(bind, self.config.server)
+            listeners[bind] = adopted.pop(bind, None) or listener_for(bind, self.config.server)
+        self.current = dataclasses.replace(self.current, listeners=listeners)
         for sock in adopted.values():
             sock.close()   # a bind the new config dropped
 
@@ -144,7 +157,7 @@ class Master:
 
     # -- the loop --------------------------------------------------------------
     def loop(self):
-        while not self.finished:
+        while self.life.phase is not Phase.FINISHED:
             for key, _ in self.selector.select(TICK_SECONDS):
                 self.contained(key.data, key)
             self.now = time.monotonic()
@@ -171,26 +184,28 @@ class Master:
         self.channels.check(now)
         self.upgrader.watch()   # also while stopping: the new master's READY is why we stop
         self.pool.enforce(now, self.config.workers.boot_timeout)
-        if self.stopping:
-            self.finished = not len(self.pool)
+        if self.life.stopping:
+            if not len(self.pool):
+                self.life = self.life.workers_gone()
             return
-        if self.draining_until:
-            if now >= self.draining_until:
+        if not self.life.serving:   # draining: serving as is, no spawning, reloading or recycling
+            if self.life.drained(now):
                 self.stop(graceful=True)
             self.publish_if_due(now)
-            return   # serving as is: no spawning, reloading or recycling while it drains
+            return
         if self.watcher is not None and self.reloader.pending is None:
             changed = self.watcher.changed(now)
             if changed:
                 log.info("%s changed: reloading", changed)
                 self.begin_reload()
-        committed = self.reloader.advance(now, self.generation, self.listeners)
+        committed = self.reloader.advance(self.current, now)
         if committed is not None:
             self.adopt(committed)
         if self.reloader.pending is None:
-            self.watchdog.check(now, self.config, self.generation, self.listeners)
-        self.pool.keep_size(self.target, self.config, self.generation, self.listeners, now)
-        if self.starting and self.pool.ready_count(self.generation) >= self.target:
+            self.watchdog.check(self.current, now)
+        self.pool.keep_size(self.target, self.current, now)
+        if self.life.phase is Phase.STARTING and \
+                self.pool.ready_count(self.generation) >= self.target:
             self.on_ready()
         self.publish_if_due(now)
 
@@ -203,7 +218,7 @@ class Master:
             self.channels.publish(self.snapshot())
 
     def on_ready(self):
-        self.starting = False
+        self.life = self.life.ready()
         if self.upgrading:
             self.write_pidfile()
             self.control.promote()
@@ -243,12 +258,12 @@ class Master:
         rec, report = gone.rec, gone.boot_failure
         repeated = self.pool.note_boot_error(report)
         pending = self.reloader.pending
-        if pending is not None and rec.generation == pending.generation:
+        if pending is not None and rec.generation == pending.gen.number:
             return self.reloader.abort(f"worker failed to boot ({gone.how}):\n{report}",
-                                       self.generation, self.now, self.listeners)
-        if self.stopping:
+                                       self.current, self.now)
+        if self.life.stopping:
             return
-        if self.starting:
+        if self.life.phase is Phase.STARTING:
             log.error("worker %d failed to boot (%s):\n%s", rec.slot, gone.how, report)
             self.reporter.failed(f"worker failed to boot: {summarize_traceback(report)} "
                                  f"(the error log has the traceback)")
@@ -261,79 +276,71 @@ class Master:
                   " (same error as before)" if repeated else ":\n" + report)
 
     # -- actions ----------------------------------------------------------------------
-    def stop_grace(self):
-        """A graceful worker cuts what is left at graceful_timeout itself (and
-        logs it); the kill after this is the backstop for one stuck in the app."""
-        return self.config.workers.graceful_timeout + self.config.workers.kill_grace
-
     def begin_stop(self, graceful=True):
-        """TERM (graceful) or INT/QUIT: with drain_time, a graceful stop
-        drains first; a second TERM while draining changes nothing."""
+        """TERM (graceful) or INT/QUIT: with drain_time, a graceful stop of a
+        running master drains first; a second TERM while draining changes nothing."""
         drain = self.config.workers.drain_time
-        if graceful and drain and not self.starting and not self.stopping:
-            if not self.draining_until:
+        if graceful and drain and self.life.phase in (Phase.RUNNING, Phase.DRAINING):
+            if self.life.phase is Phase.RUNNING:
                 self.begin_drain(drain)
             return
         self.stop(graceful)
 
     def stop(self, graceful=True):
-        if self.stopping and graceful:
+        if self.life.stopping and graceful:
             return
-        self.draining_until = 0.0
-        if not self.stopping:
+        if not self.life.stopping:
             log.info("%s stop requested", "graceful" if graceful else "fast")
             systemd.notify("STOPPING=1", "STATUS=stopping")
-        self.stopping = True
+        self.life = self.life.stop()
         if self.reloader.pending is not None:
-            self.reloader.abort("stopping", self.generation, self.now, self.listeners)
+            self.reloader.abort("stopping", self.current, self.now)
         # Workers keep their own copies until they have drained the queue.
         self.close_listeners()
-        self.pool.stop_all("stop", self.now, self.stop_grace(), fast=not graceful)
+        self.pool.stop_all("stop", self.now, self.config.workers.stop_grace, fast=not graceful)
 
     def begin_drain(self, seconds):
         """TERM with drain_time: keep serving while the health path says 503,
         so a load balancer stops sending before the listeners close."""
-        self.draining_until = self.now + seconds
+        self.life = self.life.drain(self.now, seconds)
         log.info("draining for %gs (health answers 503), then stopping gracefully", seconds)
         systemd.notify("STATUS=draining")
         for rec in self.pool:
             self.pool.signal(rec, DRAIN_SIGNAL)
 
     def begin_reload(self, waiter=None):
-        if self.stopping:
+        if self.life.stopping:
             if waiter:
                 control.reply(waiter, {"ok": False, "error": "stopping"})
             return
-        self.reloader.begin(self.config, self.overrides, self.listeners, self.generation,
-                            self.now, waiter)
+        self.reloader.begin(self.current, self.overrides, self.now, waiter)
 
     def adopt(self, committed):
         """A reload's new generation is ready: it becomes the running one."""
-        old_generation = self.generation
+        old = self.current
+        new = committed.gen
         for rec in self.pool:
-            if rec.generation < committed.generation:
-                self.pool.stop(rec, "retired", self.now, self.stop_grace())
-        for bind, sock in self.listeners.items():
-            if bind not in committed.listeners:
+            if rec.generation < new.number:
+                self.pool.stop(rec, "retired", self.now, old.config.workers.stop_grace)
+        for bind, sock in old.listeners.items():
+            if bind not in new.listeners:
                 close_listener(sock, unlink=True)
-        self.listeners = committed.listeners
-        old_logging = self.config.logging
-        self.config = committed.config
-        self.generation = committed.generation
-        self.target = committed.config.server.workers
+        self.current = new
+        old_logging = old.config.logging
+        self.target = new.config.server.workers
         if self.config.logging != old_logging:
             self.files.close()
             self.files = LogFiles(self.config.logging, self.files.mirror_stderr)
             install_master_logging(self.files, self.config.logging.level)
         log.info("reloaded: generation %d replaced generation %d; serving on %s",
-                 self.generation, old_generation, " ".join(self.urls()))
+                 self.generation, old.number, " ".join(self.urls()))
         systemd.notify("READY=1", self.status_line())
         for waiter in committed.waiters:
             control.reply(waiter, {"ok": True, "generation": self.generation,
                                    "urls": self.urls()})
 
     def begin_upgrade(self, waiter=None):
-        if self.upgrader.under_way or self.reloader.pending is not None or self.stopping:
+        if self.upgrader.under_way or self.reloader.pending is not None or self.life.stopping:
             why = ("one is under way" if self.upgrader.under_way
                    else "a reload or stop is under way")
             log.warning("upgrade refused: %s", why)
@@ -407,21 +414,23 @@ class Master:
             control.reply(conn, {"ok": False, "error": f"unknown command {name!r}"})
 
     def state(self) -> str:
-        if self.stopping:
-            return "stopping"
-        if self.draining_until:
-            return "draining"
+        """The lifecycle's phase, or what a running master is busy with."""
+        if not self.life.serving:
+            return "stopping" if self.life.stopping else self.life.phase.value
         if self.reloader.pending is not None:
             return "reloading"
         return "degraded" if self.pool.boot_failures else "running"
 
     def view(self) -> View:
-        return View(self.pid, self.started_wall, self.now - self.started, self.generation,
-                    self.config.source, list(self.listeners.values()), self.urls(),
-                    self.state(), self.target, self.pool, self.reloader.describe(),
-                    self.totals, self.watchdog.timeouts, self.ledger.lost, self.open_connections,
-                    self.rates.rates(), self.files.describe() if self.files else {},
-                    self.channels.describe() if self.channels else {})
+        return View(pid=self.pid, started_wall=self.started_wall,
+                    uptime=self.now - self.started, generation=self.generation,
+                    config_source=self.config.source, listeners=list(self.listeners.values()),
+                    urls=self.urls(), state=self.state(), target=self.target, pool=self.pool,
+                    reloads=self.reloader.describe(), totals=self.totals,
+                    timeouts=self.watchdog.timeouts, lost_lines=self.ledger.lost,
+                    open_connections=self.open_connections, rates=self.rates.rates(),
+                    logs=self.files.describe() if self.files else {},
+                    manager=self.channels.describe() if self.channels else {})
 
     def snapshot(self) -> dict:
         self.now = time.monotonic()
@@ -430,7 +439,7 @@ class Master:
     def close_listeners(self):
         for sock in self.listeners.values():
             close_listener(sock, unlink=not self.upgrader.handed_over())
-        self.listeners = {}
+        self.current = dataclasses.replace(self.current, listeners={})
 
     def cleanup(self):
         while self.drain_channels():   # every worker has exited: take all they sent

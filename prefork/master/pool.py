@@ -31,6 +31,15 @@ BACKOFF_CAP = 10.0
 EXIT_CATEGORIES = {"recycled": "recycled", "timeout": "killed"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What a generation of workers is started with: its number (bumped by
+    each reload), its config and its listeners (bind text -> socket)."""
+    number: int
+    config: object            # config.Config
+    listeners: dict
+
+
 @dataclasses.dataclass
 class ReportPipe:
     """The read end of a worker's report pipe: b"OK\\n" or b"FAIL\\n"+traceback
@@ -122,7 +131,7 @@ class Pool:
         return sum(1 for r in self.members(generation) if r.state == "ready")
 
     # -- spawning ------------------------------------------------------------------
-    def spawn(self, config, generation, listeners, now, replaces=0) -> WorkerRecord:
+    def spawn(self, gen: Generation, now, replaces=0) -> WorkerRecord:
         slot = self.take_slot()
         read_fd, write_fd = os.pipe()
         # Objects the child inherits stay out of its collector's reach, so
@@ -134,12 +143,12 @@ class Pool:
             for rec in self.workers.values():
                 if rec.report.fd is not None:
                     os.close(rec.report.fd)
-            self.run_child(config, list(listeners.values()), slot, generation, write_fd)
+            self.run_child(gen.config, list(gen.listeners.values()), slot, gen.number, write_fd)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        rec = self.add(pid, slot, generation, now, read_fd, replaces)
+        rec = self.add(pid, slot, gen.number, now, read_fd, replaces)
         self.selector.register(read_fd, selectors.EVENT_READ, lambda key: self.read_report(rec))
-        log.info("spawned worker %d (pid %d, generation %d)", slot, pid, generation)
+        log.info("spawned worker %d (pid %d, generation %d)", slot, pid, gen.number)
         return rec
 
     def add(self, pid, slot, generation, now, report_fd, replaces=0) -> WorkerRecord:
@@ -280,19 +289,18 @@ class Pool:
         self.next_spawn_at = 0.0
 
     # -- sizing ---------------------------------------------------------------------
-    def keep_size(self, target, config, generation, listeners, now):
+    def keep_size(self, target, gen: Generation, now):
         """Spawn the missing members (one at a time while boots fail, after
         the backoff), stop the oldest extra ones."""
         # A replacement booting for a recycled worker is not a member yet.
-        current = [r for r in self.members(generation) if not r.replaces]
+        current = [r for r in self.members(gen.number) if not r.replaces]
         missing = target - len(current)
         if missing > 0 and now >= self.next_spawn_at:
             for _ in range(missing if self.boot_failures == 0 else 1):
-                self.spawn(config, generation, listeners, now)
+                self.spawn(gen, now)
         elif missing < 0:
             for rec in sorted(current, key=lambda r: r.spawned)[:-missing]:
-                self.stop(rec, "scaled down", now, config.workers.graceful_timeout
-                          + config.workers.kill_grace)
+                self.stop(rec, "scaled down", now, gen.config.workers.stop_grace)
 
     def stop_all(self, reason, now, grace, fast):
         for rec in self:

@@ -19,6 +19,7 @@ import time
 from .. import config as configmod
 from ..sockets import BindError, close_listener, listener_for
 from . import control, systemd
+from .pool import Generation
 
 log = logging.getLogger("prefork.master")
 HISTORY = 10   # reloads remembered for status
@@ -26,9 +27,7 @@ HISTORY = 10   # reloads remembered for status
 
 @dataclasses.dataclass
 class Reload:
-    config: configmod.Config
-    generation: int
-    listeners: dict
+    gen: Generation           # the new generation
     started: float
     waiters: list
 
@@ -42,55 +41,58 @@ class Reloader:
         self.last_error = ""
         self.history: list[dict] = []   # newest last: {"at", "generation", "ok", "error"}
 
-    def begin(self, config, overrides, listeners, generation, now, waiter=None):
+    def begin(self, current: Generation, overrides, now, waiter=None):
         """Start a reload from the running config's source and overrides."""
         if self.pending is not None:
             if waiter:
                 self.pending.waiters.append(waiter)
             return
         waiters = [waiter] if waiter else []
-        log.info("reload requested: re-reading %s", config.source or "defaults")
+        source = current.config.source
+        log.info("reload requested: re-reading %s", source or "defaults")
         try:
-            new = configmod.load(config.source or None, overrides)
+            new = configmod.load(source or None, overrides)
         except configmod.ConfigError as exc:
-            return self.failed_with(str(exc), waiters, generation)
+            return self.failed_with(str(exc), waiters, current.number)
         opened = {}
         try:
             for bind in new.server.bind:
-                opened[bind] = listeners.get(bind) or listener_for(bind, new.server)
+                opened[bind] = current.listeners.get(bind) or listener_for(bind, new.server)
         except BindError as exc:
-            close_new(opened, listeners)
-            return self.failed_with(str(exc), waiters, generation)
-        systemd.notify("RELOADING=1", f"STATUS=reloading: starting generation {generation + 1}")
-        self.pending = Reload(new, generation + 1, opened, now, waiters)
+            close_new(opened, current.listeners)
+            return self.failed_with(str(exc), waiters, current.number)
+        gen = Generation(current.number + 1, new, opened)
+        systemd.notify("RELOADING=1", f"STATUS=reloading: starting generation {gen.number}")
+        self.pending = Reload(gen, now, waiters)
         self.pool.clear_backoff()
         for _ in range(new.server.workers):
-            self.pool.spawn(new, generation + 1, opened, now)
+            self.pool.spawn(gen, now)
 
-    def advance(self, now, generation, listeners) -> Reload | None:
+    def advance(self, current: Generation, now) -> Reload | None:
         """Each tick: the committed Reload once the new generation is ready."""
         pending = self.pending
         if pending is None:
             return None
-        if self.pool.ready_count(pending.generation) >= pending.config.server.workers:
+        config = pending.gen.config
+        if self.pool.ready_count(pending.gen.number) >= config.server.workers:
             self.pending = None
             self.ok += 1
-            self.remember(pending.generation, "")
+            self.remember(pending.gen.number, "")
             return pending
-        if now - pending.started > pending.config.workers.boot_timeout:
-            self.abort(f"new workers not ready within {pending.config.workers.boot_timeout:g}s",
-                       generation, now, listeners)
+        if now - pending.started > config.workers.boot_timeout:
+            self.abort(f"new workers not ready within {config.workers.boot_timeout:g}s",
+                       current, now)
         return None
 
-    def abort(self, reason, generation, now, listeners):
+    def abort(self, reason, current: Generation, now):
         """Stop the new generation, close its new listeners, report."""
         pending, self.pending = self.pending, None
         for rec in self.pool:
-            if rec.generation == pending.generation:
+            if rec.generation == pending.gen.number:
                 self.pool.stop(rec, "reload aborted", now, 0.0, fast=True)
-        close_new(pending.listeners, listeners)
+        close_new(pending.gen.listeners, current.listeners)
         self.pool.clear_backoff()
-        self.failed_with(reason, pending.waiters, generation)
+        self.failed_with(reason, pending.waiters, current.number)
 
     def failed_with(self, reason, waiters, generation):
         self.failed += 1

@@ -15,7 +15,7 @@ import platform
 import psutil
 
 from .. import __version__
-from ..scoreboard import busy_idle
+from ..scoreboard import busy_idle, shown_state
 from ..sockets import queue_depth
 from ..stats import BUCKETS, percentile
 
@@ -84,7 +84,7 @@ class SnapshotBuilder:
         rss, cpu = self.process_figures(rec.pid)
         return {
             "slot": rec.slot, "pid": rec.pid, "generation": rec.generation,
-            "state": rec.state if rec.state in ("stopping", "booting") else view.state,
+            "state": shown_state(rec.state == "stopping", view),
             "rss": rss, "cpu": cpu, "age": round(now - rec.spawned, 1),
             **view.live_fields(now),
         }

@@ -62,17 +62,14 @@ class Watchdog:
     def forget(self, pid):
         self.watches.pop(pid, None)
 
-    def mark(self, rec, reason, workers_config):
-        """Due for recycling (the scheduler replaces it when it can)."""
-        self.watch(rec, workers_config).recycle_reason = reason
-
-    def check(self, now, config, generation, listeners):
-        """Look at every ready worker; then run the recycling scheduler."""
-        cfg = config.workers
+    def check(self, current, now):
+        """Look at every ready worker; then run the recycling scheduler.
+        current: the running Generation (pool.py)."""
+        cfg = current.config.workers
         for rec in self.pool:
             if rec.state == "ready":
                 self.check_one(rec, now, cfg)
-        self.recycle(now, config, generation, listeners)
+        self.recycle(current, now)
 
     def check_one(self, rec, now, cfg):
         watch = self.watch(rec, cfg)
@@ -143,7 +140,7 @@ class Watchdog:
                         f"{RSS_SAMPLES} times")
         return ""
 
-    def recycle(self, now, config, generation, listeners):
+    def recycle(self, current, now):
         """Start replacements for workers due for recycling, and retire each
         old worker once its replacement is ready."""
         pool = self.pool
@@ -156,14 +153,14 @@ class Watchdog:
                 old = pool.get(new.replaces)
                 new.replaces = 0
                 if old is not None:
-                    pool.stop(old, "recycled", now, config.workers.graceful_timeout
-                              + config.workers.kill_grace)
+                    pool.stop(old, "recycled", now, current.config.workers.stop_grace)
             else:
                 booting += 1
                 replaced.add(new.replaces)
-        due = sorted((r for r in pool.members(generation)
+        cfg = current.config.workers
+        due = sorted((r for r in pool.members(current.number)
                       if r.state == "ready" and r.pid not in replaced and not r.replaces
-                      and self.watch(r, config.workers).recycle_reason),
+                      and self.watch(r, cfg).recycle_reason),
                      key=lambda r: r.spawned)
-        for old in due[:max(0, config.workers.max_recycling - booting)]:
-            pool.spawn(config, generation, listeners, now, replaces=old.pid)
+        for old in due[:max(0, cfg.max_recycling - booting)]:
+            pool.spawn(current, now, replaces=old.pid)

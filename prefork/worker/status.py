@@ -13,7 +13,7 @@ import json
 import time
 
 from ..http.proxy import Networks
-from ..scoreboard import busy_idle
+from ..scoreboard import busy_idle, shown_state
 from ..stats import BUCKETS
 from ..templates import Templates
 from .dispatch import read_only
@@ -96,8 +96,7 @@ def refresh_live(snapshot, scoreboard, now):
         view = scoreboard.read(row["slot"])
         if view.pid != row["pid"]:
             continue   # the slot changed hands since the snapshot
-        if row["state"] != "stopping" and view.state in ("idle", "busy"):
-            row["state"] = view.state   # booted since the snapshot, or changed
+        row["state"] = shown_state(row["state"] == "stopping", view)
         row.update(view.live_fields(now))
     snapshot["pool"]["busy"], snapshot["pool"]["idle"] = busy_idle(
         row["state"] for row in snapshot["workers"])

@@ -8,7 +8,8 @@ import pytest
 from prefork import config as configmod
 from prefork.master.loop import SIGNAL_ACTIONS, Master
 from prefork.master.pool import Pool
-from prefork.scoreboard import BUSY
+from prefork.master.lifecycle import Lifecycle, Phase
+from prefork.scoreboard import BUSY, IDLE
 from prefork.sockets import create_listener
 
 
@@ -34,8 +35,8 @@ class RecordingPool(Pool):
         self.sent = []
         self._pids = itertools.count(1000)
 
-    def spawn(self, config, generation, listeners, now, replaces=0):
-        return self.add(next(self._pids), self.take_slot(), generation, now, None, replaces)
+    def spawn(self, gen, now, replaces=0):
+        return self.add(next(self._pids), self.take_slot(), gen.number, now, None, replaces)
 
     def signal(self, rec, signum):
         self.sent.append((rec.pid, signum))
@@ -57,7 +58,8 @@ class DecisionMaster(Master):
     def __init__(self, **server):
         overrides = {"server": dict(server, bind=["127.0.0.1:0"])}
         super().__init__(configmod.load(None, overrides), overrides, Reporter())
-        self.listeners = {"127.0.0.1:0": create_listener("127.0.0.1:0", 16)}
+        self.current = dataclasses.replace(
+            self.current, listeners={"127.0.0.1:0": create_listener("127.0.0.1:0", 16)})
         self.last_publish = float("inf")   # no snapshot publishing in these tests
         self.channels = NullChannels()
 
@@ -113,14 +115,14 @@ def test_start_spawns_the_pool_and_reports_ready_once_all_boot():
     master.boot_all()
     master.tick()
     master.tick()
-    assert master.reporter.ready_calls == [3] and not master.starting
+    assert master.reporter.ready_calls == [3] and master.life.phase is Phase.RUNNING
 
 
 def test_a_boot_failure_at_start_fails_the_start():
     master = DecisionMaster()
     master.tick()
     master.fail_boot(next(iter(master.workers.values())))
-    assert master.exit_code == 1 and master.stopping
+    assert master.exit_code == 1 and master.life.phase is Phase.STOPPING
     assert "ImportError" in master.reporter.failures[0]
     assert all(signum == signal.SIGQUIT for _, signum in master.sent)
 
@@ -196,7 +198,7 @@ def test_ttin_and_ttou_change_the_pool():
 def test_graceful_stop_then_kill_at_the_deadline():
     master = started()
     master.inject(signal.SIGTERM)
-    assert master.stopping and {s for _, s in master.sent} == {signal.SIGTERM}
+    assert master.life.phase is Phase.STOPPING and {s for _, s in master.sent} == {signal.SIGTERM}
     cfg = master.config.workers
     master.tick(cfg.graceful_timeout)   # the workers cut what is left themselves...
     assert signal.SIGKILL not in {s for _, s in master.sent}
@@ -205,7 +207,7 @@ def test_graceful_stop_then_kill_at_the_deadline():
     for rec in list(master.workers.values()):
         master.exit(rec, -signal.SIGKILL)
     master.tick()
-    assert master.finished
+    assert master.life.phase is Phase.FINISHED
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
@@ -229,8 +231,7 @@ def test_a_hung_worker_gets_a_stack_dump_then_term_then_kill():
 
 def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
     master = started()
-    master.config = dataclasses.replace(master.config, workers=dataclasses.replace(
-        master.config.workers, request_timeout=5.0))
+    set_workers(master, request_timeout=5.0)
     slow, fine = list(master.workers.values())
     for worker, began, path in ((slow, master.now, b"/slow"), (fine, master.now + 2, b"/fine")):
         mem, begin_at, pack_begin, _, _ = master.scoreboard.request_writers(worker.slot)
@@ -240,10 +241,22 @@ def test_a_request_past_request_timeout_is_stopped_and_a_shorter_one_is_not():
     assert all(pid != fine.pid for pid, _ in master.sent)
 
 
+def set_workers(master, **settings):
+    """The running generation's [workers] settings, changed (as a reload would)."""
+    config = master.config
+    master.current = dataclasses.replace(master.current, config=dataclasses.replace(
+        config, workers=dataclasses.replace(config.workers, **settings)))
+
+
 def test_recycling_replaces_before_retiring_one_at_a_time():
-    master = started()
-    for rec in master.workers.values():
-        master.watchdog.mark(rec, "test", master.config.workers)
+    master = DecisionMaster()
+    set_workers(master, max_requests=10)
+    master.tick()
+    master.boot_all()
+    master.tick()
+    for rec in master.workers.values():   # each has served its 10 requests
+        mem, _, _, end_at, pack_end = master.scoreboard.request_writers(rec.slot)
+        mem[end_at] = pack_end(10, 200, 0.001, IDLE)
     master.tick()
     replacements = [r for r in master.workers.values() if r.replaces]
     assert len(replacements) == 1 and master.sent == []   # max_recycling = 1; nobody stopped yet
@@ -257,8 +270,7 @@ def test_recycling_replaces_before_retiring_one_at_a_time():
 
 def test_max_age_marks_a_worker_for_recycling():
     master = started()
-    master.config = dataclasses.replace(master.config, workers=dataclasses.replace(
-        master.config.workers, max_age=60.0))
+    set_workers(master, max_age=60.0)
     for rec in master.workers.values():
         master.scoreboard.heartbeat(rec.slot, master.now + 61)
     master.tick(61)
@@ -266,3 +278,20 @@ def test_max_age_marks_a_worker_for_recycling():
                for rec in master.workers.values()
                if rec.generation == 1 and not rec.replaces)
     assert sum(1 for r in master.workers.values() if r.replaces) == 1   # one at a time
+
+
+def test_the_lifecycle_moves_only_as_its_transitions_say():
+    life = Lifecycle()
+    assert life.drain(0.0, 5.0) is life and life.serving          # not ready yet: no drain
+    life = life.ready()
+    assert life.phase is Phase.RUNNING and life.ready() == life
+    draining = life.drain(10.0, 5.0)
+    assert draining.phase is Phase.DRAINING and not draining.serving
+    assert draining.drain(12.0, 5.0) is draining                  # a second TERM: unchanged
+    assert not draining.drained(14.9) and draining.drained(15.0)
+    stopping = draining.stop()
+    assert stopping.phase is Phase.STOPPING and stopping.stop() is stopping
+    assert stopping.drain(20.0, 5.0) is stopping and stopping.ready() is stopping
+    assert life.workers_gone() is life                            # only a stopping one finishes
+    assert stopping.workers_gone().phase is Phase.FINISHED
+    assert Lifecycle().stop().phase is Phase.STOPPING             # a failed start stops at once
