@@ -108,22 +108,22 @@ def parse_args(argv):
                                help=flag.help)
             else:
                 p.add_argument(flag.flag, dest=flag.key, help=flag.help)
-    def control(name, help_text):
+    def control_command(name, help_text):
         """A command for a running master: found by its config, or --pidfile."""
         p = command(name, help_text)
         p.add_argument("--pidfile", help="the pidfile `start --pidfile` was given")
         return p
 
-    p = control("stop", "stop the server (graceful)")
+    p = control_command("stop", "stop the server (graceful)")
     p.add_argument("--fast", action="store_true", help="do not wait for in-flight requests")
-    control("reload", "reload config and app with no downtime")
-    p = control("status", "what the server and each worker is doing")
+    control_command("reload", "reload config and app with no downtime")
+    p = control_command("status", "what the server and each worker is doing")
     p.add_argument("--json", action="store_true")
     command("check", "validate the config and import the app")
-    p = control("scale", "set the number of workers")
+    p = control_command("scale", "set the number of workers")
     p.add_argument("workers", type=int)
-    control("reopen", "reopen log files (after logrotate)")
-    control("upgrade", "re-exec the master on the same sockets (zero downtime)")
+    control_command("reopen", "reopen log files (after logrotate)")
+    control_command("upgrade", "re-exec the master on the same sockets (zero downtime)")
     return parser.parse_args(argv)
 
 

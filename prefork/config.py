@@ -24,6 +24,8 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from .accessformat import check_format
+
 
 DEFAULT_APP = "prefork.apps.site:app"   # the built-in site
 
@@ -260,7 +262,6 @@ def _check_access_format(value):
         return None
     if "%(" not in value:
         return 'must be "combined", "json" or a format string with %(atom)s atoms'
-    from .worker.logship import check_format   # late: the worker package is not needed here
     return check_format(value)
 
 

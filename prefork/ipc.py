@@ -12,7 +12,7 @@ Rules:
   to it has kernel send/receive timeouts (SO_SNDTIMEO/SO_RCVTIMEO), so a stopped
   or hung Manager turns into an OSError, never a stall. After one, the
   connection is dropped (it may be out of step) and made again later.
-- The master replaces a Manager that died or timed out (ManagerChannels.check);
+- The master replaces a Manager that died or timed out (MasterChannels.check);
   workers reconnect by themselves at most every RECONNECT_EVERY seconds.
 - While the Manager is away a worker keeps its unshipped stats and up to
   HOLD_BYTES of log lines and ships them afterwards; lines beyond that are
@@ -71,9 +71,21 @@ def _bounded_client(address):
         return multiprocessing.connection.Connection(sock.detach())
 
 
-# Every Manager client in a prefork process (proxies, Hub.connect) goes
-# through the bounded client: multiprocessing looks SocketClient up at call time.
-multiprocessing.connection.SocketClient = _bounded_client
+# Clients of prefork's own Manager (proxies, Hub.connect) go through the
+# bounded client, and only they: an app's own multiprocessing Manager in a
+# worker keeps multiprocessing's plain client. multiprocessing looks
+# SocketClient up at call time, so the choice is made per address.
+_plain_client = multiprocessing.connection.SocketClient
+_bounded_addresses: set = set()
+
+
+def _client(address):
+    if address in _bounded_addresses:
+        return _bounded_client(address)
+    return _plain_client(address)
+
+
+multiprocessing.connection.SocketClient = _client
 
 
 class _Board:
@@ -197,6 +209,7 @@ class MasterChannels:
         if worker_uid is not None and os.geteuid() == 0:
             os.chown(self.directory, worker_uid, -1)   # workers running as it must connect
         self.address = os.path.join(self.directory, "manager.sock")
+        _bounded_addresses.add(self.address)
         self.authkey = os.urandom(32)
         self.restarts = 0
         self.last_error = ""
@@ -304,6 +317,7 @@ class WorkerSink:
 
     def __init__(self, address, authkey: bytes):
         self.address = address
+        _bounded_addresses.add(address)
         self.authkey = authkey
         self._stats = self._logs = self._board = None
         self._next_attempt = 0.0

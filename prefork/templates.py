@@ -63,19 +63,6 @@ def human_bytes(count) -> str:
     return f"{value:.1f} TiB"
 
 
-_shared = None
-
-
-def use(directory: str) -> "Templates":
-    """Set the process-wide Templates (the worker does, from [site] templates)."""
-    global _shared
-    _shared = Templates(directory)
-    return _shared
-
-
-def shared() -> "Templates":
-    """The process-wide Templates, for built-in apps rendering pages."""
-    return _shared or use("")
 
 
 ERROR_DETAILS = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from ..http.response import REASONS
-from .. import templates
+from ..templates import Templates
 
 _PARAM = re.compile(r"<(?:(path):)?([A-Za-z_]\w*)>")
 
@@ -37,8 +37,8 @@ def json_response(data, status=200) -> Response:
     return Response(json.dumps(data, indent=1), status, "application/json")
 
 
-def error_page(status, detail="") -> Response:
-    return Response(templates.shared().render_error(status, detail), status)
+def error_page(templates: Templates, status, detail="") -> Response:
+    return Response(templates.render_error(status, detail), status)
 
 
 class Request:
@@ -62,8 +62,16 @@ class Request:
 
 
 class Router:
+    """A WSGI app of routes. Its pages render with `templates`: the shipped
+    ones, until a prefork worker that loads it hands over its own ([site]
+    templates) through use_templates()."""
+
     def __init__(self):
         self.routes = []   # (regex, methods, handler)
+        self.templates = Templates("")
+
+    def use_templates(self, templates: Templates) -> None:
+        self.templates = templates
 
     def route(self, pattern: str, methods=("GET",)):
         def compile_param(match):
@@ -91,10 +99,11 @@ class Router:
             result = handler(Request(environ, match.groupdict()), **match.groupdict())
             return as_response(result)(start_response)
         if allowed_elsewhere:
-            response = error_page(405, f"Allowed: {', '.join(sorted(allowed_elsewhere))}")
+            response = error_page(self.templates, 405,
+                                  f"Allowed: {', '.join(sorted(allowed_elsewhere))}")
             response.headers.append(("Allow", ", ".join(sorted(allowed_elsewhere))))
             return response(start_response)
-        return error_page(404, f"No page at {path}.")(start_response)
+        return error_page(self.templates, 404, f"No page at {path}.")(start_response)
 
 
 def as_response(result) -> Response:

@@ -6,7 +6,7 @@ import os
 import platform
 import time
 
-from .. import __version__, templates
+from .. import __version__
 from .routing import Response, Router
 
 router = Router()
@@ -15,7 +15,7 @@ app = router
 
 def page(template, **context) -> Response:
     fallback = "<!doctype html><title>prefork</title><p>{title}</p>"
-    return Response(templates.shared().render(template, fallback, version=__version__, **context))
+    return Response(router.templates.render(template, fallback, version=__version__, **context))
 
 
 @router.route("/")

@@ -103,9 +103,11 @@ class Request:
     method = "GET"           # str
     target = b"/"            # bytes, the raw request-target
     version = "1.1"          # "1.1" or "1.0"
-    # The reader's template (see RequestReader) plus one entry per header
-    # field: CGI name -> value (str, latin-1); repeated fields joined with ","
-    # ("; " for Cookie). The reader sets it (no shared default dict).
+    # The environ in the making: a copy of the reader's template (see
+    # RequestReader; the worker's is the base environ) plus one entry per
+    # header field, CGI name -> value (str, latin-1), repeated fields joined
+    # with "," ("; " for Cookie). The worker's build_environ completes this
+    # very dict. The reader sets it (no shared default dict).
     fields: Any = None
     keep_alive = True        # decided when the message is complete (False after an upgrade)
     body = b""

@@ -56,8 +56,8 @@ class ResponseFraming:
     (the worker's exchange is that request too). Whoever starts the response
     (wsgi.Response, the start_response callable) sets status_line (e.g.
     b"HTTP/1.1 200 OK\r\n"), status_code, lines (the other header lines,
-    encoded), content_length (None: unknown) and close (the app asked for
-    Connection: close). Each method that makes bytes takes fixed (the Server
+    encoded), content_length (None: unknown) and ends_connection (the app
+    asked for Connection: close). Each method that makes bytes takes fixed (the Server
     and Date lines) and closing (the server ends the connection after this
     response, e.g. during a graceful stop)."""
     method = "GET"           # the request's
@@ -67,7 +67,7 @@ class ResponseFraming:
     status_line = b""        # b"": not started (start_response not called)
     lines = b""
     content_length: int | None = None
-    close = False            # the connection ends after this response
+    ends_connection = False   # the connection ends after this response
     headers_sent = False
     body_ok = True           # False for HEAD and bodiless statuses
     chunked = False
@@ -79,7 +79,7 @@ class ResponseFraming:
         with what follows them)."""
         if not self.status_line:
             raise AppError("app returned without calling start_response")
-        close = self.close or closing or not self.keep_alive
+        close = self.ends_connection or closing or not self.keep_alive
         code = self.status_code
         length = self.content_length
         version = self.version
@@ -102,7 +102,7 @@ class ResponseFraming:
             close = True   # HTTP/1.0: the end of the body is the close
             framing = b""
         if close:
-            self.close = True
+            self.ends_connection = True
             end = b"Connection: close\r\n\r\n"
         elif version == "1.0":
             end = b"Connection: keep-alive\r\n\r\n"
@@ -125,7 +125,7 @@ class ResponseFraming:
         length = self.content_length
         if length is None:
             length = self.content_length = len(body)
-        if (length == len(body) and not closing and not self.close and self.keep_alive
+        if (length == len(body) and not closing and not self.ends_connection and self.keep_alive
                 and self.version == "1.1" and self.method != "HEAD"
                 and self.status_code not in NO_BODY_STATUSES):
             # The common case: a kept-alive HTTP/1.1 response of the declared length.
@@ -143,7 +143,7 @@ class ResponseFraming:
         self.sent = size = len(body)
         self.remaining = length - size
         if size < length:
-            self.close = True
+            self.ends_connection = True
         return head + body
 
     def framed(self, data, fixed: bytes, closing: bool) -> bytes:
@@ -198,7 +198,7 @@ class ResponseFraming:
         """The closing bytes. A body shorter than its declared length cannot be
         delimited any other way: the connection must close."""
         if self.remaining:
-            self.close = True
+            self.ends_connection = True
         return CHUNKED_END if self.chunked else b""
 
     def count_sent(self, size: int) -> None:

@@ -485,22 +485,54 @@ def raise_fd_limit():
             pass
 
 
-def _scale_by(delta):
-    def action(master):
-        refused = master.scale(master.target + delta)
-        if refused:
-            log.warning("scale refused: %s", refused)
-    return action
+# What each signal does: named functions, so that a failing one is logged by
+# its name ("master: graceful_stop failed").
+def graceful_stop(master):
+    master.begin_stop(graceful=True)
+
+
+def fast_stop(master):
+    master.begin_stop(graceful=False)
+
+
+def reload_config(master):
+    master.begin_reload()
+
+
+def one_more_worker(master):
+    scale_by(master, +1)
+
+
+def one_worker_fewer(master):
+    scale_by(master, -1)
+
+
+def scale_by(master, delta):
+    refused = master.scale(master.target + delta)
+    if refused:
+        log.warning("scale refused: %s", refused)
+
+
+def reopen_logs(master):
+    master.reopen_logs()
+
+
+def upgrade_master(master):
+    master.begin_upgrade()
+
+
+def child_exited(master):
+    """Nothing: reap() runs on every loop turn (the signal only wakes it)."""
 
 
 SIGNAL_ACTIONS = {
-    signal.SIGTERM: lambda m: m.begin_stop(graceful=True),
-    signal.SIGINT: lambda m: m.begin_stop(graceful=False),
-    signal.SIGQUIT: lambda m: m.begin_stop(graceful=False),
-    signal.SIGHUP: lambda m: m.begin_reload(),
-    signal.SIGTTIN: _scale_by(+1),
-    signal.SIGTTOU: _scale_by(-1),
-    signal.SIGUSR1: lambda m: m.reopen_logs(),
-    signal.SIGUSR2: lambda m: m.begin_upgrade(),
-    signal.SIGCHLD: lambda m: None,   # reap() runs on every loop turn
+    signal.SIGTERM: graceful_stop,
+    signal.SIGINT: fast_stop,
+    signal.SIGQUIT: fast_stop,
+    signal.SIGHUP: reload_config,
+    signal.SIGTTIN: one_more_worker,
+    signal.SIGTTOU: one_worker_fewer,
+    signal.SIGUSR1: reopen_logs,
+    signal.SIGUSR2: upgrade_master,
+    signal.SIGCHLD: child_exited,
 }

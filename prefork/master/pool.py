@@ -78,7 +78,8 @@ class WorkerRecord:
     spawned: float
     report: ReportPipe
     state: str = "booting"          # booting -> ready -> stopping
-    exit_reason: str = ""           # why we stopped it: retired, scaled, timeout, recycled
+    exit_reason: str = ""           # why we stopped it: "stop", "retired", "scaled down",
+                                    # "timeout", "recycled", "reload aborted"
     stop_deadline: float = 0.0      # SIGKILL due
     term_at: float = 0.0            # SIGTERM due (after a stack dump)
     killed: bool = False
@@ -106,7 +107,7 @@ class Pool:
         self.run_child = run_child
         self.workers: dict[int, WorkerRecord] = {}   # pid -> record
         self._free_slots = list(range(MAX_SLOTS))
-        self.spawned = 0
+        self.spawns = 0                 # workers started, ever
         self.exits = {"normal": 0, "crashed": 0, "killed": 0, "recycled": 0}
         self.boot_failures = 0       # in a row; > 0 means degraded
         self.last_boot_error = ""
@@ -154,7 +155,7 @@ class Pool:
     def add(self, pid, slot, generation, now, report_fd, replaces=0) -> WorkerRecord:
         rec = WorkerRecord(pid, slot, generation, now, ReportPipe(report_fd), replaces=replaces)
         self.workers[pid] = rec
-        self.spawned += 1
+        self.spawns += 1
         return rec
 
     def take_slot(self) -> int:

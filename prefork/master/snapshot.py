@@ -114,7 +114,7 @@ class SnapshotBuilder:
             },
             "pool": {
                 "target": view.target, "alive": len(rows), "busy": busy,
-                "idle": idle, "spawned": pool.spawned, "exits": dict(pool.exits),
+                "idle": idle, "spawned": pool.spawns, "exits": dict(pool.exits),
                 "boot_failures": pool.boot_failures, "last_boot_error": pool.last_boot_error,
                 "reloads": view.reloads,
             },

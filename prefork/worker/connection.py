@@ -524,7 +524,7 @@ class Connection:
 
     def ended(self, ex):
         """The exchange is over: its response waits for the socket, or is out."""
-        self.close_after = ex.close
+        self.close_after = ex.ends_connection
         if self.out:
             self.state = WRITING
             self.want(EPOLLOUT)

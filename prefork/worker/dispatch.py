@@ -61,14 +61,15 @@ def compose(app, status, static, health=None):
 
 
 class Health:
-    """[status] health: 200 while this worker takes traffic, 503 once it drains."""
+    """[status] health: 200 while this worker takes traffic, 503 once it
+    drains. draining(): whether the server drains (the worker's word)."""
 
-    def __init__(self, path, worker):
+    def __init__(self, path, draining):
         self.path = path
-        self.worker = worker
+        self.draining = draining
 
     def __call__(self, environ, start_response):
-        draining = self.worker.draining
+        draining = self.draining()
         start_response("503 Service Unavailable" if draining else "200 OK",
                        [("Content-Type", "text/plain"), ("Cache-Control", "no-store")])
         return [b"draining\n" if draining else b"ok\n"]

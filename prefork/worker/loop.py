@@ -38,7 +38,7 @@ from setproctitle import setproctitle
 
 from .. import scoreboard as sb
 from .. import title
-from .. import templates
+from ..templates import Templates
 from ..http.proxy import Networks
 from ..http.response import http_date
 from ..ipc import die_with_parent
@@ -128,7 +128,7 @@ class Worker:
         self.requests = 0
         self.app = None
         self.collect = config.status.statistics
-        self.templates = templates.use(config.site.templates)
+        self.templates = Templates(config.site.templates)
         self._error_pages = {}
         self.poller = None
         self.inbox = None
@@ -155,10 +155,15 @@ class Worker:
                 os.chdir(self.config.server.chdir)
             app = load_app(self.config.server.app,
                            self.config.server.pythonpath + (self.config.server.base,))
+            use_templates = getattr(app, "use_templates", None)   # the built-in apps' hook
+            if callable(use_templates):
+                use_templates(self.templates)
             status = (StatusApp(self.config.status, self.sink, self.scoreboard, self.templates)
                       if self.config.serves("status") else None)
-            static = StaticFiles(self.config.static) if self.config.serves("static") else None
-            health = Health(self.config.status.health, self) if self.config.status.health else None
+            static = (StaticFiles(self.config.static, self.templates)
+                      if self.config.serves("static") else None)
+            health = (Health(self.config.status.health, lambda: self.draining)
+                      if self.config.status.health else None)
             self.app = compose(app, status, static, health)
         except BaseException:
             os.write(report_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))

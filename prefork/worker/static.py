@@ -23,7 +23,8 @@ import os
 import stat
 import time
 
-from .. import BUILTIN_STATIC, templates
+from .. import BUILTIN_STATIC
+from ..templates import Templates
 from ..http.response import REASONS, http_date
 from .dispatch import read_only
 
@@ -69,7 +70,8 @@ def _position(text: str):
 
 
 class StaticFiles:
-    def __init__(self, static_config):
+    def __init__(self, static_config, templates: Templates | None = None):
+        self.templates = templates or Templates("")   # for its 404 and 403 pages
         self.prefix = static_config.url
         self.root = os.path.realpath(static_config.root or BUILTIN_STATIC)
         self.index = static_config.index
@@ -78,17 +80,29 @@ class StaticFiles:
 
     def app_or_index(self, app, environ, start_response):
         """Ask the app first; a 404 it gave for / while it was being called,
-        with nothing sent yet, becomes static/index.html when that file
-        exists (a generator that starts its response later keeps its own 404:
-        it is under way). start_response is the connection's exchange (wsgi.Response),
-        which records the status: no wrapper per request."""
-        result = app(environ, start_response)
-        if start_response.status_code != 404 or start_response.headers_sent \
-                or not os.path.isfile(os.path.join(self.root, self.index)):
+        before any write(), becomes static/index.html when that file exists (a
+        generator that starts its response later keeps its own 404: it is
+        under way). The app's 404 is held back until that is decided."""
+        held, committed = [], []
+
+        def start_or_hold(status, headers, exc_info=None):
+            if status[:3] != "404" or exc_info is not None or held:
+                return start_response(status, headers, exc_info)
+            held.append((status, headers))
+            return write
+
+        def write(data):   # write() after a 404: the app's page it is
+            if not committed:
+                committed.append(start_response(*held.pop()))
+            committed[0](data)
+        result = app(environ, start_or_hold)
+        if not held:
+            return result
+        if not os.path.isfile(os.path.join(self.root, self.index)):
+            start_response(*held.pop())
             return result
         if hasattr(result, "close"):
             result.close()
-        start_response.restart()   # the index page's status replaces the app's 404
         return self.serve(environ, start_response, "")
 
     # -- path safety -------------------------------------------------------------
@@ -275,10 +289,9 @@ class StaticFiles:
             return "unsatisfiable"
         return start, size - 1 if end is None else min(end, size - 1)
 
-    @staticmethod
-    def not_found(start_response, status):
+    def not_found(self, start_response, status):
         """404 or 403 as the templated error page every other error uses."""
-        body = templates.shared().render_error(status).encode()
+        body = self.templates.render_error(status).encode()
         start_response(f"{status} {REASONS[status]}",
                        [("Content-Type", "text/html; charset=utf-8"),
                         ("Content-Length", str(len(body)))])

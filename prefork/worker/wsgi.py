@@ -311,7 +311,7 @@ class Response(ResponseFraming):
         else:
             started = look_up_start(status, headers)
         self.status_code, self.status_line, self.lines, self.content_length, \
-            self.close = started
+            self.ends_connection = started
         self.status = status
         return self.write
 
@@ -321,7 +321,7 @@ class Response(ResponseFraming):
         self.status_code = 0
         self.status_line = b""
         self.content_length = None
-        self.close = False
+        self.ends_connection = False
         self.lines = b""
 
 

@@ -30,6 +30,7 @@ class FakeHost:
         self.proxy_protocol = http.pop("proxy_protocol", False)
         self.http = HttpConfig(**http)
         self.spooled = []
+        self.templates = None
         self.claims = []
         self.offloading = False
         self.threads = None

@@ -162,19 +162,19 @@ def test_framing_decides_length_chunking_and_close():
     framing = framing_for(None, b"X: 1\r\n")
     head = framing.framed(b"", fixed, False)
     assert head == b"HTTP/1.1 200 OK\r\nServer: p\r\nDate: d\r\nX: 1\r\n" \
-                   b"Transfer-Encoding: chunked\r\n\r\n" and not framing.close
+                   b"Transfer-Encoding: chunked\r\n\r\n" and not framing.ends_connection
     assert framing.headers_sent
     assert framing.framed(b"abc", fixed, False) == b"3\r\nabc\r\n"
     assert framing.ending(fixed, False) == b"0\r\n\r\n"
     framing = framing_for(None, version="1.0")
     head = framing.framed(b"", fixed, False)
-    assert head.endswith(b"Connection: close\r\n\r\n") and framing.close
+    assert head.endswith(b"Connection: close\r\n\r\n") and framing.ends_connection
     framing = framing_for(5)
     assert framing.framed(b"1234567", fixed, False).endswith(b"\r\n\r\n12345")
     assert framing.framed(b"8", fixed, False) == b""
     framing = framing_for(5)
     framing.framed(b"12", fixed, False)
-    assert framing.ending(fixed, False) == b"" and framing.close   # short: only a close delimits it
+    assert framing.ending(fixed, False) == b"" and framing.ends_connection   # short: only a close delimits it
     framing = framing_for(5, method="HEAD", version="1.0")
     head = framing.framed(b"12345", fixed, False)
     assert head.endswith(b"Connection: keep-alive\r\n\r\n")
@@ -189,12 +189,12 @@ def test_framing_decides_length_chunking_and_close():
     # whole(): the body in hand gives the length, or is cut to the declared one.
     framing = framing_for(None)
     assert framing.whole(fixed, False, b"abc").endswith(
-        b"Content-Length: 3\r\n\r\nabc") and (framing.sent, framing.close) == (3, False)
+        b"Content-Length: 3\r\n\r\nabc") and (framing.sent, framing.ends_connection) == (3, False)
     framing = framing_for(2)
     assert framing.whole(fixed, False, b"abc").endswith(b"\r\n\r\nab")
     framing = framing_for(5)
     assert framing.whole(fixed, False, b"abc").endswith(b"\r\n\r\nabc")
-    assert framing.close and framing.end() == b""
+    assert framing.ends_connection and framing.end() == b""
     framing = framing_for(3, method="HEAD")
     assert framing.whole(fixed, False, b"abc").endswith(b"Length: 3\r\n\r\n")
     # A file's length: what is left of it, cut to the declared length.
@@ -382,3 +382,37 @@ def test_the_signal_inbox_is_read_from_its_pipe_by_any_thread():
         inbox.close()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_the_index_page_answers_for_an_apps_404_at_the_root_and_only_then(tmp_path):
+    from prefork import config as config_mod
+    (tmp_path / "index.html").write_bytes(b"<h1>index</h1>")
+    files = StaticFiles(config_mod.StaticConfig(root=str(tmp_path)))
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "RAW_URI": "/", "QUERY_STRING": ""}
+
+    def call(app):
+        started = []
+
+        def start_response(status, headers, exc_info=None):
+            started.append(status)
+            return lambda data: started.append(data)
+        body = b"".join(files.app_or_index(app, dict(environ), start_response))
+        return started, body
+
+    def missing(environ, start_response):
+        start_response("404 Not Found", [])
+        return [b"app's 404"]
+
+    def writes_its_404(environ, start_response):
+        start_response("404 Not Found", [])(b"written ")
+        return [b"app's 404"]
+
+    def found(environ, start_response):
+        start_response("200 OK", [])
+        return [b"app's page"]
+    started, body = call(missing)
+    assert started == ["200 OK"] and body == b"<h1>index</h1>"     # the app's 404 never went out
+    assert call(writes_its_404) == (["404 Not Found", b"written "], b"app's 404")
+    assert call(found) == (["200 OK"], b"app's page")
+    (tmp_path / "index.html").unlink()
+    assert call(missing) == (["404 Not Found"], b"app's 404")

@@ -115,7 +115,7 @@ def test_start_response_records_and_strips_hop_by_hop():
     write = sr("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5"),
                           ("Connection", "close"), ("Transfer-Encoding", "chunked")])
     assert write == sr.write
-    assert sr.status_code == 200 and sr.content_length == 5 and sr.close
+    assert sr.status_code == 200 and sr.content_length == 5 and sr.ends_connection
     assert sr.status_line == b"HTTP/1.1 200 OK\r\n"
     assert sr.lines == b"Content-Type: text/plain\r\n"
 

@@ -1,0 +1,95 @@
+"""The Manager channels in-process: a real Manager process, the master's and
+a worker's side of it in this one, no server. What is held, lost, counted."""
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.managers import BaseManager
+
+import pytest
+
+from prefork import ipc
+from prefork.ipc import ACCESS, ERROR, LineLedger, MasterChannels
+from prefork.stats import WorkerStats
+from tests.conftest import wait_for
+
+
+def test_the_ledger_writes_each_batch_once_and_counts_every_gap():
+    ledger = LineLedger()
+    assert ledger.admit(pid=7, before=0, lines=3)        # lines 0-2
+    assert not ledger.admit(pid=7, before=0, lines=3)    # sent twice: dropped
+    assert ledger.admit(pid=7, before=5, lines=1)        # 3 and 4 died with a manager
+    assert ledger.lost == 2 and ledger.expected[7] == 6
+    ledger.dropped(pid=8, lines=4)                       # a worker's own count
+    assert ledger.lost == 6
+    ledger.expected.update({pid: 0 for pid in range(100, 1200)})
+    ledger.prune(alive={7})
+    assert set(ledger.expected) == {7}
+
+
+@pytest.fixture
+def channels():
+    master = MasterChannels(lambda: [])
+    yield master
+    master.shutdown()
+
+
+def test_a_workers_lines_stats_and_the_board_go_through_the_manager(channels):
+    sink = channels.worker_sink()
+    assert sink.connect()
+    sink.ship_logs((ACCESS, "one\ntwo\n"))
+    sink.ship_logs((ERROR, "oops\n"))
+    stats = WorkerStats(os.getpid())
+    stats.record(200, 10, 0.001)
+    sink.ship_stats(stats.take_delta(1.0))
+    assert channels.drain_logs() == [(ACCESS, "one\ntwo\n", os.getpid(), 0),
+                                     (ERROR, "oops\n", os.getpid(), 2)]
+    [delta] = channels.drain_stats()
+    assert delta.requests == 1 and delta.bytes_out == 10
+    channels.publish({"generation": 3})
+    assert sink.snapshot() == {"generation": 3}
+
+
+def test_lines_are_held_while_the_manager_is_gone_and_the_overflow_is_counted(channels,
+                                                                            monkeypatch):
+    sink = channels.worker_sink()
+    assert sink.connect()
+    os.kill(channels.pid, signal.SIGKILL)
+    monkeypatch.setattr(ipc, "HOLD_BYTES", 100)
+    sink.ship_logs((ACCESS, "held\n"))                 # cannot ship: held
+    sink.ship_logs((ACCESS, "x" * 200 + "\n"))        # more than the hold: counted
+    assert sink.take_lost_lines() == 1 and sink.take_lost_lines() == 0
+    wait_for(lambda: channels.check(time.monotonic()) or channels.restarts == 1,
+             message="the manager replaced")
+    # The worker reconnects by itself (at most every RECONNECT_EVERY) and ships what it held.
+    ledger = LineLedger()
+
+    def delivered():
+        sink.ship_logs((ACCESS, "after\n"))
+        return [b for b in channels.drain_logs() if ledger.admit(b[2], b[3], b[1].count("\n"))]
+    batches = wait_for(delivered, message="the held lines")
+    assert batches[0][1] == "held\n" and ledger.lost == 0
+
+
+class _SlowHub(BaseManager):
+    pass
+
+
+def _slow():
+    time.sleep(0.8)   # longer than prefork's own bound on Manager calls
+    return "answered"
+
+
+_SlowHub.register("slow", callable=_slow)
+
+
+def test_an_apps_own_manager_keeps_multiprocessings_plain_client(tmp_path):
+    """Only prefork's Manager is called with the 0.5 s bound: an app's own,
+    in a worker, waits as long as its calls take."""
+    hub = _SlowHub(address=str(tmp_path / "app.sock"), authkey=b"app",
+                   ctx=multiprocessing.get_context("fork"))
+    hub.start()
+    try:
+        assert hub.slow()._getvalue() == "answered"
+    finally:
+        hub.shutdown()
