@@ -79,8 +79,21 @@ level = "info"
 
 
 
+_STARTED: list = []   # every Server the running test started (see the fixture below)
+
+
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test():
+    """Whatever the test did or failed to do, every server it started is gone
+    after it: its whole process group (master, workers, Manager) is killed."""
+    yield
+    while _STARTED:
+        _STARTED.pop().kill_all()
+
+
 class Server:
-    """A real prefork master in the foreground, as a child of the test."""
+    """A real prefork master in the foreground, as a child of the test, in a
+    process group of its own."""
 
     def __init__(self, directory, config_path, args=(), command=(sys.executable, PREFORK),
                  preexec_fn=None):
@@ -92,6 +105,7 @@ class Server:
             [*command, "start", "--foreground", "-c", config_path, *args],
             stdout=open(self.stdout_path, "w"), stderr=open(self.stderr_path, "w"),
             cwd=directory, start_new_session=True, preexec_fn=preexec_fn)
+        _STARTED.append(self)
         self.url = None
 
     def wait_ready(self, timeout=15.0):
@@ -210,7 +224,9 @@ def shared_server(**settings):
     """A server for a whole module of tests that only read from it (one
     start instead of one per test); make_server's arguments."""
     directory = tempfile.mkdtemp(prefix="pf", dir="/tmp")
-    server = Server(directory, write_config(directory, **settings)).wait_ready()
+    server = Server(directory, write_config(directory, **settings))
+    _STARTED.remove(server)   # it outlives each test of its module: stopped below
+    server.wait_ready()
     try:
         yield server
     finally:

@@ -4,6 +4,7 @@ import os
 import select
 import socket
 import tempfile
+import time
 
 import pytest
 
@@ -128,17 +129,29 @@ class Pair:
         self.run()
 
     def read_all(self):
+        """What the server sent, until the connection is done with it: closed
+        (end of file), or with nothing left to answer and nothing queued,
+        waiting for the client (no silence is waited for)."""
         chunks = []
-        self.client.settimeout(0.2)
-        while True:
+        self.client.setblocking(False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.run()
             try:
                 data = self.client.recv(1 << 20)
-            except (socket.timeout, BlockingIOError):
-                break
+            except BlockingIOError:
+                conn = self.conn
+                done = conn.state == "closed" or (conn.exchange is None and not conn.out
+                                                  and not conn.reader.ready)
+                if done and not select.select([self.client], [], [], 0)[0]:
+                    break
+                ours = [] if conn.state == "closed" else [conn.sock]
+                select.select([self.client] + ours, ours, [], 0.01)   # for either side to move
+                continue
             if not data:
                 break
             chunks.append(data)
-            self.run()
+        self.client.settimeout(5)
         return b"".join(chunks)
 
 
