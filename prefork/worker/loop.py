@@ -276,13 +276,14 @@ class Worker:
         self.fixed_headers = f"Server: {self.server_name}\r\nDate: {self.date}\r\n".encode("latin-1")
         self.access_log.set_time(wall)
 
-    def accept(self, listener):
+    def accept(self, listener, everything=False):
         """Take this worker's fair share of waiting connections: a connection
         stays with the worker that accepts it, so a worker that grabbed a
         whole burst would make its clients wait while its peers idle. The
         share is (open connections everywhere + the listen queue) / workers.
-        Declining is allowed once in a row, so a busy peer never strands one."""
-        share = self.fair_share(listener)
+        Declining is allowed once in a row, so a busy peer never strands one.
+        everything: take the whole queue (up to ACCEPT_BATCH; a stopping worker's)."""
+        share = self.fair_share(listener) if not everything else float("inf")
         fresh = 0
         room = self.config.workers.max_connections - len(self.conns)
         while fresh < min(ACCEPT_BATCH, room) and (len(self.conns) < share
@@ -396,9 +397,13 @@ class Worker:
         self.stop_deadline = self.now + self.config.workers.graceful_timeout
         self.scoreboard.set_state(self.slot, sb.STOPPING)
         # Connections already in the listen queue were accepted by the kernel
-        # on our behalf: serve them rather than let them be reset.
+        # on our behalf: serve them all (not a fair share: the peers may be
+        # stopping too) rather than let them be reset when the listener closes.
         for sock in self.listeners.values():
-            self.accept(sock)
+            before = -1
+            while before != len(self.conns) < self.config.workers.max_connections:
+                before = len(self.conns)
+                self.accept(sock, everything=True)
         self.listen(False)
         for sock in self.listeners.values():
             sock.close()
