@@ -47,6 +47,16 @@ def slow(environ, start_response):
     return [b"slow done"]
 
 
+def hold(environ, start_response):
+    """/hold?PATH: runs until the file PATH exists (at most 30 s): a request
+    that stays busy exactly as long as its test needs."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(environ["QUERY_STRING"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"released"]
+
+
 def stream(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     for i in range(5):
@@ -170,7 +180,7 @@ def returns_none(environ, start_response):
 
 ROUTES = {
     "/": hello, "/hello": hello, "/returns-none": returns_none, "/fork": fork, "/pid": pid, "/echo": echo,
-    "/environ": environ_dump, "/slow": slow,
+    "/environ": environ_dump, "/slow": slow, "/hold": hold,
     "/stream": stream, "/big": big, "/crash": crash, "/crash-midway": crash_midway,
     "/bad-header": bad_header, "/204": no_content, "/304": not_modified,
     "/write": legacy_write, "/exc-info": exc_info_retry, "/app-close": app_close,

@@ -92,23 +92,29 @@ def test_prometheus_output_parses_and_matches_the_json(server):
 
 @pytest.mark.parametrize("threads", [1, 32])
 def test_a_slow_request_shows_busy_and_status_answers_when_all_are_stuck(make_server, threads):
-    # One worker, so one slow request makes every worker busy: which worker
+    # One worker, so one held request makes every worker busy: which worker
     # takes which connection is the kernel's and the scheduler's business.
-    # Long enough that spawning `bin/prefork status` on a loaded machine fits inside it.
     # With threads = 1 the worker's loop is stuck in the call; with threads,
     # an app thread runs it (the loop detached it).
     server = make_server(workers=1, extra=f"[workers]\nthreads = {threads}\n")
-    thread = threading.Thread(target=lambda: requests.get(server.url + "/slow?6", timeout=30))
+    release = os.path.join(server.dir, "release")
+    path = f"/hold?{release}"
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(
+        requests.get(server.url + path, timeout=40)))
     thread.start()
-
-    running = wait_for(server.running, message="the worker busy")
-    assert [(r["method"], r["path"]) for r in running] == [("GET", "/slow?6")]
-    assert [w["state"] for w in server.status()["workers"]] == ["busy"]
-    result = server.cli("status", timeout=20)   # the master answers, whatever the workers do
-    assert result.returncode == 0 and result.stdout.count("GET /slow?6") == 1
-    wait_for(lambda: [r for r in server.running() if r["elapsed"] > 1.0],
-             message="elapsed time to grow")
-    thread.join(20)
+    try:
+        running = wait_for(server.running, message="the worker busy")
+        assert [(r["method"], r["path"]) for r in running] == [("GET", path)]
+        assert [w["state"] for w in server.status()["workers"]] == ["busy"]
+        result = server.cli("status", timeout=20)   # the master answers, whatever the workers do
+        assert result.returncode == 0 and result.stdout.count(f"GET {path}") == 1
+        wait_for(lambda: [r for r in server.running() if r["elapsed"] > 1.0],
+                 message="elapsed time to grow")
+    finally:
+        open(release, "w").close()
+        thread.join(20)
+    assert answers[0].text == "released"
 
 
 def test_html_dashboard(server):
