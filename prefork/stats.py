@@ -69,7 +69,8 @@ class WorkerStats:
         self.histogram[0 if duration <= _FIRST_BOUND else _bucket(BUCKETS, duration)] += 1
 
     def record_rejected(self, status: int) -> None:
-        """A request the parser refused: counted as a response, not a request."""
+        """A request the parser refused: a request and a response like any,
+        counted among the rejected, not in the latencies."""
         self.rejected += 1
         self._by_status[status] += 1
 
@@ -83,7 +84,10 @@ class WorkerStats:
 
     def take_delta(self, now: float, open_connections: int = 0, lost_lines: int = 0) -> StatsDelta:
         statuses = self.statuses
-        requests = sum(statuses.values()) - self.rejected   # rejected: no request
+        # One definition everywhere: a request is a response sent, the app's or
+        # the parser's refusal (rejected, a part of it: 400, 408, 431...), so
+        # the statuses add up to the requests. Latencies are the app's only.
+        requests = sum(statuses.values())
         delta = StatsDelta(self.pid, requests, statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,

@@ -387,11 +387,18 @@ class RequestReader:
             return
         if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
             try:
-                authority = httptools.parse_url(url).host
+                parsed = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 raise BadRequest("invalid absolute URL") from None
+            if parsed.userinfo is not None:   # RFC 9110 4.2.4: not in http(s) URIs
+                raise BadRequest("userinfo in the request target (RFC 9110 4.2.4)")
+            # The authority as written (host and port; an IPv6 literal in its
+            # brackets) stands for Host; the Host check follows in on_head.
+            rest = url[url.index(b"//") + 2:]
+            for end in (b"/", b"?", b"#"):
+                rest = rest.partition(end)[0]
             self._fields.pop("HTTP_HOST", None)
-            self._fields["HTTP_HOST"] = (authority or b"").decode("latin-1")
+            self._fields["HTTP_HOST"] = rest.decode("latin-1")
             return
         raise BadRequest("request target must be a path, an absolute URL or *")
 

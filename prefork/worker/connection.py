@@ -571,9 +571,12 @@ class Connection:
         if isinstance(exc, AppError) and not exc.logged:
             self.host.app_problem(ex, exc.detail)
         if ex is None or not ex.headers_sent:
+            data = self.error_bytes(exc.status, ex)
             if ex is not None:
+                # The error page is this response's body: counted and logged as sent.
+                ex.sent = 0 if ex.method == "HEAD" else len(self.host.error_page(exc.status))
                 self.end_exchange(exc.status)
-            return self.close_with(self.error_bytes(exc.status, ex))
+            return self.close_with(data)
         self.abort()
 
     def reject(self, exc):

@@ -279,13 +279,16 @@ class StaticFiles:
         first, sep, last = header[6:].strip().partition("-")
         start, end = _position(first), _position(last)
         if not sep or (start is None and end is None) or (first and start is None) \
-                or (last and end is None):
-            return None   # not a valid range: ignored, the whole file (RFC 9110 14.2)
+                or (last and end is None) or (start is not None and end is not None
+                                              and end < start):
+            # Not a valid range (a last-pos below the first-pos is invalid too,
+            # RFC 9110 14.1.1): ignored, the whole file (14.2).
+            return None
         if start is None:                   # suffix: the last N bytes
             if end == 0:
                 return "unsatisfiable"
             return max(0, size - end), size - 1
-        if start >= size or (end is not None and end < start):
+        if start >= size:
             return "unsatisfiable"
         return start, size - 1 if end is None else min(end, size - 1)
 

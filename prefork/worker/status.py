@@ -120,7 +120,8 @@ def prometheus(s) -> str:
             [({}, server["uptime"])])
     _metric(lines, "prefork_generation", "gauge", "Worker generation (bumped by reload).",
             [({}, server["generation"])])
-    _metric(lines, "prefork_requests_total", "counter", "Requests answered by the app.",
+    _metric(lines, "prefork_requests_total", "counter",
+            "Requests answered: by the app, or refused before it (see rejected).",
             [({}, totals["requests"])])
     _metric(lines, "prefork_responses_total", "counter", "Responses by status class.",
             [({"class": k}, v) for k, v in totals["responses"].items()])

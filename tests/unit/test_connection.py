@@ -258,6 +258,7 @@ def test_an_app_returning_a_non_iterable_gets_500_and_the_connection_is_answered
     pair.send(get(b"/"))
     assert pair.read_all().startswith(b"HTTP/1.1 500 ")
     assert pair.host.ended[0][1] == 500 and "not an iterable" in pair.host.problems[0]
+    assert pair.host.ended[0][2] == len(b"error 500")   # the error page's body, as sent
 
 
 def test_a_str_chunk_after_nothing_was_sent_still_gets_an_error_page():

@@ -46,6 +46,11 @@ CORPUS = [
     ("methods: a token may start with -", b"-BLARGH / HTTP/1.1\r\nHost: x\r\n\r\n", [501]),
     ("methods: WebDAV reaches the app", b"PROPFIND / HTTP/1.1\r\nHost: x\r\n\r\n", [200]),
     ("targets: * is for OPTIONS only", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", [400]),
+    ("targets: an absolute target with an IPv6 literal (RFC 9112 3.2.2)",
+     b"GET http://[::1]:8080/foo HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", [200]),
+    ("targets: userinfo is not allowed in http URIs (RFC 9110 4.2.4)",
+     b"GET http://user:pass@example.com:8080/foo HTTP/1.1\r\nHost: example.com\r\n\r\n",
+     [400]),
     ("framing: Transfer-Encoding in HTTP/1.0 is faulty",
      b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", [400]),
     ("framing: a coding before chunked is not implemented",
@@ -81,9 +86,11 @@ def test_a_higher_minor_version_is_served_as_1_1():
     assert seen[0]["SERVER_PROTOCOL"] == "HTTP/1.1"
 
 
-def test_an_absolute_target_names_the_host():
+def test_an_absolute_target_names_the_host_with_its_port():
     _, seen, _ = exchange(b"GET http://real.example:81/p?q HTTP/1.1\r\nHost: other\r\n\r\n")
-    assert seen[0]["HTTP_HOST"] == "real.example" and seen[0]["PATH_INFO"] == "/p"
+    assert seen[0]["HTTP_HOST"] == "real.example:81" and seen[0]["PATH_INFO"] == "/p"
+    _, seen, _ = exchange(b"GET http://[::1]:8080/foo HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n")
+    assert seen[0]["HTTP_HOST"] == "[::1]:8080" and seen[0]["PATH_INFO"] == "/foo"
 
 
 def test_options_star_is_answered_by_the_server():
