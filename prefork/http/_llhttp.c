@@ -270,7 +270,11 @@ cb_headers_complete(llhttp_t *p)
         return keep_error(self, "`on_headers_complete` callback error", -1);
     Py_DECREF(result);
     self->state = BODY;
-    return p->upgrade ? 1 : 0;   /* an upgrade: no body, llhttp pauses after it */
+    /* We switch to no other protocol (RFC 9110 7.8 lets a server ignore
+       Upgrade): the request is an HTTP/1.1 one, its body read as usual, and
+       what follows it is HTTP again. */
+    p->upgrade = 0;
+    return 0;
 }
 
 static int

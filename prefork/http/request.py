@@ -542,6 +542,12 @@ class HttptoolsReader(RequestReader):
         method = parser.get_method()
         self.on_head(_METHOD_NAMES.get(method) or method.decode("ascii"), self._url, version,
                      self._fields, None, size)
+        if parser.should_upgrade() and (self._chunked or self._fields.get("CONTENT_LENGTH",
+                                                                           "0") != "0"):
+            # Our binding reads such a body as usual (we switch to no other
+            # protocol); httptools' skips it, and the app would get none.
+            raise NotImplementedMethod("an Upgrade request with a body needs prefork's own "
+                                       "llhttp binding (prefork/http/_llhttp.c)")
 
     def on_message_complete(self, keep_alive=None):
         super().on_message_complete(self._parser.should_keep_alive())

@@ -125,3 +125,20 @@ def test_a_rejected_request_reaches_the_access_log_with_what_was_read():
     assert pair.host.rejected == [400]
     assert (environ["REQUEST_METHOD"], environ["RAW_URI"]) == ("GET", "/where")
     assert environ["REMOTE_ADDR"] == ""   # a socketpair is a unix socket: no address is made up
+
+
+def test_an_upgrade_we_do_not_make_leaves_the_request_an_http_one(llhttp_binding):
+    """RFC 9110 7.8: a server may ignore Upgrade; then the body is read as
+    usual and what follows is HTTP again. httptools' binding skips such a
+    body, so there the request is refused rather than answered without it."""
+    statuses, seen, _ = exchange(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                 b"Upgrade: websocket\r\nContent-Length: 5\r\n\r\nhello"
+                                 b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    if llhttp_binding == "ours":
+        assert statuses == [200, 200] and seen[0]["body"] == "hello"
+        assert seen[1]["PATH_INFO"] == "/next"
+    else:
+        assert statuses == [501]
+    statuses, seen, _ = exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                 b"Upgrade: websocket\r\n\r\n")
+    assert statuses == [200]   # without a body, both answer it
