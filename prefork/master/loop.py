@@ -114,7 +114,7 @@ class Master:
         if not self.upgrading:
             self.write_pidfile()
         self.selector.register(self.inbox.wakeup_fd, selectors.EVENT_READ, self.on_wakeup)
-        self.selector.register(self.control.sock, selectors.EVENT_READ, self.on_control)
+        self.control.attach(self.selector, self.on_control)
         log.info("prefork %s starting: master pid %d, %d workers, app %s, listening on %s",
                  __version__, self.pid, self.target, self.config.server.app, " ".join(self.urls()))
         missing = missing_c_modules()
@@ -182,6 +182,8 @@ class Master:
     def supervise(self):
         now = self.now
         self.channels.check(now)
+        if self.control is not None:
+            self.control.expire(now)
         self.upgrader.watch()   # also while stopping: the new master's READY is why we stop
         self.pool.enforce(now, self.config.workers.boot_timeout)
         if self.life.stopping:
@@ -233,7 +235,7 @@ class Master:
         file, control socket or report pipe of ours."""
         fds = [sock.fileno() for sock in self.listeners.values()] + self.files.descriptors()
         if self.control is not None:
-            fds.append(self.control.sock.fileno())
+            fds += self.control.descriptors()
         return fds + [rec.report.fd for rec in self.pool if rec.report.fd is not None]
 
     def run_worker(self, config, listeners, slot, generation, report_fd):
@@ -391,11 +393,8 @@ class Master:
         self.rates.observe(self.now, self.totals.requests)
         return len(deltas) + len(batches)
 
-    def on_control(self, key):
-        accepted = self.control.accept()
-        if accepted is None:
-            return
-        conn, command = accepted
+    def on_control(self, conn, command):
+        """A whole command from the control socket (control.py reads it)."""
         name = command.get("cmd")
         if name == "status":
             control.reply(conn, {"ok": True, "status": self.snapshot()})

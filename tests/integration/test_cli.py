@@ -1,5 +1,6 @@
 """The command line as an operator meets it: exact exit codes and lines."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -149,3 +150,23 @@ def test_access_log_dash_goes_to_stdout_in_the_foreground(make_server):
     server.get("/hello?from=stdout")
     wait_for(lambda: '"GET /hello?from=stdout HTTP/1.1" 200' in server.stdout(),
              message="the access line on stdout")
+
+
+def test_silent_control_clients_never_keep_status_from_answering(server):
+    """Connections to the control socket that send nothing are read without
+    blocking the master and dropped after their second; status still answers."""
+    silent = []
+    try:
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(os.path.join(server.dir, "prefork.sock"))
+            silent.append(sock)
+        result = server.cli("status", timeout=30)
+        assert result.returncode == 0 and "generation 1" in result.stdout
+        assert server.status()["server"]["state"] == "running"
+        sock = silent[-1]
+        sock.settimeout(10)
+        assert b"bad control request" in sock.recv(4096)   # dropped, with a word
+    finally:
+        for sock in silent:
+            sock.close()
