@@ -5,7 +5,10 @@ a worker), its address (a unix socket at a fixed path in a private directory,
 so a replacement Manager is found where the last one was), the stats-delta
 queue, the log-batch queue (messages are (ACCESS or ERROR, text) pairs, lines
 in LINE_FORMAT for the error log), the board holding the master's latest
-snapshot, and what is held back or lost while the Manager is away.
+snapshot, what is held back or lost while the Manager is away, and the
+shared batches (SharedBatch) where a worker's log lines wait to be shipped,
+so that a worker killed by a signal loses none: the master writes what it
+left there.
 
 Rules:
 - No process waits on the Manager longer than CALL_TIMEOUT: every client socket
@@ -14,12 +17,16 @@ Rules:
   connection is dropped (it may be out of step) and made again later.
 - The master replaces a Manager that died or timed out (MasterChannels.check);
   workers reconnect by themselves at most every RECONNECT_EVERY seconds.
-- While the Manager is away a worker keeps its unshipped stats and up to
-  HOLD_BYTES of log lines and ships them afterwards; lines beyond that are
-  counted (StatsDelta.lost_lines) and reported, never silently dropped.
-- Log batches are (kind, text, pid, lines shipped before it): a Manager that
-  dies with batches in its queue leaves a gap the master counts (LineLedger),
-  and a batch sent twice (its answer timed out, but it had arrived) is dropped.
+- While the Manager is away a worker keeps its unshipped stats, and its log
+  lines stay in their shared batches (SharedBatch: ACCESS_BATCH_BYTES and
+  ERROR_BATCH_BYTES per worker) and are shipped afterwards; lines that find a
+  batch full are counted (StatsDelta.lost_lines) and reported, never
+  silently dropped.
+- Log batches are (kind, text, pid, lines of that kind shipped before it): a
+  Manager that dies with batches in its queue leaves a gap the master counts
+  (LineLedger), and a batch sent twice (its answer timed out, but it had
+  arrived; or it arrived and its worker died before clearing its shared
+  batch) is dropped.
 - The Manager holds no listening socket and no log file (they are closed in it
   at start), ignores the signals meant for the master's process group, and
   dies with the master (PR_SET_PDEATHSIG).
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
@@ -52,7 +60,8 @@ LINE_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"   # every 
 CALL_TIMEOUT = 0.5        # seconds any call to the Manager may block
 RECONNECT_EVERY = 1.0     # seconds between a worker's reconnection attempts
 RESTART_EVERY = 1.0       # seconds between the master's Manager restarts
-HOLD_BYTES = 4 << 20      # log text a worker holds back during an outage
+ACCESS_BATCH_BYTES = 1 << 20   # a worker's access lines not yet shipped, at most
+ERROR_BATCH_BYTES = 256 << 10   # ... and its error-log lines
 PR_SET_PDEATHSIG = 1
 
 
@@ -163,25 +172,86 @@ def _abandon(*proxies):
             close.cancel()
 
 
-class LineLedger:
-    """Master side: every log line lost to a Manager outage, counted once:
-    those a worker had to drop (its hold was full) and those a Manager died
-    with (a gap in a worker's numbering); repeats are dropped."""
+class SharedBatch:
+    """Log text of one kind that a worker has not shipped yet, in memory its
+    master mapped before the fork. The worker appends lines and, once the
+    Manager took them, clears it; a worker killed by a signal leaves its
+    lines here, and the master writes them (its leftover()). Header: the
+    bytes used, and the lines of this kind shipped before this text (the
+    LineLedger's numbering: text that did reach the Manager is not written
+    twice). _combined.c writes access lines straight into it
+    (combined_into); the header's layout is shared with it."""
+    HEADER = struct.Struct("=QQ")
+
+    def __init__(self, size: int, encoding: str):
+        self.encoding = encoding        # latin-1 for access lines (as environ values are)
+        self.mem = mmap.mmap(-1, self.HEADER.size + size)   # MAP_SHARED: survives fork
+        self.capacity = size
+
+    # -- the worker's side ---------------------------------------------------
+    def append(self, text: str) -> bool:
+        """False when it does not fit (nothing is written then)."""
+        data = text.encode(self.encoding, "backslashreplace")
+        used, before = self.HEADER.unpack_from(self.mem, 0)
+        if used + len(data) > self.capacity:
+            return False
+        start = self.HEADER.size + used
+        self.mem[start:start + len(data)] = data
+        self.HEADER.pack_into(self.mem, 0, used + len(data), before)
+        return True
+
+    def text(self) -> str:
+        used = self.HEADER.unpack_from(self.mem, 0)[0]
+        return self.mem[self.HEADER.size:self.HEADER.size + used].decode(self.encoding)
+
+    def shipped(self, before: int) -> None:
+        """The text went to the Manager; `before` lines of this kind in all now."""
+        self.HEADER.pack_into(self.mem, 0, 0, before)
+
+    # -- the master's side, after the worker is gone -----------------------------
+    def leftover(self) -> tuple:
+        """(lines shipped before it, text the worker did not ship)."""
+        before = self.HEADER.unpack_from(self.mem, 0)[1]
+        return before, self.text()
+
+    def close(self) -> None:
+        self.mem.close()
+
+
+class LogBatches:
+    """A worker's two shared batches, made by the master before the fork."""
 
     def __init__(self):
-        self.expected: dict[int, int] = {}
+        self.access = SharedBatch(ACCESS_BATCH_BYTES, "latin-1")
+        self.error = SharedBatch(ERROR_BATCH_BYTES, "utf-8")
+
+    def items(self):
+        return ((ACCESS, self.access), (ERROR, self.error))
+
+    def close(self):
+        self.access.close()
+        self.error.close()
+
+
+class LineLedger:
+    """Master side: every log line lost to a Manager outage, counted once:
+    those a worker had to drop (its batch was full) and those a Manager died
+    with (a gap in a worker's numbering of a kind); repeats are dropped."""
+
+    def __init__(self):
+        self.expected: dict[tuple, int] = {}   # (pid, kind) -> the next line's number
         self.lost = 0
 
-    def admit(self, pid: int, before: int, lines: int) -> bool:
+    def admit(self, pid: int, kind: str, before: int, lines: int) -> bool:
         """True when the batch is new (write it); counts a gap before it."""
-        expected = self.expected.get(pid, 0)   # every worker's first batch starts at 0
+        expected = self.expected.get((pid, kind), 0)   # every worker's first batch starts at 0
         if before < expected:
             return False              # already written
         if before > expected:
             self.lost += before - expected
             log.error("%d log line(s) from worker pid %d were lost with a manager",
                       before - expected, pid)
-        self.expected[pid] = before + lines
+        self.expected[pid, kind] = before + lines
         return True
 
     def dropped(self, pid: int, lines: int) -> None:
@@ -193,7 +263,7 @@ class LineLedger:
         """Forget workers long gone (a late batch of theirs may still come
         after the reap, so not at once: when the table grows)."""
         if len(self.expected) > 1024:
-            self.expected = {pid: n for pid, n in self.expected.items() if pid in alive}
+            self.expected = {key: n for key, n in self.expected.items() if key[0] in alive}
 
 
 class MasterChannels:
@@ -309,8 +379,9 @@ class MasterChannels:
 
 class WorkerSink:
     """Worker side: plain data until connect() runs in the child. Shipping
-    never blocks serving for more than CALL_TIMEOUT; what cannot be shipped
-    is held (stats always, log text up to HOLD_BYTES) or counted as lost.
+    never blocks serving for more than CALL_TIMEOUT; stats that cannot be
+    shipped are held (every delta), log text stays in its shared batch (the
+    caller clears that once ship_logs says the Manager took it).
     Its calls may come from several threads (the loop's, app threads logging
     or rendering the status page): one at a time. The proxies themselves
     keep one connection per thread."""
@@ -322,10 +393,8 @@ class WorkerSink:
         self._stats = self._logs = self._board = None
         self._next_attempt = 0.0
         self._held_stats: list = []
-        self._held_logs: list = []
-        self._held_bytes = 0
         self.lost_lines = 0          # not yet reported in a delta
-        self.shipped_lines = 0       # log lines the Manager took from this worker
+        self.shipped = {ACCESS: 0, ERROR: 0}   # lines of each kind the Manager took
         self.pid = 0                 # set by connect(), in the worker
         self._announced = False
         self._lock = threading.RLock()
@@ -366,19 +435,11 @@ class WorkerSink:
         _forget_connections(self.address)
 
     def _flush_held(self) -> bool:
-        """Ship what was held, oldest first; False when the channel broke."""
+        """Ship the stats held, oldest first; False when the channel broke."""
         try:
             while self._held_stats:
                 self._stats.put_nowait(self._held_stats[0])
                 self._held_stats.pop(0)
-            while self._held_logs:
-                kind, text = self._held_logs[0]
-                # Numbered by the lines shipped before it: the master sees a
-                # gap (lines lost in a Manager that died with them) or a repeat
-                # (a put whose answer timed out but which had arrived).
-                self._logs.put_nowait((kind, text, self.pid, self.shipped_lines))
-                self.shipped_lines += text.count("\n")
-                self._held_bytes -= len(self._held_logs.pop(0)[1])
         except (OSError, EOFError) as exc:
             self._broken(exc)
             return False
@@ -391,15 +452,30 @@ class WorkerSink:
             if self._usable():
                 self._flush_held()
 
-    def ship_logs(self, batch):
+    def ship_logs(self, batch) -> bool:
+        """(kind, text): True when the Manager took it (clear its shared
+        batch then; else it stays there and is shipped again later)."""
+        kind, text = batch
         with self._lock:
-            if self._held_bytes + len(batch[1]) > HOLD_BYTES:
-                self.lost_lines += batch[1].count("\n")
-            else:
-                self._held_logs.append(batch)
-                self._held_bytes += len(batch[1])
-            if self._usable():
-                self._flush_held()
+            if not self._usable():
+                return False
+            try:
+                # Numbered by the lines of its kind shipped before it: the
+                # master sees a gap (lines lost in a Manager that died with
+                # them) or a repeat (a put whose answer timed out but which
+                # had arrived).
+                self._logs.put_nowait((kind, text, self.pid, self.shipped[kind]))
+            except (OSError, EOFError) as exc:
+                self._broken(exc)
+                return False
+            self.shipped[kind] += text.count("\n")
+            self._announced = False
+            return True
+
+    def count_lost(self, lines: int) -> None:
+        """Lines that found their shared batch full (reported in the next delta)."""
+        with self._lock:
+            self.lost_lines += lines
 
     def take_lost_lines(self) -> int:
         with self._lock:

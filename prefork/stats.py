@@ -110,6 +110,13 @@ class Totals:
     timeouts: int = 0
     histogram: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     duration_sum: float = 0.0
+    recovered: int = 0       # requests a killed worker ended but never reported (no details)
+
+    def recover(self, requests: int) -> None:
+        """Requests counted from a dead worker's slot: in the requests, their
+        status, bytes and latency unknown."""
+        self.requests += requests
+        self.recovered += requests
 
     def fold(self, delta: StatsDelta) -> None:
         self.requests += delta.requests

@@ -62,6 +62,7 @@ class Master:
         self.totals = Totals()
         self.rates = RateWindow()
         self.open_connections = {}      # pid -> latest gauge from its delta
+        self.reported = {}              # pid -> app requests its deltas reported
         self.ledger = LineLedger()      # log lines lost in an outage, wherever they were
         self.last_publish = 0.0
         self.files = self.channels = self.inbox = self.control = self.watcher = None
@@ -238,7 +239,7 @@ class Master:
             fds += self.control.descriptors()
         return fds + [rec.report.fd for rec in self.pool if rec.report.fd is not None]
 
-    def run_worker(self, config, listeners, slot, generation, report_fd):
+    def run_worker(self, config, listeners, slot, generation, report_fd, batches):
         """In the forked child: drop what is the master's alone, then serve."""
         self.inbox.close()
         self.selector.close()
@@ -246,15 +247,45 @@ class Master:
         self.files.close()
         self.reporter.close_in_child()
         worker_loop.run(config, listeners, self.scoreboard, slot, generation, self.pid,
-                        report_fd, self.channels.worker_sink())   # never returns
+                        report_fd, self.channels.worker_sink(), batches)   # never returns
 
     def reap(self):
-        for gone in self.pool.reap(self.now):
+        exits = self.pool.reap(self.now)
+        if exits:
+            # What the dead shipped comes first: then what they left is new.
+            while self.drain_channels():
+                pass
+        for gone in exits:
+            self.recover(gone.rec)
             self.watchdog.forget(gone.rec.pid)
             self.ledger.prune(self.pool.workers)
             self.open_connections.pop(gone.rec.pid, None)
             if gone.boot_failure is not None:
                 self.on_boot_failure(gone)
+
+    def recover(self, rec):
+        """A worker that died before shipping all it had (a signal, SIGKILL by
+        the kernel's OOM killer or our watchdog): the lines left in its
+        shared batches are written here (those that did reach the Manager
+        are not written twice), and the requests its slot counted but no
+        delta reported go into the totals, counted as recovered: their
+        status, bytes and latency died with it."""
+        written = 0
+        for kind, batch in rec.batches.items() if rec.batches is not None else ():
+            before, text = batch.leftover()
+            lines = text.count("\n")
+            if text and self.ledger.admit(rec.pid, kind, before, lines):
+                self.files.write(kind, text)
+                written += lines
+            batch.close()
+        rec.batches = None
+        missing = rec.served - self.reported.pop(rec.pid, 0)
+        if self.config.status.statistics and missing > 0:
+            self.totals.recover(missing)
+        if written or missing > 0:
+            log.warning("worker %d (pid %d) died with %d log line(s) and %d request(s) not "
+                        "shipped: the lines are written from its shared batch, the requests "
+                        "counted from its slot", rec.slot, rec.pid, written, max(0, missing))
 
     def on_boot_failure(self, gone):
         rec, report = gone.rec, gone.boot_failure
@@ -382,13 +413,15 @@ class Master:
         deltas = self.channels.drain_stats()
         for delta in deltas:
             self.totals.fold(delta)
+            self.reported[delta.pid] = (self.reported.get(delta.pid, 0)
+                                        + delta.requests - delta.rejected)
             if delta.lost_lines:
                 self.ledger.dropped(delta.pid, delta.lost_lines)
             if self.pool.get(delta.pid) is not None:
                 self.open_connections[delta.pid] = delta.open_connections
         batches = self.channels.drain_logs()
         for kind, text, pid, before in batches:
-            if self.ledger.admit(pid, before, text.count("\n")):
+            if self.ledger.admit(pid, kind, before, text.count("\n")):
                 self.files.write(kind, text)
         self.rates.observe(self.now, self.totals.requests)
         return len(deltas) + len(batches)

@@ -21,6 +21,7 @@ import signal
 import time
 
 from ..config import MAX_WORKERS
+from ..ipc import LogBatches
 from ..signals import DUMP_SIGNAL
 
 log = logging.getLogger("prefork.master")
@@ -84,6 +85,8 @@ class WorkerRecord:
     term_at: float = 0.0            # SIGTERM due (after a stack dump)
     killed: bool = False
     replaces: int = 0               # pid of the worker this one replaces (not a member yet)
+    batches: LogBatches | None = None   # its unshipped log lines (shared memory)
+    served: int = 0                 # requests it ended, as its scoreboard slot said at its exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +103,8 @@ class Exit:
 
 class Pool:
     def __init__(self, scoreboard, selector, run_child):
-        """run_child(config, listeners, slot, generation, report_fd) runs the
-        worker in the forked child and never returns."""
+        """run_child(config, listeners, slot, generation, report_fd, batches)
+        runs the worker in the forked child and never returns."""
         self.scoreboard = scoreboard
         self.selector = selector
         self.run_child = run_child
@@ -134,6 +137,7 @@ class Pool:
     # -- spawning ------------------------------------------------------------------
     def spawn(self, gen: Generation, now, replaces=0) -> WorkerRecord:
         slot = self.take_slot()
+        batches = LogBatches()   # mapped before the fork: shared with the child
         read_fd, write_fd = os.pipe()
         # Objects the child inherits stay out of its collector's reach, so
         # collections there do not write to (and copy) the shared pages.
@@ -144,10 +148,12 @@ class Pool:
             for rec in self.workers.values():
                 if rec.report.fd is not None:
                     os.close(rec.report.fd)
-            self.run_child(gen.config, list(gen.listeners.values()), slot, gen.number, write_fd)
+            self.run_child(gen.config, list(gen.listeners.values()), slot, gen.number, write_fd,
+                           batches)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         rec = self.add(pid, slot, gen.number, now, read_fd, replaces)
+        rec.batches = batches
         self.selector.register(read_fd, selectors.EVENT_READ, lambda key: self.read_report(rec))
         log.info("spawned worker %d (pid %d, generation %d)", slot, pid, gen.number)
         return rec
@@ -254,6 +260,7 @@ class Pool:
         for other in self.workers.values():
             if other.replaces == rec.pid:
                 other.replaces = 0          # the worker it replaced died: it is simply a member
+        rec.served = self.scoreboard.read(rec.slot).requests   # before the slot is cleared
         self.scoreboard.release(rec.slot)
         heapq.heappush(self._free_slots, rec.slot)
         failure = rec.report.failure

@@ -128,6 +128,7 @@ class SnapshotBuilder:
                 "app_exceptions": totals.app_exceptions, "rejected": totals.rejected,
                 "timeouts": totals.timeouts + view.timeouts,
                 "lost_log_lines": view.lost_lines,
+                "recovered_requests": totals.recovered,
             },
             "rates": view.rates,
             "latency": {

@@ -9,12 +9,20 @@ combined_line(environ, stamp, status, sent, duration) -> str, or None where
 the Python definition must do it: an environ value that is not a str with
 one-byte characters (an app may have put anything there), or a line too long
 for the buffer here.
+
+combined_into(batch, environ, stamp, status, sent, duration) -> bool: the same
+line written straight into a shared batch (ipc.SharedBatch: a writable
+buffer, its used bytes a native uint64 at offset 0, its text from offset
+SHARED_HEADER), which it then counts as used; False, with nothing written,
+where the Python definition must do it or the batch has no room left.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 #define LINE_BUFFER 8192
+#define SHARED_HEADER 16   /* ipc.SharedBatch.HEADER: used bytes, lines shipped before */
 
 static PyObject *k_remote, *k_method, *k_uri, *k_protocol, *k_referer, *k_agent;
 
@@ -85,6 +93,51 @@ put_int(Out *o, long long value)
     return 0;
 }
 
+/* The line into o: 1 written, 0 where the Python definition must do it (o
+   may hold part of a line then), -1 with an error set. */
+static int
+format_line(Out *o, PyObject *const *args)
+{
+    PyObject *environ = args[0], *stamp = args[1];
+    if (!PyDict_Check(environ) || !PyUnicode_Check(stamp)
+            || PyUnicode_KIND(stamp) != PyUnicode_1BYTE_KIND)
+        return 0;
+    long long status = PyLong_AsLongLong(args[2]);
+    long long sent = PyLong_AsLongLong(args[3]);
+    double duration = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred()) {   /* not ints and a float, or too large: Python formats anything */
+        PyErr_Clear();
+        return 0;
+    }
+    if (!(duration * 1e6 < 1e18 && duration * 1e6 > -1e18))
+        return 0;   /* no long long holds it (or NaN): Python's int() does */
+    const Py_UCS1 *remote, *method, *uri, *protocol, *referer, *agent;
+    Py_ssize_t remote_len, method_len, uri_len, protocol_len, referer_len, agent_len;
+    if (field(environ, k_remote, &remote, &remote_len) < 0
+            || field(environ, k_method, &method, &method_len) < 0
+            || field(environ, k_uri, &uri, &uri_len) < 0
+            || field(environ, k_protocol, &protocol, &protocol_len) < 0
+            || field(environ, k_referer, &referer, &referer_len) < 0
+            || field(environ, k_agent, &agent, &agent_len) < 0)
+        return PyErr_Occurred() ? -1 : 0;
+    if (remote_len == 0) {
+        remote = (const Py_UCS1 *)"-";
+        remote_len = 1;
+    }
+    if (put(o, remote, remote_len) < 0 || put(o, " - - ", 5) < 0
+            || put(o, PyUnicode_1BYTE_DATA(stamp), PyUnicode_GET_LENGTH(stamp)) < 0
+            || put(o, " \"", 2) < 0 || put(o, method, method_len) < 0 || put(o, " ", 1) < 0
+            || put_quoted(o, uri, uri_len) < 0 || put(o, " ", 1) < 0
+            || put(o, protocol, protocol_len) < 0 || put(o, "\" ", 2) < 0
+            || put_int(o, status) < 0 || put(o, " ", 1) < 0 || put_int(o, sent) < 0
+            || put(o, " \"", 2) < 0 || put_quoted(o, referer, referer_len) < 0
+            || put(o, "\" \"", 3) < 0 || put_quoted(o, agent, agent_len) < 0
+            || put(o, "\" ", 2) < 0 || put_int(o, (long long)(duration * 1e6)) < 0
+            || put(o, "\n", 1) < 0)
+        return 0;   /* no room: the Python formatter has no limit */
+    return 1;
+}
+
 static PyObject *
 combined_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -93,54 +146,55 @@ combined_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "combined_line(environ, stamp, status, sent, duration)");
         return NULL;
     }
-    PyObject *environ = args[0], *stamp = args[1];
-    if (!PyDict_Check(environ) || !PyUnicode_Check(stamp)
-            || PyUnicode_KIND(stamp) != PyUnicode_1BYTE_KIND)
-        Py_RETURN_NONE;
-    long long status = PyLong_AsLongLong(args[2]);
-    long long sent = PyLong_AsLongLong(args[3]);
-    double duration = PyFloat_AsDouble(args[4]);
-    if (PyErr_Occurred()) {   /* not ints and a float, or too large: Python formats anything */
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    if (!(duration * 1e6 < 1e18 && duration * 1e6 > -1e18))
-        Py_RETURN_NONE;   /* no long long holds it (or NaN): Python's int() does */
-    const Py_UCS1 *remote, *method, *uri, *protocol, *referer, *agent;
-    Py_ssize_t remote_len, method_len, uri_len, protocol_len, referer_len, agent_len;
-    if (field(environ, k_remote, &remote, &remote_len) < 0
-            || field(environ, k_method, &method, &method_len) < 0
-            || field(environ, k_uri, &uri, &uri_len) < 0
-            || field(environ, k_protocol, &protocol, &protocol_len) < 0
-            || field(environ, k_referer, &referer, &referer_len) < 0
-            || field(environ, k_agent, &agent, &agent_len) < 0) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
-    if (remote_len == 0) {
-        remote = (const Py_UCS1 *)"-";
-        remote_len = 1;
-    }
     char buffer[LINE_BUFFER];
     Out o = {buffer, buffer + LINE_BUFFER};
-    if (put(&o, remote, remote_len) < 0 || put(&o, " - - ", 5) < 0
-            || put(&o, PyUnicode_1BYTE_DATA(stamp), PyUnicode_GET_LENGTH(stamp)) < 0
-            || put(&o, " \"", 2) < 0 || put(&o, method, method_len) < 0 || put(&o, " ", 1) < 0
-            || put_quoted(&o, uri, uri_len) < 0 || put(&o, " ", 1) < 0
-            || put(&o, protocol, protocol_len) < 0 || put(&o, "\" ", 2) < 0
-            || put_int(&o, status) < 0 || put(&o, " ", 1) < 0 || put_int(&o, sent) < 0
-            || put(&o, " \"", 2) < 0 || put_quoted(&o, referer, referer_len) < 0
-            || put(&o, "\" \"", 3) < 0 || put_quoted(&o, agent, agent_len) < 0
-            || put(&o, "\" ", 2) < 0 || put_int(&o, (long long)(duration * 1e6)) < 0
-            || put(&o, "\n", 1) < 0)
-        Py_RETURN_NONE;   /* longer than LINE_BUFFER: the Python formatter has no limit */
+    int done = format_line(&o, args);
+    if (done < 0)
+        return NULL;
+    if (done == 0)
+        Py_RETURN_NONE;
     return PyUnicode_DecodeLatin1(buffer, o.at - buffer, NULL);
+}
+
+static PyObject *
+combined_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "combined_into(batch, environ, stamp, status, sent, duration)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    char *base = view.buf;
+    uint64_t used;
+    if (view.len < SHARED_HEADER) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "not a shared batch");
+        return NULL;
+    }
+    memcpy(&used, base, sizeof used);
+    int done = 0;
+    if (used <= (uint64_t)(view.len - SHARED_HEADER)) {
+        Out o = {base + SHARED_HEADER + used, base + view.len};
+        done = format_line(&o, args + 1);
+        if (done == 1) {
+            used = (uint64_t)(o.at - base - SHARED_HEADER);
+            memcpy(base, &used, sizeof used);   /* only a whole line is counted */
+        }
+    }
+    PyBuffer_Release(&view);
+    if (done < 0)
+        return NULL;
+    return PyBool_FromLong(done);
 }
 
 static PyMethodDef methods[] = {
     {"combined_line", (PyCFunction)(void (*)(void))combined_line, METH_FASTCALL,
      "combined_line(environ, stamp, status, sent, duration) -> str, or None (see the module)."},
+    {"combined_into", (PyCFunction)(void (*)(void))combined_into, METH_FASTCALL,
+     "combined_into(batch, environ, stamp, status, sent, duration) -> bool (see the module)."},
     {NULL}
 };
 

@@ -3,10 +3,12 @@
 Owns: the access-log formats (combined + microseconds, json, gunicorn-style
 atoms) and the worker-side batches (access lines, and Python logging records
 including the app's), shipped as one string per stats interval through the
-Manager channel. Must not: open a log file (the master writes them).
+Manager channel, or sooner when a batch is full. Must not: open a log file
+(the master writes them).
 
-What a SIGKILLed worker loses: its unshipped batch, i.e. at most the lines of
-one [status] interval (or BATCH_LINES lines, whichever comes first).
+The batches are ipc.SharedBatch memory that the master mapped before the fork:
+a worker killed by a signal loses no line, the master writes what it left.
+A line that finds its batch full (the Manager away for long) is counted lost.
 """
 from __future__ import annotations
 
@@ -16,17 +18,13 @@ import os
 import time
 
 from ..accessformat import Atoms
-from ..ipc import ACCESS, ERROR, LINE_FORMAT
+from ..ipc import ACCESS, ACCESS_BATCH_BYTES, ERROR, ERROR_BATCH_BYTES, LINE_FORMAT, SharedBatch
 
-try:
-    from ._combined import combined_line as _fast_combined_line   # the same line, in C
+try:   # the same line, in C: into a str, or straight into the shared batch
+    from ._combined import combined_into as _combined_into
+    from ._combined import combined_line as _fast_combined_line
 except ImportError:   # not built (no C compiler where prefork was installed)
-    _fast_combined_line = None
-
-# Ship early when a batch grows this large. Each shipment is a synchronous
-# round trip to the Manager process, which on a loaded machine waits for a CPU,
-# so the normal path is one shipment per stats interval; this is a memory cap.
-BATCH_LINES = 20000
+    _fast_combined_line = _combined_into = None
 
 
 def _quote(value: str) -> str:
@@ -81,20 +79,27 @@ def line_formatter(access_format: str):
 
 
 class AccessLog:
-    """Worker side: format each request's line, batch, ship per interval."""
+    """Worker side: format each request's line into the shared batch, ship
+    per interval (or when the batch is full). batch: the SharedBatch the
+    master made for this worker (one of its own by default)."""
 
-    def __init__(self, logging_config, sink=None):
+    def __init__(self, logging_config, sink=None, batch=None):
         self.enabled = bool(logging_config.access_log)
         self.format = line_formatter(logging_config.access_format)
         self._combined = self.enabled and self.format is None
         self.sink = sink
-        self._lines = []
+        self.batch = batch or SharedBatch(ACCESS_BATCH_BYTES, "latin-1")
+        self._mem = self.batch.mem
+        self._into = _combined_into if self._combined else None
         self._stamp = ""
 
     def set_time(self, wall: float) -> None:
         self._stamp = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(wall))
 
     def record(self, environ, status, sent, duration):
+        into = self._into
+        if into is not None and into(self._mem, environ, self._stamp, status, sent, duration):
+            return   # the usual line, written in C where the master can read it
         if self._combined:
             line = (_combined_line(environ, self._stamp, status, sent, duration)
                     or combined_line(environ, self._stamp, status, sent, duration))
@@ -102,47 +107,60 @@ class AccessLog:
             line = self.format(environ, status, sent, duration, self._stamp)
         else:
             return
-        lines = self._lines
-        lines.append(line)
-        if len(lines) >= BATCH_LINES:
-            self.flush()
+        keep(self.batch, line, self.flush, self.sink)
 
     def flush(self):
-        if self._lines and self.sink is not None:
-            self.sink.ship_logs((ACCESS, "".join(self._lines)))
-            self._lines = []
+        ship(self.batch, ACCESS, self.sink)
+
+
+def keep(batch, line, flush, sink):
+    """A line into its batch; when it is full, ship first; when it is still
+    full (the Manager is away), the line is counted lost."""
+    if batch.append(line):
+        return
+    flush()
+    if not batch.append(line) and sink is not None:
+        sink.count_lost(line.count("\n"))
+
+
+def ship(batch, kind, sink):
+    """The batch's text to the Manager; cleared once the Manager took it."""
+    if sink is None:
+        return
+    text = batch.text()
+    if text and sink.ship_logs((kind, text)):
+        batch.shipped(sink.shipped[kind])
 
 
 class ShippingHandler(logging.Handler):
-    """Worker side: Python logging records, batched and shipped to the master."""
+    """Worker side: Python logging records, into the shared error batch,
+    shipped to the master. emit() runs under the handler's lock (app threads
+    log too), and so does flush()."""
 
-    def __init__(self, sink):
+    def __init__(self, sink, batch=None):
         super().__init__()
         self.sink = sink
-        self._lines = []
+        self.batch = batch or SharedBatch(ERROR_BATCH_BYTES, "utf-8")
         self.setFormatter(logging.Formatter(LINE_FORMAT))
 
     def emit(self, record):
         try:
-            self._lines.append(self.format(record) + "\n")
+            line = self.format(record) + "\n"
         except Exception:  # logging must never break serving
             self.handleError(record)
-        if len(self._lines) >= BATCH_LINES:
-            self.flush()
+            return
+        keep(self.batch, line, self.flush, self.sink)
 
     def flush(self):
-        # Under the handler's lock, as emit() runs: app threads log too.
         with self.lock:
-            if self._lines:
-                self.sink.ship_logs((ERROR, "".join(self._lines)))
-                self._lines = []
+            ship(self.batch, ERROR, self.sink)
 
 
-def install_worker_logging(sink, level) -> ShippingHandler:
+def install_worker_logging(sink, level, batch=None) -> ShippingHandler:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)   # the master's file handler: not ours
-    handler = ShippingHandler(sink)
+    handler = ShippingHandler(sink, batch)
     root.addHandler(handler)
     root.setLevel(level.upper())
     return handler

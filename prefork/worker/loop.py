@@ -87,7 +87,8 @@ def drop_privileges(user: str, group: str) -> None:
 
 
 class Worker:
-    def __init__(self, config, listeners, scoreboard, slot, generation, master_pid, sink):
+    def __init__(self, config, listeners, scoreboard, slot, generation, master_pid, sink,
+                 batches=None):
         self.config = config
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.scoreboard = scoreboard
@@ -122,7 +123,9 @@ class Worker:
         self.tick_seconds = min(TICK_SECONDS, config.status.interval)
         self._next_tick = 0.0
         self.stats = WorkerStats(os.getpid())
-        self.access_log = AccessLog(config.logging, sink)
+        self.batches = batches           # ipc.LogBatches the master mapped (None: our own)
+        self.access_log = AccessLog(config.logging, sink,
+                                    batches.access if batches is not None else None)
         self.log_handler = None
         self.wsgi_errors = ErrorStream(logging.getLogger("prefork.app"))
         self.requests = 0
@@ -148,7 +151,9 @@ class Worker:
         faulthandler.register(DUMP_SIGNAL, file=report_fd, all_threads=True, chain=False)
         try:
             self.sink.connect()
-            self.log_handler = install_worker_logging(self.sink, self.config.logging.level)
+            self.log_handler = install_worker_logging(
+                self.sink, self.config.logging.level,
+                self.batches.error if self.batches is not None else None)
             drop_privileges(self.config.server.user, self.config.server.group)
             os.environ.update(self.config.env)   # [env]: before the app reads them
             if self.config.server.chdir:
@@ -551,11 +556,13 @@ def reap_children(seen: set) -> set:
             pass
 
 
-def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, sink):
+def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, sink,
+        batches=None):
     """Entry point in the forked child. Never returns."""
     code = 0
     try:
-        worker = Worker(config, listeners, scoreboard, slot, generation, master_pid, sink)
+        worker = Worker(config, listeners, scoreboard, slot, generation, master_pid, sink,
+                        batches)
         worker.boot(report_fd)
         worker.run()
     except SystemExit as exc:

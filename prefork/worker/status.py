@@ -196,6 +196,10 @@ def prometheus(s) -> str:
     _metric(lines, "prefork_lost_log_lines_total", "counter",
             "Lines workers dropped while the Manager was unreachable.",
             [({}, totals.get("lost_log_lines", 0))])
+    _metric(lines, "prefork_recovered_requests_total", "counter",
+            "Requests a killed worker ended but never reported, counted from its scoreboard "
+            "slot (their status, bytes and latency unknown).",
+            [({}, totals.get("recovered_requests", 0))])
     manager = s.get("manager", {})
     _metric(lines, "prefork_manager_restarts_total", "counter", "Manager processes replaced.",
             [({}, manager.get("restarts", 0))])

@@ -139,3 +139,21 @@ def test_error_log_tells_the_story(server):
         assert words in log, words
     for pid in first:
         assert f"pid {pid}" in log
+
+
+def test_a_worker_killed_with_sigkill_loses_no_line_and_no_request(make_server):
+    """What the kernel's OOM killer (or our watchdog) does: kill -9. The lines
+    it had not shipped are in its shared batch, its requests in its slot."""
+    server = make_server(workers=1, extra="[status]\ninterval = 60\n")   # ships no batch itself
+    [pid] = server.worker_pids()
+    for i in range(30):
+        assert server.get(f"/hello?{i}").status_code == 200
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: server.status()["pool"]["exits"]["killed"] == 1, message="the kill seen")
+    access = wait_for(lambda: server.log("access").count("GET /hello?") == 30 and
+                      server.log("access"), message="all 30 lines")
+    assert all(f"GET /hello?{i} HTTP/1.1" in access for i in range(30))
+    totals = server.status()["totals"]
+    assert totals["requests"] >= 30 and totals["recovered_requests"] == 30
+    assert totals["lost_log_lines"] == 0
+    assert "died with 30 log line(s) and 30 request(s) not shipped" in server.log("error")

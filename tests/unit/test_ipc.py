@@ -8,23 +8,36 @@ from multiprocessing.managers import BaseManager
 
 import pytest
 
-from prefork import ipc
-from prefork.ipc import ACCESS, ERROR, LineLedger, MasterChannels
+from prefork.config import LoggingConfig
+from prefork.ipc import ACCESS, ERROR, LineLedger, MasterChannels, SharedBatch
 from prefork.stats import WorkerStats
+from prefork.worker.logship import AccessLog
 from tests.conftest import wait_for
 
 
 def test_the_ledger_writes_each_batch_once_and_counts_every_gap():
     ledger = LineLedger()
-    assert ledger.admit(pid=7, before=0, lines=3)        # lines 0-2
-    assert not ledger.admit(pid=7, before=0, lines=3)    # sent twice: dropped
-    assert ledger.admit(pid=7, before=5, lines=1)        # 3 and 4 died with a manager
-    assert ledger.lost == 2 and ledger.expected[7] == 6
-    ledger.dropped(pid=8, lines=4)                       # a worker's own count
+    assert ledger.admit(7, ACCESS, before=0, lines=3)        # lines 0-2
+    assert not ledger.admit(7, ACCESS, before=0, lines=3)    # sent twice: dropped
+    assert ledger.admit(7, ERROR, before=0, lines=2)         # each kind is numbered apart
+    assert ledger.admit(7, ACCESS, before=5, lines=1)        # 3 and 4 died with a manager
+    assert ledger.lost == 2 and ledger.expected[7, ACCESS] == 6
+    ledger.dropped(pid=8, lines=4)                           # a worker's own count
     assert ledger.lost == 6
-    ledger.expected.update({pid: 0 for pid in range(100, 1200)})
+    ledger.expected.update({(pid, ACCESS): 0 for pid in range(100, 1200)})
     ledger.prune(alive={7})
-    assert set(ledger.expected) == {7}
+    assert {pid for pid, _ in ledger.expected} == {7}
+
+
+def test_a_shared_batch_keeps_what_was_not_shipped_for_the_master():
+    batch = SharedBatch(64, "latin-1")
+    assert batch.append("one\n") and batch.append("caf\xe9\n")
+    assert not batch.append("x" * 100)                        # no room: nothing written
+    assert batch.text() == "one\ncaf\xe9\n"
+    batch.shipped(2)
+    assert batch.leftover() == (2, "")
+    batch.append("three\n")
+    assert batch.leftover() == (2, "three\n")   # what a killed worker leaves, numbered
 
 
 @pytest.fixture
@@ -37,38 +50,45 @@ def channels():
 def test_a_workers_lines_stats_and_the_board_go_through_the_manager(channels):
     sink = channels.worker_sink()
     assert sink.connect()
-    sink.ship_logs((ACCESS, "one\ntwo\n"))
-    sink.ship_logs((ERROR, "oops\n"))
+    assert sink.ship_logs((ACCESS, "one\ntwo\n"))
+    assert sink.ship_logs((ERROR, "oops\n"))
+    assert sink.ship_logs((ACCESS, "three\n"))
     stats = WorkerStats(os.getpid())
     stats.record(200, 10, 0.001)
     sink.ship_stats(stats.take_delta(1.0))
     assert channels.drain_logs() == [(ACCESS, "one\ntwo\n", os.getpid(), 0),
-                                     (ERROR, "oops\n", os.getpid(), 2)]
+                                     (ERROR, "oops\n", os.getpid(), 0),
+                                     (ACCESS, "three\n", os.getpid(), 2)]
     [delta] = channels.drain_stats()
     assert delta.requests == 1 and delta.bytes_out == 10
     channels.publish({"generation": 3})
     assert sink.snapshot() == {"generation": 3}
 
 
-def test_lines_are_held_while_the_manager_is_gone_and_the_overflow_is_counted(channels,
-                                                                            monkeypatch):
+def test_lines_wait_in_their_batch_while_the_manager_is_gone_and_the_overflow_is_counted(
+        channels):
     sink = channels.worker_sink()
     assert sink.connect()
     os.kill(channels.pid, signal.SIGKILL)
-    monkeypatch.setattr(ipc, "HOLD_BYTES", 100)
-    sink.ship_logs((ACCESS, "held\n"))                 # cannot ship: held
-    sink.ship_logs((ACCESS, "x" * 200 + "\n"))        # more than the hold: counted
+    log = AccessLog(LoggingConfig(access_log="on", access_format="%(U)s"), sink,
+                    SharedBatch(64, "latin-1"))
+    environ = {"PATH_INFO": "/held", "REQUEST_METHOD": "GET"}
+    log.record(environ, 200, 0, 0.0)
+    log.flush()                                       # cannot ship: stays in the batch
+    assert log.batch.text() == "/held\n"
+    log.record(dict(environ, PATH_INFO="/" + "x" * 80), 200, 0, 0.0)   # never fits: counted
     assert sink.take_lost_lines() == 1 and sink.take_lost_lines() == 0
     wait_for(lambda: channels.check(time.monotonic()) or channels.restarts == 1,
              message="the manager replaced")
-    # The worker reconnects by itself (at most every RECONNECT_EVERY) and ships what it held.
+    # The worker reconnects by itself (at most every RECONNECT_EVERY) and ships what waited.
     ledger = LineLedger()
 
     def delivered():
-        sink.ship_logs((ACCESS, "after\n"))
-        return [b for b in channels.drain_logs() if ledger.admit(b[2], b[3], b[1].count("\n"))]
-    batches = wait_for(delivered, message="the held lines")
-    assert batches[0][1] == "held\n" and ledger.lost == 0
+        log.flush()
+        return [b for b in channels.drain_logs()
+                if ledger.admit(b[2], b[0], b[3], b[1].count("\n"))]
+    batches = wait_for(delivered, message="the lines that waited")
+    assert batches[0][1] == "/held\n" and ledger.lost == 0 and log.batch.text() == ""
 
 
 class _SlowHub(BaseManager):

@@ -218,6 +218,7 @@ def combined_formatter(request, monkeypatch):
     from prefork.worker import logship
     if request.param == "python":
         monkeypatch.setattr(logship, "_combined_line", logship.combined_line)
+        monkeypatch.setattr(logship, "_combined_into", None)
     elif logship._fast_combined_line is None:
         pytest.fail("prefork/worker/_combined.c is not built: was there a C compiler "
                     "when `make install` ran?")
@@ -229,8 +230,12 @@ def test_the_combined_line_quotes_only_what_needs_it(combined_formatter):
     from prefork.worker.logship import AccessLog
 
     class Sink:
+        shipped = {"access": 0}
+
         def ship_logs(self, batch):
             self.batch = batch
+            self.shipped["access"] += batch[1].count("\n")
+            return True
     sink = Sink()
     log = AccessLog(LoggingConfig(access_log="access.log"), sink)
     log.set_time(0)
@@ -242,6 +247,7 @@ def test_the_combined_line_quotes_only_what_needs_it(combined_formatter):
     assert sink.batch[1] == (
         '- - - [01/Jan/1970:00:00:00 +0000] "GET /a HTTP/1.1" 200 5 "-" "x\\"y\\\\z" 1000\n'
         '- - - [01/Jan/1970:00:00:00 +0000] "GET /a HTTP/1.1" 404 0 "/b" "curl" 1\n')
+    assert log.batch.leftover() == (2, "")   # shipped: cleared, numbered
 
 
 @pytest.mark.parametrize("change", [
