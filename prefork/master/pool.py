@@ -5,7 +5,10 @@ Owns: the worker records, the scoreboard slots they hold, each worker's report
 pipe (boot report, then stack dumps), reaping and what each exit counts as,
 boot-failure backoff, and keeping a generation at its target size. Every
 stop goes through stop(): the deadlines (TERM after a stack dump, KILL after
-the grace) are enforced here each tick.
+the grace) are enforced here each tick. Each worker leads a process group of
+its own: what its app starts (a multiprocessing Manager, a subprocess) is in
+it, and is killed once the worker is gone, as systemd kills a unit's control
+group, so that nothing outlives its worker holding prefork's listeners or pipes.
 Must not: decide policy (when to reload, recycle or stop everything: the
 master, reloader and watchdog do) or block: report pipes are non-blocking.
 """
@@ -144,12 +147,17 @@ class Pool:
         gc.freeze()
         pid = os.fork()
         if pid == 0:
+            os.setpgid(0, 0)   # (both sides set it: whichever runs first)
             os.close(read_fd)
             for rec in self.workers.values():
                 if rec.report.fd is not None:
                     os.close(rec.report.fd)
             self.run_child(gen.config, list(gen.listeners.values()), slot, gen.number, write_fd,
                            batches)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:   # the child did it, or is gone already
+            pass
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         rec = self.add(pid, slot, gen.number, now, read_fd, replaces)
@@ -252,9 +260,17 @@ class Pool:
         return gone
 
     def remove(self, rec, code, now) -> Exit:
-        """Forget a worker that exited, count the exit and say why it went."""
-        while rec.report.fd is not None:   # take the rest of a boot failure report
+        """Forget a worker that exited, count the exit and say why it went;
+        what its app started dies with it (its process group)."""
+        try:
+            os.killpg(rec.pid, signal.SIGKILL)
+        except OSError:   # nothing left in it
+            pass
+        for _ in range(64):   # the rest of a boot failure report, then done: a child of
+            if rec.report.fd is None:   # its app may hold the pipe, so no wait for its end
+                break
             self.read_report(rec)
+        self._close_report(rec)
         self.log_dump(rec)
         del self.workers[rec.pid]
         for other in self.workers.values():

@@ -288,3 +288,20 @@ def test_a_workers_memory_is_bounded_by_its_settings_not_by_its_clients(make_ser
     finally:
         for sock in held:
             sock.close()
+
+
+def test_what_an_app_starts_dies_with_its_worker_and_frees_the_port(make_server):
+    """A worker's app starts a multiprocessing Manager (which inherits the
+    listener) and a subprocess: stop ends in time, and nothing of theirs is
+    left holding the port."""
+    server = make_server(app="tests.apps.children:app", workers=1)
+    children = [int(server.get(path, timeout=30).text.split()[1])
+                for path in ("/manager", "/sleeper")]
+    assert all(psutil.pid_exists(pid) for pid in children)
+    assert server.stop(timeout=30) == 0
+    wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
+                             != psutil.STATUS_ZOMBIE for pid in children),
+             message="the app's children gone")
+    with socket.socket() as probe:   # the port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((server.host, server.port))
