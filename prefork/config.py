@@ -184,6 +184,12 @@ Seconds of silence allowed while a request body is arriving (else 408).""")
     send_timeout: float = _setting(30.0, _check_positive, doc="""\
 Seconds without progress while sending a response before the connection is
 cut. An app's PEP 3333 write() calls may block this long in all, per response.""")
+    min_rate: int = _setting(500, _check_non_negative, doc="""\
+Bytes per second a client must keep up, after rate_grace, while it sends a
+request (head and body) or reads a response that had to wait for it; slower,
+it is cut (408 while it sends), as Apache's mod_reqtimeout MinRate. 0: off.""")
+    rate_grace: float = _setting(10.0, _check_positive, doc="""\
+Seconds a request or a waiting response has before min_rate applies.""")
     max_request_line: int = _setting(8190, _check_positive, doc="""\
 Longest request target accepted, in bytes (else 414).""")
     max_headers: int = _setting(100, _check_positive, doc="""\

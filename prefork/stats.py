@@ -39,6 +39,7 @@ class StatsDelta:
     duration_sum: float
     open_connections: int = 0     # a gauge: the worker's count when it shipped
     lost_lines: int = 0           # log lines dropped during a Manager outage
+    evicted: int = 0              # connections closed to make room for new ones
 
 
 class WorkerStats:
@@ -57,6 +58,7 @@ class WorkerStats:
         self.app_exceptions = 0
         self.rejected = 0
         self.timeouts = 0
+        self.evicted = 0
         self.histogram = [0] * (len(BUCKETS) + 1)
         self.duration_sum = 0.0
 
@@ -91,7 +93,7 @@ class WorkerStats:
         delta = StatsDelta(self.pid, requests, statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,
-                           open_connections, lost_lines)
+                           open_connections, lost_lines, self.evicted)
         self._last_ship = now
         self._reset()
         return delta
@@ -111,6 +113,7 @@ class Totals:
     histogram: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     duration_sum: float = 0.0
     recovered: int = 0       # requests a killed worker ended but never reported (no details)
+    evicted: int = 0         # connections closed to make room for new ones
 
     def recover(self, requests: int) -> None:
         """Requests counted from a dead worker's slot: in the requests, their
@@ -128,6 +131,7 @@ class Totals:
         self.app_exceptions += delta.app_exceptions
         self.rejected += delta.rejected
         self.timeouts += delta.timeouts
+        self.evicted += delta.evicted
         for i, count in enumerate(delta.histogram):
             self.histogram[i] += count
         self.duration_sum += delta.duration_sum

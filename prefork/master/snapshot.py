@@ -129,6 +129,7 @@ class SnapshotBuilder:
                 "timeouts": totals.timeouts + view.timeouts,
                 "lost_log_lines": view.lost_lines,
                 "recovered_requests": totals.recovered,
+                "evicted": totals.evicted,
             },
             "rates": view.rates,
             "latency": {

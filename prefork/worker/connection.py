@@ -95,7 +95,8 @@ def server_options(environ, start_response):
 
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
-                 "events", "exchange", "close_after", "received", "refused", "believed", "preamble")
+                 "events", "exchange", "close_after", "received", "refused", "believed", "preamble",
+                 "began", "progress", "send_began", "flushed")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -126,6 +127,10 @@ class Connection:
         # with the PROXY protocol its header comes first, and nothing else does.
         self.believed = host.trusted.peer(remote[0]) if host.trusted else False
         self.preamble = b"" if host.proxy_protocol else None
+        # A request arriving over several reads, and output that waits for the
+        # client: when each began and how many bytes moved since (min_rate).
+        self.began = self.send_began = host.now
+        self.progress = self.flushed = 0
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
@@ -159,10 +164,15 @@ class Connection:
             self.refused = exc
         if reader.in_message:
             host = self.host
+            if not was_in_message:
+                self.began = host.now
+                self.progress = 0
+            self.progress += len(data)
             if not was_in_message and reader.in_head:
                 self.deadline = host.now + host.http.header_timeout
             elif not reader.in_head:
-                self.deadline = host.now + host.http.body_timeout
+                self.deadline = self.rated(host.now + host.http.body_timeout, self.began,
+                                           self.progress)
             if reader.continue_pending:
                 reader.continue_pending = False
                 self.send_quietly(CONTINUE)
@@ -211,6 +221,35 @@ class Connection:
         if client is not None:
             self.remote = (client[0], client[1])
         return buffered[consumed:]
+
+    def rated(self, deadline, began, moved):
+        """deadline, or sooner when the client moves fewer than min_rate
+        bytes a second since began (after rate_grace)."""
+        http = self.host.http
+        if http.min_rate:
+            return min(deadline, began + http.rate_grace + moved / http.min_rate)
+        return deadline
+
+    def send_deadline(self):
+        """send_timeout from now, or sooner for a reader below min_rate."""
+        return self.rated(self.host.now + self.host.http.send_timeout, self.send_began,
+                          self.flushed)
+
+    def evictable(self, now):
+        """When the worker must make room: None if this connection is being
+        served (its request in the app or waiting for a thread, its answer
+        being written, requests ready); else how gladly it goes, lower first:
+        lingering, then idle (the longest idle first), then a request
+        arriving (the slowest first)."""
+        if self.exchange is not None or self.out or self.reader.ready:
+            return None
+        if self.state == LINGERING:
+            return (0, 0.0)
+        if self.state != READING:
+            return None
+        if not self.reader.in_message:
+            return (1, self.deadline)
+        return (2, self.progress / max(now - self.began, 1e-3))
 
     # -- what the worker may ask ---------------------------------------------
     def idle(self) -> bool:
@@ -318,6 +357,8 @@ class Connection:
         length = ex.file_length(st.st_size - offset)
         ex.result = wrapper
         ex.sendfile = [fd, offset, length]
+        self.send_began = self.host.now   # a file waits for the client's pace
+        self.flushed = 0
         return True
 
     def pump(self):
@@ -356,7 +397,7 @@ class Connection:
                 if not ex.body_ok:
                     return self.finish()
         self.state = WRITING
-        self.deadline = self.host.now + self.host.http.send_timeout
+        self.deadline = self.send_deadline()
         self.want(EPOLLOUT)
 
     def pull(self, ex):
@@ -418,7 +459,7 @@ class Connection:
         for its app thread parked."""
         if self.out:
             self.state = WRITING
-            self.deadline = self.host.now + self.host.http.send_timeout
+            self.deadline = self.send_deadline()
             self.want(EPOLLOUT)
         else:
             self.park()
@@ -431,7 +472,7 @@ class Connection:
         it waits: it leaves the poller only if the client speaks (on_readable)."""
         if self.out:
             self.state = WRITING
-            self.deadline = self.host.now + self.host.http.send_timeout
+            self.deadline = self.send_deadline()
             self.want(EPOLLOUT)
             return
         self.state = APP
@@ -470,7 +511,8 @@ class Connection:
         ex.sendfile[1] += sent
         ex.sendfile[2] -= sent
         ex.count_sent(sent)
-        self.deadline = self.host.now + self.host.http.send_timeout
+        self.flushed += sent
+        self.deadline = self.send_deadline()
         return True
 
     def write(self, data):
@@ -626,6 +668,8 @@ class Connection:
             rest = memoryview(data)[sent:]
             self.out.append(rest)
             self.out_size += len(rest)
+            self.send_began = self.host.now   # from here the client's pace counts
+            self.flushed = 0
 
     def send_quietly(self, data):
         try:
@@ -645,7 +689,8 @@ class Connection:
             except OSError as exc:
                 raise ClientGone() from exc
             self.out_size -= sent
-            self.deadline = self.host.now + self.host.http.send_timeout
+            self.flushed += sent
+            self.deadline = self.send_deadline()
             if sent < len(out[0]):
                 out[0] = memoryview(out[0])[sent:]
                 return False

@@ -119,6 +119,7 @@ class Worker:
         self.listening = True            # listeners registered with the poller
         self.accept_paused_until = 0.0   # out of descriptors: no accepts until then
         self.accept_failures = 0         # since the last report
+        self.evicted_lately = 0          # connections closed to make room, since the last report
         self.now = time.monotonic()
         self.tick_seconds = min(TICK_SECONDS, config.status.interval)
         self._next_tick = 0.0
@@ -291,6 +292,7 @@ class Worker:
         share = self.fair_share(listener) if not everything else float("inf")
         fresh = 0
         room = self.config.workers.max_connections - len(self.conns)
+        relieved = False
         while fresh < min(ACCEPT_BATCH, room) and (len(self.conns) < share
                                                    or (self.declined and not fresh)):
             try:
@@ -298,8 +300,12 @@ class Worker:
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno in OUT_OF_DESCRIPTORS:
-                    self.pause_accepting(exc)
+                if exc.errno not in OUT_OF_DESCRIPTORS:
+                    break
+                if not relieved and self.make_room(ACCEPT_BATCH // 4):
+                    relieved = True   # descriptors freed: try again, once
+                    continue
+                self.pause_accepting(exc)
                 break
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
@@ -314,6 +320,31 @@ class Worker:
             self.scoreboard.set_connections(self.slot, len(self.conns))
         if len(self.conns) >= self.config.workers.max_connections:
             self.listen(False)   # the listen queue holds the rest, or a peer takes them
+
+    def make_room(self, wanted) -> int:
+        """Close up to `wanted` connections nobody is being served on (see
+        Connection.evictable: lingering, then idle, the longest idle first,
+        then requests arriving, the slowest first), for new ones: -> how many.
+        Never one whose request the app runs or whose answer is going out."""
+        now = self.now
+        ranked = sorted((key, fd) for fd, key in
+                        ((fd, conn.evictable(now)) for fd, conn in self.conns.items())
+                        if key is not None)
+        victims = [self.conns[fd] for _, fd in ranked[:wanted]]
+        for conn in victims:
+            conn.close()
+        self.stats.evicted += len(victims)
+        self.evicted_lately += len(victims)
+        return len(victims)
+
+    def relieve(self):
+        """At max_connections with clients waiting in the listen queue and
+        every peer as full: room for them (the tick looks, as the listeners
+        are not watched meanwhile)."""
+        for listener in self.listeners.values():
+            waiting = queue_depth(listener)[0]
+            if waiting and self.fair_share(listener) > len(self.conns):
+                self.make_room(min(waiting, ACCEPT_BATCH))   # closed() listens again
 
     def accepting(self, room):
         """The app threads' seats: all taken (no room) or some free again. A
@@ -370,6 +401,9 @@ class Worker:
         for conn in [c for c in self.conns.values() if c.deadline <= now and c.fd not in spare]:
             conn.on_deadline()
         self.resume_accepting(now)
+        if not self.listening and not self.accept_paused_until and not self.stopping \
+                and len(self.conns) >= self.config.workers.max_connections:
+            self.relieve()
         if self.threads is not None:
             self.threads.tick(now)
             self.threads_changed()   # threads started and retired meanwhile
@@ -379,6 +413,10 @@ class Worker:
                 log.error("accept failed %d more time(s) for want of file descriptors",
                           self.accept_failures - 1)
             self.accept_failures = 0
+            if self.evicted_lately:
+                log.warning("closed %d connection(s) to make room for new ones (idle ones "
+                            "first, then the slowest requests)", self.evicted_lately)
+                self.evicted_lately = 0
             self.flush_logs()
             self.sink.ship_stats(self.stats.take_delta(now, len(self.conns),
                                                        self.sink.take_lost_lines()))

@@ -134,6 +134,10 @@ def prometheus(s) -> str:
                            ("rejected", "Requests refused by the parser (4xx)."),
                            ("timeouts", "Requests or workers cut by a timeout.")):
         _metric(lines, f"prefork_{key}_total", "counter", help_text, [({}, totals[key])])
+    _metric(lines, "prefork_connections_evicted_total", "counter",
+            "Connections closed to make room for new ones (idle ones first, then the "
+            "slowest requests), at max_connections or out of descriptors.",
+            [({}, totals.get("evicted", 0))])
     _metric(lines, "prefork_connections_open", "gauge", "Open client connections.",
             [({}, totals["connections_open"])])
     cumulative = 0

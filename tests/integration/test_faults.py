@@ -192,7 +192,33 @@ def test_out_of_descriptors_pauses_accepting_without_spinning_and_recovers(tmpdi
         server.kill_all()
 
 
-def test_a_worker_holds_at_most_max_connections_and_the_queue_waits(make_server):
+def test_a_worker_holds_at_most_max_connections_and_the_queue_waits(make_server, tmp_path):
+    """Connections whose requests the app runs are never closed to make room:
+    the next client waits in the listen queue until one of them ends."""
+    server = make_server(workers=1, extra="[workers]\nmax_connections = 3\n")
+    release = tmp_path / "release"
+    held = []
+    for _ in range(3):
+        sock = server.connect()
+        sock.sendall(f"GET /hold?{release} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        held.append(sock)
+    wait_for(lambda: len(server.running()) == 3, message="3 in the app")
+    waiting = server.connect()
+    waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    waiting.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        waiting.recv(4096)            # the worker is full: it is still in the queue
+    release.touch()                   # they end...
+    assert read_until_close(waiting, timeout=10).startswith(b"HTTP/1.1 200")   # ...it is served
+    for sock in held:
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.close()
+
+
+def test_at_max_connections_an_idle_connection_makes_room(make_server):
+    """As nginx reuses idle keep-alive connections when it runs out: the one
+    idle the longest is closed for the client waiting in the queue."""
     server = make_server(workers=1, extra="[workers]\nmax_connections = 3\n")
     held = []
     for _ in range(3):
@@ -202,11 +228,10 @@ def test_a_worker_holds_at_most_max_connections_and_the_queue_waits(make_server)
         held.append(sock)
     waiting = server.connect()
     waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    waiting.settimeout(0.5)
-    with pytest.raises(socket.timeout):
-        waiting.recv(4096)            # the worker is full: it is still in the queue
-    held.pop().close()                # one leaves...
-    assert read_until_close(waiting, timeout=10).startswith(b"HTTP/1.1 200")   # ...it is served
+    assert read_until_close(waiting, timeout=10).startswith(b"HTTP/1.1 200")
+    held[0].settimeout(10)
+    assert held[0].recv(4096) == b""  # the oldest idle one went
+    wait_for(lambda: server.status()["totals"]["evicted"] == 1, message="counted")
     for sock in held:
         sock.close()
 
@@ -305,3 +330,30 @@ def test_what_an_app_starts_dies_with_its_worker_and_frees_the_port(make_server)
     with socket.socket() as probe:   # the port is free again
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((server.host, server.port))
+
+
+def test_a_flood_of_idle_and_trickling_connections_never_locks_clients_out(make_server):
+    """More connections than the worker holds, each sending nothing or a body
+    that never ends (or waiting after Expect: 100-continue): the idle and the
+    slowest make room, every legitimate request is answered, the worker stays."""
+    server = make_server(workers=1, extra="[workers]\nmax_connections = 20\n")
+    before = server.worker_pids()
+    flood = []
+    try:
+        for i in range(60):
+            sock = server.connect()
+            if i % 3 == 1:
+                sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nx")
+            elif i % 3 == 2:
+                sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+            flood.append(sock)
+        for _ in range(10):
+            assert server.get("/", timeout=15).text == "hello"
+        totals = wait_for(lambda: (lambda t: t if t["evicted"] else None)(
+            server.status()["totals"]), message="evictions counted")
+        assert totals["evicted"] >= 30 and server.worker_pids() == before
+        wait_for(lambda: "to make room for new ones" in server.log("error"), message="logged")
+    finally:
+        for sock in flood:
+            sock.close()

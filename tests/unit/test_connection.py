@@ -388,3 +388,55 @@ def test_spools_of_pipelined_requests_left_unanswered_are_closed_too():
     pair.conn.close()
     assert all(spool.closed for spool in pair.host.spooled)
     assert os.fstat(pair.client.fileno())   # the client's end is untouched
+
+
+def test_a_body_sent_below_min_rate_is_cut_with_408_before_body_timeout():
+    pair = Pair(min_rate=100, rate_grace=1.0, body_timeout=30.0)
+    began = pair.host.now
+    pair.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n0123456789")
+    assert pair.conn.deadline < began + 2.0   # grace + what it sent / min_rate, not 30 s
+    pair.host.now = pair.conn.deadline
+    pair.conn.on_deadline()
+    assert pair.read_all().startswith(b"HTTP/1.1 408 ") and pair.host.rejected == [408]
+
+
+def test_a_reader_below_min_rate_is_cut_though_it_reads_a_little():
+    def big(environ, start_response):
+        start_response("200 OK", [])
+        return [b"x" * (4 << 20)]
+    pair = Pair(big, min_rate=1000, rate_grace=2.0, send_timeout=30.0)
+    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pair.send(get(b"/"))
+    assert pair.conn.state == "writing" and pair.conn.deadline < pair.host.now + 30
+    pair.client.recv(100)   # a little progress, far below the rate
+    pair.host.now += 1.0
+    pair.conn.on_writable()
+    pair.host.now = pair.conn.deadline
+    pair.conn.on_deadline()
+    assert pair.conn.state == "closed" and pair.host.timeouts == 1
+
+
+def test_min_rate_0_leaves_only_the_timeouts():
+    pair = Pair(min_rate=0, body_timeout=30.0)
+    pair.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n0123456789")
+    assert pair.conn.deadline == pair.host.now + 30.0
+
+
+def test_how_gladly_a_connection_makes_room():
+    idle = Pair()
+    idle.send(get(b"/"))
+    idle.read_all()
+    arriving = Pair()
+    arriving.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    arriving.host.now += 2
+    assert idle.conn.evictable(idle.host.now)[0] == 1
+    assert arriving.conn.evictable(arriving.host.now)[0] == 2
+    seen = []
+
+    def held(environ, start_response):   # its request in the app: never chosen
+        seen.append(pair.conn.evictable(pair.host.now))
+        start_response("200 OK", [])
+        return [b""]
+    pair = Pair(held)
+    pair.send(get(b"/"))
+    assert seen == [None] and pair.host.ended

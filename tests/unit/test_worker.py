@@ -16,8 +16,11 @@ from prefork.worker.loop import ACCEPT_PAUSE, IDLE_GRACE, Worker
 
 
 class NullSink:
+    def __init__(self):
+        self.deltas = []
+
     def ship_stats(self, delta):
-        pass
+        self.deltas.append(delta)
 
     shipped = {"access": 0, "error": 0}
 
@@ -134,3 +137,25 @@ def test_the_tick_cuts_what_is_left_at_the_graceful_deadline(made, monkeypatch):
     assert worker.conns
     worker.tick(1.0)
     assert not worker.conns
+
+
+def test_at_max_connections_the_idle_and_slowest_make_room_for_the_waiting(made, monkeypatch):
+    make, listener, clients = made
+    worker = make(max_connections=3)
+    worker.scoreboard.set_state(1, sb.EMPTY)   # no peer: this worker alone serves
+    knock(listener, clients, 3)
+    worker.accept(listener)
+    assert len(worker.conns) == 3 and not worker.listening
+    idle, arriving, busy = list(worker.conns.values())
+    idle.deadline = 50.0                       # the longest idle (the earliest deadline)
+    arriving.reader.in_message, arriving.began, arriving.progress = True, 0.0, 10
+    monkeypatch.setattr(busy, "exchange", object())   # its request in the app
+    knock(listener, clients, 2)                # two more wait in the queue
+    worker.now = 10.0
+    monkeypatch.setattr(loop_mod.os, "getppid", lambda: worker.master_pid)
+    worker.tick(10.0)
+    assert idle.state == "closed" and arriving.state == "closed" and busy.state != "closed"
+    assert worker.stats.evicted + sum(d.evicted for d in worker.sink.deltas) == 2
+    assert worker.listening
+    worker.accept(listener)
+    assert len(worker.conns) == 3
