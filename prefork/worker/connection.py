@@ -20,10 +20,13 @@ module only sends them.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
 import stat
+import struct
+import termios
 import time
 from typing import Any, Callable, Protocol
 
@@ -96,7 +99,7 @@ def server_options(environ, start_response):
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
                  "events", "exchange", "close_after", "received", "refused", "believed", "preamble",
-                 "began", "progress", "send_began", "flushed")
+                 "began", "progress", "send_began", "flushed", "stall_deadline")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -129,7 +132,7 @@ class Connection:
         self.preamble = b"" if host.proxy_protocol else None
         # A request arriving over several reads, and output that waits for the
         # client: when each began and how many bytes moved since (min_rate).
-        self.began = self.send_began = host.now
+        self.began = self.send_began = self.stall_deadline = host.now
         self.progress = self.flushed = 0
 
     # -- events from the worker loop ------------------------------------------
@@ -196,6 +199,11 @@ class Connection:
             # sent nothing at all is closed silently, as nginx does.
             return self.reject(RequestTimeout())
         if self.state == WRITING:
+            if self.host.now < self.stall_deadline:   # cut by min_rate: look again
+                later = self.rated_send()             # at what the client has taken
+                if later > self.host.now:
+                    self.deadline = later
+                    return
             self.host.on_timeout()
             return self.abort()
         self.close()   # idle keep-alive, or lingering done
@@ -232,8 +240,31 @@ class Connection:
 
     def send_deadline(self):
         """send_timeout from now, or sooner for a reader below min_rate."""
-        return self.rated(self.host.now + self.host.http.send_timeout, self.send_began,
-                          self.flushed)
+        self.stall_deadline = self.host.now + self.host.http.send_timeout
+        return self.rated_send()
+
+    def rated_send(self):
+        """The stall deadline, or sooner by min_rate. What the client took is
+        what left the kernel's send buffer, not what we put in it: a send
+        buffer of hundreds of KiB would otherwise vouch for a reader taking
+        a byte a second for many minutes."""
+        if not self.host.http.min_rate:
+            return self.stall_deadline
+        return self.rated(self.stall_deadline, self.send_began, self.flushed - self.unsent())
+
+    def pace_from_here(self):
+        """Output waits for the client from now: its pace counts (min_rate).
+        flushed starts at what the kernel still holds, so that it reads as
+        what the client has taken since."""
+        self.send_began = self.host.now
+        self.flushed = self.unsent() if self.host.http.min_rate else 0
+
+    def unsent(self):
+        """Bytes in the kernel's send buffer the client has not taken."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
 
     def evictable(self, now):
         """When the worker must make room: None if this connection is being
@@ -357,8 +388,7 @@ class Connection:
         length = ex.file_length(st.st_size - offset)
         ex.result = wrapper
         ex.sendfile = [fd, offset, length]
-        self.send_began = self.host.now   # a file waits for the client's pace
-        self.flushed = 0
+        self.pace_from_here()   # a file waits for the client's pace
         return True
 
     def pump(self):
@@ -668,8 +698,7 @@ class Connection:
             rest = memoryview(data)[sent:]
             self.out.append(rest)
             self.out_size += len(rest)
-            self.send_began = self.host.now   # from here the client's pace counts
-            self.flushed = 0
+            self.pace_from_here()
 
     def send_quietly(self, data):
         try:

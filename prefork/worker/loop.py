@@ -302,7 +302,9 @@ class Worker:
             except OSError as exc:
                 if exc.errno not in OUT_OF_DESCRIPTORS:
                     break
-                if not relieved and self.make_room(ACCEPT_BATCH // 4):
+                waiting = queue_depth(listener)[0]
+                if not relieved and self.make_room(min(max(waiting, ACCEPT_BATCH // 4),
+                                                       ACCEPT_BATCH)):
                     relieved = True   # descriptors freed: try again, once
                     continue
                 self.pause_accepting(exc)

@@ -5,7 +5,8 @@ each figure is the median of --runs runs. Ratios are prefork / peer (above 1:
 prefork is faster). This machine is small and noisy: read medians, not runs.
 Sections: servers (hello and Flask against every peer), wait (an app that waits
 20 ms, as on a database), mixed (fast requests beside slow ones: the fast ones'
-p99 against their p99 alone), access-log, stats, static, reload, idle.
+p99 against their p99 alone), access-log, stats, static, reload, idle, flood
+(a legitimate client beside hostile connection floods: each the goal of issue 23).
 Usage: tests/bench/run.py [--runs 3] [--duration 5] [--sections NAME ...]
 """
 from __future__ import annotations
@@ -80,6 +81,7 @@ APPS = {
     "flask": "flask_app:app",
     "wait": "wait_app:app",
     "mixed": "wait_app:mixed",
+    "flood": "wait_app:flood",
 }
 
 
@@ -543,6 +545,141 @@ def compare_idle(args, idle=10000):
               f"{(rss[1] - rss[0]) * 1048576 / idle / 1024:.1f} KiB per idle connection")
 
 
+class Flood:
+    """Keeps `count` hostile connections open to port, each doing `kind`:
+    "trickle" (a POST head, then one body byte every 5 s), "expect" (a head with
+    Expect: 100-continue, then nothing), "idle" (nothing at all), "slow-reader"
+    (GET /big, then one byte read a second through a 4 KiB window). A closed
+    one is opened again, as an attacker would."""
+
+    def __init__(self, port, kind, count):
+        import threading
+        self.port, self.kind, self.count = port, kind, count
+        self.socks, self.reopened = [], 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def open_one(self):
+        sock = socket.socket()
+        if self.kind == "slow-reader":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(1)
+        try:
+            sock.connect(("127.0.0.1", self.port))
+            if self.kind == "trickle":
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: f\r\nContent-Length: 100000\r\n\r\n")
+            elif self.kind == "expect":
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: f\r\nContent-Length: 10\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+            elif self.kind == "slow-reader":
+                sock.sendall(b"GET /big HTTP/1.1\r\nHost: f\r\n\r\n")
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return sock
+
+    def run(self):
+        while len(self.socks) < self.count and not self.done.is_set():
+            sock = self.open_one()
+            if sock is not None:
+                self.socks.append(sock)
+        while not self.done.wait(1.0):
+            for i, sock in enumerate(self.socks):
+                try:
+                    if self.kind == "trickle" and time.monotonic() % 5 < 1:
+                        sock.send(b"x")
+                    elif self.kind == "slow-reader":
+                        if sock.recv(1) == b"":
+                            raise ConnectionResetError
+                    elif self.kind != "trickle" and sock.recv(65536) == b"":
+                        raise ConnectionResetError
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    sock.close()
+                    self.reopened += 1
+                    self.socks[i] = self.open_one() or sock
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while len(self.socks) < self.count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)   # the workers have taken them
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(10)
+        for sock in self.socks:
+            sock.close()
+
+
+def legitimate_client(url, duration, limit=2.0):
+    """One request at a time on a new connection for `duration` seconds:
+    -> (requests, answered within `limit`, p99 seconds)."""
+    times = []
+    end = time.monotonic() + duration
+    while time.monotonic() < end:
+        began = time.monotonic()
+        try:
+            requests.get(url, timeout=limit + 8).raise_for_status()
+            times.append(time.monotonic() - began)
+        except requests.RequestException:
+            times.append(float("inf"))
+        time.sleep(0.05)
+    quick = sum(1 for t in times if t <= limit)
+    return len(times), quick, sorted(times)[int(len(times) * 0.99) - 1 if len(times) > 1 else 0]
+
+
+def compare_flood(args):
+    """Issue 23's floods against prefork on its defaults (2 workers), each
+    beside a legitimate client; the idle flood runs under a 256-descriptor limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    floods = (("trickle", 2000, None), ("expect", 2000, None), ("idle", 600, 256),
+              ("slow-reader", 40, None), ("slow-reader", 200, None))
+    print(f"floods (prefork defaults, {WORKERS} workers; a legitimate client asks one request "
+          f"at a time for {args.duration * 3}s; goal: >= 95% answered within 2 s)")
+    print(f"  {'flood':<22} {'answered <= 2s':>15} {'p99':>9} {'evicted':>8} "
+          f"{'error log':>10} {'same workers':>13}")
+    try:
+        for kind, count, limit in floods:
+            parent = tempfile.mkdtemp(prefix="pfcfg")
+            workdir = server_dir(parent, kind)
+            port = free_port()
+
+            def limited(limit=limit):
+                if limit:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            proc = subprocess.Popen(
+                prefork_command(APPS["flood"], port, workdir,
+                                log_section(workdir) + "[status]\nenabled = true\n"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limited,
+                start_new_session=True)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_answering(url + "/", proc)
+                pids = {c.pid for c in psutil.Process(proc.pid).children()}
+                with Flood(port, kind, count):
+                    total, quick, p99 = legitimate_client(url + "/", args.duration * 3)
+                time.sleep(1.5)   # the last interval's counts shipped
+                status = requests.get(url + "/_status?format=json", timeout=10).json()
+                same = pids == {c.pid for c in psutil.Process(proc.pid).children()}
+                log_size = os.path.getsize(os.path.join(workdir, "error.log"))
+                print(f"  {f'{kind} x{count}' + (f' (ulimit -n {limit})' if limit else ''):<22} "
+                      f"{quick:>6}/{total:<4} {quick / total:>4.0%} {fmt_ms(p99):>9} "
+                      f"{status['totals'].get('evicted', 0):>8} {log_size / 1024:>8.1f}K "
+                      f"{'yes' if same else 'NO':>13}")
+            finally:
+                stop(proc)
+                shutil.rmtree(parent, ignore_errors=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # progress shows when piped
     parser = argparse.ArgumentParser()
@@ -552,7 +689,7 @@ def main():
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
     parser.add_argument("--sections", nargs="*",
                         default=["servers", "wait", "mixed", "access-log", "stats", "static",
-                                 "reload", "idle"])
+                                 "reload", "idle", "flood"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -572,6 +709,8 @@ def main():
         compare_reload(args)
     if "idle" in args.sections:
         compare_idle(args)
+    if "flood" in args.sections:
+        compare_flood(args)
     if "stats" in args.sections:
         compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
             "stats-on": lambda wd: log_section(wd) + "[status]\nstatistics = true\n",

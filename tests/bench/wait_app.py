@@ -25,3 +25,16 @@ def mixed(environ, start_response):
         time.sleep(0.2)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(BODY)))])
     return [BODY]
+
+
+def flood(environ, start_response):
+    """The flood section's app: `/big` writes 4 MiB through PEP 3333 write()
+    (what a slow reader holds up), anything else answers at once."""
+    if environ["PATH_INFO"] == "/big":
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                          ("Content-Length", str(4 << 20))])
+        for _ in range(64):
+            write(b"x" * 65536)
+        return []
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(BODY)))])
+    return [BODY]
