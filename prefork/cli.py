@@ -195,7 +195,9 @@ def wait_gone(pid, timeout) -> bool:
     return False
 
 
-def cmd_start(args, config) -> int:
+def cmd_start(args, config, overrides=None) -> int:
+    """overrides: the flags as config overrides (restart passes the running
+    master's, under its own)."""
     if args.print_config:
         print(configmod.describe(config, config.source or None, overrides_from(args)))
         return 0
@@ -205,7 +207,7 @@ def cmd_start(args, config) -> int:
               file=sys.stderr)
         return 1
     os.chdir(config.server.base)
-    overrides = overrides_from(args)
+    overrides = overrides_from(args) if overrides is None else overrides
     if args.foreground:
         return run_master(Master(config, overrides, ForegroundReporter(), foreground=True))
     return daemonize(config, overrides)
@@ -262,11 +264,47 @@ def read_report(fd, timeout) -> str:
     return "".join(chunks).split("\0")[0]
 
 
+def not_running(config) -> int:
+    """No master where this config points: say where we looked and name the
+    prefork masters that do run here, with what reaches each. -> 1, as
+    `nginx -s stop` exits when it finds no master."""
+    print(f"prefork: not running: no live master in {config.server.pidfile} "
+          f"(config: {config.source or 'built-in defaults'})", file=sys.stderr)
+    for pid, pidfile, source in other_masters():
+        reach = f"-c {source}" if source else f"--pidfile {pidfile}"
+        print(f"prefork: a prefork master runs as pid {pid} (pidfile {pidfile}): "
+              f"add {reach}", file=sys.stderr)
+    return 1
+
+
+def other_masters():
+    """(pid, pidfile, config) of each prefork master on this host that we may
+    look at, found by its process title and its control socket (beside the
+    pidfile); its config as it answers status (None when it does not)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if not " ".join(proc.info["cmdline"] or ()).startswith("prefork: master"):
+                continue
+            sockets = [c.laddr for c in proc.net_connections(kind="unix")
+                       if isinstance(c.laddr, str) and c.laddr.endswith(".sock")
+                       and os.path.exists(c.laddr[:-5] + ".pid")]
+        except psutil.Error:
+            continue
+        for path in sockets[:1]:
+            try:
+                answer = control.request(path, {"cmd": "status"}, 2.0)
+                source = answer["status"]["server"]["config"] or None
+            except (control.ControlError, KeyError, TypeError):
+                source = None
+            found.append((proc.pid, path[:-5] + ".pid", source))
+    return found
+
+
 def cmd_stop(args, config) -> int:
     pid = live_master_pid(config)
     if pid is None:
-        print(f"prefork: not running (no live master in {config.server.pidfile})")
-        return 0
+        return not_running(config)
     os.kill(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
     timeout = (0 if args.fast else config.workers.graceful_timeout) + 10
     if wait_gone(pid, timeout):
@@ -277,12 +315,27 @@ def cmd_stop(args, config) -> int:
 
 
 def cmd_restart(args, config) -> int:
+    """stop, then start with the flags the running master was started with
+    (as reload keeps them), under this command's own; start alone when
+    nothing runs, as systemctl restart does."""
     args.fast = False
+    if live_master_pid(config) is None:
+        return cmd_start(args, config)
+    kept = overrides_from(args)
+    answer = ask_master(config, {"cmd": "overrides"})
+    if answer is not None and answer.get("ok"):
+        kept = answer["overrides"]
+        for section, values in overrides_from(args).items():
+            kept.setdefault(section, {}).update(values)
+        config = configmod.load(config.source or None, kept)
     code = cmd_stop(args, config)
-    return code if code else cmd_start(args, config)
+    return code if code else cmd_start(args, config, kept)
 
 
 def ask_master(config, command, timeout=5.0):
+    if live_master_pid(config) is None and not os.path.exists(config.control_socket):
+        not_running(config)
+        return None
     try:
         return control.request(config.control_socket, command, timeout)
     except control.ControlError as exc:
@@ -385,8 +438,7 @@ def cmd_scale(args, config) -> int:
 def cmd_upgrade(args, config) -> int:
     old = live_master_pid(config)
     if old is None:
-        print(f"prefork: not running (no live master in {config.server.pidfile})", file=sys.stderr)
-        return 1
+        return not_running(config)
     answer = ask_for(config, {"cmd": "upgrade"}, f"upgrade failed (master pid {old} keeps serving)",
                      config.workers.boot_timeout + 15)
     if answer is None:

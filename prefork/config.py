@@ -16,6 +16,7 @@ the project root). Without a config file, the base is the current directory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import ipaddress
 import os
@@ -136,7 +137,8 @@ to this file's directory (default: the directory holding this file).""")
     bind: tuple = _setting(("127.0.0.1:8000",), _check_bind, kind="strlist", flag="--bind",
                            doc="""\
 Addresses to listen on: "host:port", "[::1]:port" or "unix:/path/to.sock".
-Port 0 picks a free port (the ready line prints the real one).""")
+Port 0 picks a free port (the ready line prints the real one). A list; one
+address may also be written alone, as a string.""")
     workers: int = _setting(2, check_workers, kind="workers", flag="--workers", doc="""\
 Number of worker processes (1 to 128): an integer, or "auto" for one per CPU core.""")
     app: str = _setting(DEFAULT_APP, _check_app, flag="--app", doc="""\
@@ -429,8 +431,10 @@ def parse_bind(text: str):
     else:
         host, sep, port = text.rpartition(":")
         family = "inet"
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not port.isdigit():
         raise ValueError(f"{text!r} is not host:port, [v6]:port or unix:/path")
+    if int(port) > 65535:
+        raise ValueError(f"{text!r}: port {int(port)} is out of range (0 to 65535)")
     return (family, (host or "0.0.0.0", int(port)))
 
 
@@ -484,13 +488,19 @@ def _build_section(cls, name, table, source):
     for key, raw in table.items():
         spec = known.get(key)
         if spec is None:
-            raise ConfigError(f"{source}: [{name}] {key}: unknown setting "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{source}: [{name}] {key}: unknown setting"
+                              f"{did_you_mean(key, known)} (known: {', '.join(sorted(known))})")
         value, problem = _check_value(spec, raw)
         if problem:
             raise ConfigError(f"{source}: [{name}] {key}: {problem} (got {raw!r})")
         values[key] = value
     return cls(**values)
+
+
+def did_you_mean(word, known) -> str:
+    """'; did you mean "workers"?' when one known name is close to word."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return f'; did you mean "{close[0]}"?' if close else ""
 
 
 def _check_overrides(overrides):
@@ -601,8 +611,8 @@ def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
     env = _env_table(data.pop("env", {}), path)
     for name, table in data.items():
         if name not in SECTIONS:
-            raise ConfigError(f"{path or 'config'}: [{name}]: unknown section "
-                              f"(known: {', '.join(SECTIONS)})")
+            raise ConfigError(f"{path or 'config'}: [{name}]: unknown section"
+                              f"{did_you_mean(name, SECTIONS)} (known: {', '.join(SECTIONS)})")
         if not isinstance(table, dict):
             raise ConfigError(f"{path or 'config'}: {name}: expected a [{name}] table")
         sections[name] = _build_section(SECTIONS[name], name, table, path or "command line")

@@ -298,8 +298,9 @@ class Master:
             return
         if self.life.phase is Phase.STARTING:
             log.error("worker %d failed to boot (%s):\n%s", rec.slot, gone.how, report)
+            where = self.config.logging.error_log or "stderr"
             self.reporter.failed(f"worker failed to boot: {summarize_traceback(report)} "
-                                 f"(the error log has the traceback)")
+                                 f"(the traceback is in {where})")
             self.exit_code = 1
             return self.stop(graceful=False)
         # A crash loop is reported once with its traceback, then briefly.
@@ -435,6 +436,8 @@ class Master:
             self.begin_reload(waiter=conn)
         elif name == "upgrade":
             self.begin_upgrade(waiter=conn)
+        elif name == "overrides":   # the start flags, for restart to keep
+            control.reply(conn, {"ok": True, "overrides": self.overrides})
         elif name == "reopen":
             problem = self.reopen_logs()
             control.reply(conn, {"ok": False, "error": problem} if problem else {"ok": True})
@@ -503,7 +506,10 @@ def summarize_traceback(report: str) -> str:
                 and "/importlib/" not in text:
             path, _, rest = text[6:].partition('", line ')
             where = f" ({os.path.basename(path)}:{rest.split(',')[0]})"
-    return lines[-1].strip() + where
+    last = lines[-1].strip()
+    if last.startswith("prefork."):   # our own exception: its words, not its class path
+        last = last.partition(": ")[2] or last
+    return last + where
 
 
 def raise_fd_limit():

@@ -163,7 +163,10 @@ class Pool:
         rec = self.add(pid, slot, gen.number, now, read_fd, replaces)
         rec.batches = batches
         self.selector.register(read_fd, selectors.EVENT_READ, lambda key: self.read_report(rec))
-        log.info("spawned worker %d (pid %d, generation %d)", slot, pid, gen.number)
+        # "slot": a scoreboard row, not a count (a replacement boots beside
+        # the worker it replaces, so a pool of 2 may use slot 2).
+        log.info("spawned worker pid %d in slot %d (generation %d%s)", pid, slot, gen.number,
+                 f", to replace pid {replaces}" if replaces else "")
         return rec
 
     def add(self, pid, slot, generation, now, report_fd, replaces=0) -> WorkerRecord:

@@ -29,9 +29,10 @@ def load_app(spec: str, pythonpath=()):
         try:
             target = getattr(target, attr)
         except AttributeError:
-            raise AppLoadError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+            raise AppLoadError(f"cannot load app {spec}: module {module_name!r} has no "
+                               f"attribute {attr_path!r}") from None
     if not callable(target):
-        raise AppLoadError(f"{spec} is not callable")
+        raise AppLoadError(f"cannot load app {spec}: {attr_path} is not callable")
     return target
 
 

@@ -1,4 +1,5 @@
 """The command line as an operator meets it: exact exit codes and lines."""
+import json
 import os
 import socket
 import subprocess
@@ -44,9 +45,19 @@ def test_start_with_an_app_that_fails_to_import_says_one_line(tmpdir_short):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "Error" in lines[0] and "broken.py:" in lines[0] and "error log" in lines[0]
+    assert "Error" in lines[0] and "broken.py:" in lines[0]
+    assert f"the traceback is in {tmpdir_short}/logs/error.log" in lines[0]
     with open(os.path.join(tmpdir_short, "logs", "error.log")) as fh:
         assert "Traceback" in fh.read()
+
+
+def test_an_app_name_that_is_not_there_is_said_in_the_words_of_the_user(tmpdir_short):
+    config = write_config(tmpdir_short, app="tests.apps.basic:ap")
+    result = run("start", "-c", config, cwd=tmpdir_short)
+    assert result.returncode == 1
+    assert "cannot load app tests.apps.basic:ap: module 'tests.apps.basic' has no attribute " \
+           "'ap'" in result.stderr
+    assert "prefork.worker" not in result.stderr
 
 
 def test_check_exits_2_on_a_config_error_and_flags_are_blamed_as_flags(tmpdir_short):
@@ -170,3 +181,36 @@ def test_silent_control_clients_never_keep_status_from_answering(server):
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_from_another_directory_stop_says_where_it_looked_and_which_master_runs(server, tmp_path):
+    """No -c, so the default pidfile relative to another directory: no master
+    there. Exit 1 (not 0 while the server keeps running), and the master that
+    does run is named with what reaches it."""
+    for command in ("stop", "reload", "status"):
+        result = run(command, cwd=tmp_path)
+        assert result.returncode == 1, (command, result.stdout)
+        assert f"no live master in {tmp_path}" in result.stderr
+        assert f"runs as pid {server.pid} " in result.stderr
+        assert f"add -c {server.config}" in result.stderr
+    assert server.get("/").status_code == 200   # still serving
+
+
+def test_restart_keeps_the_flags_start_was_given(tmpdir_short):
+    config = write_config(tmpdir_short)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = run("start", "-c", config, "--bind", f"127.0.0.1:{port}", "--workers", "3",
+                  cwd=tmpdir_short)
+    assert started.returncode == 0, started.stderr
+    try:
+        restarted = run("restart", "-c", config, cwd=tmpdir_short)
+        assert restarted.returncode == 0, restarted.stderr
+        assert f"127.0.0.1:{port}" in restarted.stdout
+        status = run("status", "-c", config, "--json", cwd=tmpdir_short)
+        shown = json.loads(status.stdout)
+        assert shown["pool"]["target"] == 3 and shown["server"]["listeners"] == [
+            f"http://127.0.0.1:{port}"]
+    finally:
+        run("stop", "-c", config, "--fast", cwd=tmpdir_short)

@@ -204,7 +204,8 @@ def test_daemon_start_status_stop(tmpdir_short):
         stopped = cli("stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not os.path.exists(pidfile)
-    assert cli("stop").stdout.startswith("prefork: not running")
+    again = cli("stop")
+    assert again.returncode == 1 and again.stderr.startswith("prefork: not running")
 
 
 def gone(pid) -> bool:

@@ -51,6 +51,9 @@ def test_workers_auto():
     ("[server]\nworkers = 300\n", ["[server] workers", "between 1 and 128"]),
     ("[server]\nbogus = 1\n", ["[server] bogus", "unknown setting"]),
     ("[nope]\nx = 1\n", ["[nope]", "unknown section"]),
+    ("[sever]\nworkers = 2\n", ["[sever]", 'unknown section; did you mean "server"?']),
+    ("[server]\nwokers = 2\n", ["[server] wokers", 'did you mean "workers"?']),
+    ("[server]\nbind = ['127.0.0.1:80011']\n", ["port 80011 is out of range (0 to 65535)"]),
     ("[server]\napp = 'no_colon'\n", ["[server] app", "module:callable"]),
     ("[server]\nbind = ['localhost']\n", ["[server] bind", "host:port"]),
     ("[http]\nmax_body = -1\n", ["[http] max_body", "0 or more"]),
@@ -68,6 +71,11 @@ def test_errors_name_file_key_and_problem_on_one_line(tmp_path, text, words):
     assert "\n" not in message and path in message
     for word in words:
         assert word in message
+
+
+def test_one_address_may_be_written_as_a_string(tmp_path):
+    path = write(tmp_path, "[server]\nbind = '127.0.0.1:8001'\n")
+    assert config.load(path).server.bind == ("127.0.0.1:8001",)
 
 
 def test_missing_file():
