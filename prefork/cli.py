@@ -354,13 +354,27 @@ def ask_for(config, command, refusal, timeout=5.0):
 
 
 def cmd_reload(args, config) -> int:
-    answer = ask_for(config, {"cmd": "reload"}, "reload failed (generation {generation} keeps serving)",
-                     config.workers.boot_timeout + config.workers.graceful_timeout + 10)
+    answer = ask_master(config, {"cmd": "reload"},
+                        config.workers.boot_timeout + config.workers.graceful_timeout + 10)
     if answer is None:
+        return 1
+    if not answer.get("ok"):
+        print(f"prefork: reload failed (generation {answer.get('generation')} keeps serving): "
+              f"{shortened(answer.get('error', ''), config.logging.error_log)}", file=sys.stderr)
         return 1
     print(f"prefork: reloaded: generation {answer['generation']} serving on "
           f"{' '.join(answer['urls'])}")
     return 0
+
+
+def shortened(error: str, error_log: str, keep=6) -> str:
+    """A reason with a traceback: its first line and the traceback's last
+    `keep` lines (where it was raised, and what), then where the rest is."""
+    lines = error.rstrip().splitlines()
+    if len(lines) <= keep + 2:
+        return error.rstrip()
+    return "\n".join([lines[0], "  ...", *lines[-keep:],
+                      f"(the whole traceback is in {error_log or 'the error log'})"])
 
 
 def cmd_status(args, config) -> int:

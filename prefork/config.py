@@ -249,6 +249,11 @@ connections already queued; keep-alive clients are answered with
 Connection: close. What is left at the deadline is cut and counted in the log.""")
     boot_timeout: float = _setting(60.0, _check_positive, doc="""\
 Seconds a new worker gets to import the app and report ready.""")
+    ready_check: str = _setting("", _check_health, doc="""\
+A path (with a query if you like) each new worker GETs through the app before
+it counts as ready ("": off). A 5xx, an exception or no answer within
+boot_timeout fails its boot: on reload the old generation keeps serving. It
+catches what the app imports lazily (Django's views) and warms it up.""")
     drain_time: float = _setting(0.0, _check_non_negative, doc="""\
 Seconds the server keeps serving after TERM with the health path answering 503,
 so a health-checking load balancer takes it out before its listeners close.""")

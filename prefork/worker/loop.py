@@ -47,6 +47,7 @@ from ..sockets import queue_depth
 from ..stats import WorkerStats
 from .connection import Connection
 from .dispatch import Health, compose, load_app
+from .readycheck import run_ready_check
 from .logship import AccessLog, install_worker_logging
 from .static import StaticFiles
 from .status import StatusApp
@@ -171,6 +172,10 @@ class Worker:
             health = (Health(self.config.status.health, lambda: self.draining)
                       if self.config.status.health else None)
             self.app = compose(app, status, static, health)
+            if self.config.workers.ready_check:   # what a first client would meet
+                run_ready_check(self.app, self.config.workers.ready_check, self.config.http,
+                                next(iter(self.listeners.values())), self.wsgi_errors,
+                                self.script_name, self.config.workers.threads > 1)
         except BaseException:
             os.write(report_fd, b"FAIL\n" + traceback.format_exc().encode("utf-8", "replace"))
             os._exit(BOOT_FAILED)

@@ -11,7 +11,7 @@ import pytest
 import requests
 import socket
 
-from tests.conftest import PREFORK, ROOT, read_until_close, wait_for, write_config
+from tests.conftest import PREFORK, ROOT, Server, read_until_close, wait_for, write_config
 
 
 class Load:
@@ -326,3 +326,52 @@ def check_unix_listener(server, path, tmpdir_short, stat_module):
     result = subprocess.run([sys.executable, PREFORK, "check", "-c", clash],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "control socket" in result.stderr
+
+
+DJANGO_SITE = {   # a Django site as small as can be: it imports its views at the first request
+    "rc_settings.py": 'SECRET_KEY = "test"\nDEBUG = False\nALLOWED_HOSTS = ["*"]\n'
+                      'ROOT_URLCONF = "rc_urls"\nINSTALLED_APPS = []\nMIDDLEWARE = []\n'
+                      'DATABASES = {}\n',
+    "rc_urls.py": 'from django.urls import path\nimport rc_views\n'
+                  'urlpatterns = [path("ready/", rc_views.ready), path("", rc_views.home)]\n',
+    "rc_views.py": 'from django.http import HttpResponse\n\ndef ready(request):\n'
+                   '    return HttpResponse("ready")\n\ndef home(request):\n'
+                   '    return HttpResponse("version 1")\n',
+    "rc_wsgi.py": 'import os\nos.environ.setdefault("DJANGO_SETTINGS_MODULE", "rc_settings")\n'
+                  'from django.core.wsgi import get_wsgi_application\n'
+                  'application = get_wsgi_application()\n',
+}
+
+
+def test_a_reload_whose_ready_check_fails_keeps_the_old_generation(tmpdir_short):
+    """Django imports its views at the first request: a syntax error there
+    passes the import of the app. [workers] ready_check GETs a path through
+    the app in each new worker before it counts: the reload is refused."""
+    pytest.importorskip("django")
+    for name, text in DJANGO_SITE.items():
+        with open(os.path.join(tmpdir_short, name), "w") as fh:
+            fh.write(text)
+    config = write_config(tmpdir_short, app="rc_wsgi:application",
+                          extra='[workers]\nready_check = "/ready/"\n')
+    server = Server(tmpdir_short, config).wait_ready()
+    try:
+        assert server.get("/").text == "version 1"
+        before = server.worker_pids()
+        views = os.path.join(tmpdir_short, "rc_views.py")
+        with open(views, "w") as fh:
+            fh.write(DJANGO_SITE["rc_views.py"].replace("def home(request):", "def home(request)")
+                     .replace("version 1", "version 2"))
+        result = server.cli("reload")
+        assert result.returncode == 1
+        assert "generation 1 keeps serving" in result.stderr
+        assert "SyntaxError: expected ':'" in result.stderr and "rc_views.py" in result.stderr
+        assert result.stderr.count("\n") <= 10 and "logs/error.log" in result.stderr
+        assert server.get("/").text == "version 1" and server.worker_pids() == before
+        wait_for(lambda: "SyntaxError" in server.log("error"), message="the cause logged")
+        with open(views, "w") as fh:
+            fh.write(DJANGO_SITE["rc_views.py"].replace("version 1", "version 2"))
+        fixed = server.cli("reload")
+        assert fixed.returncode == 0, fixed.stderr
+        assert server.get("/").text == "version 2"
+    finally:
+        server.stop(graceful=False)
