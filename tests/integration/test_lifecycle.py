@@ -147,7 +147,8 @@ def test_reload_to_an_app_that_cannot_boot_keeps_the_old_generation(server):
     result = server.cli("reload")
     assert result.returncode == 1 and "cannot be imported" in result.stderr
     assert server.get("/").text == "hello"
-    assert server.worker_pids() == before
+    # (the new generation's other workers may still be on their way out)
+    wait_for(lambda: server.worker_pids() == before, message="the old workers only")
 
 
 def test_start_with_an_app_that_fails_to_import(tmpdir_short):
@@ -366,7 +367,8 @@ def test_a_reload_whose_ready_check_fails_keeps_the_old_generation(tmpdir_short)
         assert "generation 1 keeps serving" in result.stderr
         assert "SyntaxError: expected ':'" in result.stderr and "rc_views.py" in result.stderr
         assert result.stderr.count("\n") <= 10 and "logs/error.log" in result.stderr
-        assert server.get("/").text == "version 1" and server.worker_pids() == before
+        assert server.get("/").text == "version 1"
+        wait_for(lambda: server.worker_pids() == before, message="the old workers only")
         wait_for(lambda: "SyntaxError" in server.log("error"), message="the cause logged")
         with open(views, "w") as fh:
             fh.write(DJANGO_SITE["rc_views.py"].replace("version 1", "version 2"))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import Server, read_until_close, shared_server, wait_for
+from tests.conftest import ROOT, Server, read_until_close, shared_server, wait_for
 
 
 def make_files(tmp_path):
@@ -299,3 +299,25 @@ def test_an_odd_range_is_ignored_or_unsatisfiable_never_a_500(static_server, hea
                      + header.encode("utf-8") + b"\r\n\r\n")
         status = read_until_close(sock).split(b" ", 2)[1]
     assert status in (b"200", b"206", b"416")
+
+
+def test_a_django_apps_collected_static_files_are_served_under_static(make_server, tmp_path):
+    """README's recipe: Django's collectstatic into a directory, [static] root
+    on it; the admin's stylesheet comes from prefork, not from Django."""
+    pytest.importorskip("django")
+    import subprocess
+    collected = tmp_path / "collected"
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.apps.django_site.settings",
+               DJANGO_STATIC_ROOT=str(collected), DJANGO_DB=str(tmp_path / "db.sqlite3"))
+    done = subprocess.run([sys.executable, "-m", "django", "collectstatic", "--noinput"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    server = make_server(app="tests.apps.django_site.wsgi:application",
+                         extra=f'[static]\nenabled = true\nroot = "{collected}"\n'
+                               f'[env]\nDJANGO_DB = "{tmp_path / "db.sqlite3"}"\n'
+                               'DJANGO_SETTINGS_MODULE = "tests.apps.django_site.settings"\n')
+    login = server.get("/admin/login/")
+    assert login.status_code == 200 and "/static/admin/css/base.css" in login.text
+    css = server.get("/static/admin/css/base.css")
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert css.content == (collected / "admin" / "css" / "base.css").read_bytes()

@@ -8,7 +8,7 @@ ALLOWED_HOSTS = ["*"]
 ROOT_URLCONF = "tests.apps.django_site.urls"
 INSTALLED_APPS = [
     "django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
-    "django.contrib.sessions", "django.contrib.messages",
+    "django.contrib.sessions", "django.contrib.messages", "django.contrib.staticfiles",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -30,3 +30,6 @@ USE_TZ = True
 STATIC_URL = "/static/"
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# `manage.py collectstatic` gathers the apps' files here; prefork's [static]
+# root serves them under /static/ (README, Deploying).
+STATIC_ROOT = os.environ.get("DJANGO_STATIC_ROOT", "/tmp/prefork-django-static")
