@@ -286,7 +286,8 @@ def other_masters():
         try:
             if not " ".join(proc.info["cmdline"] or ()).startswith("prefork: master"):
                 continue
-            sockets = [c.laddr for c in proc.net_connections(kind="unix")
+            listing = getattr(proc, "net_connections", None) or proc.connections   # psutil < 6
+            sockets = [c.laddr for c in listing(kind="unix")
                        if isinstance(c.laddr, str) and c.laddr.endswith(".sock")
                        and os.path.exists(c.laddr[:-5] + ".pid")]
         except psutil.Error:
