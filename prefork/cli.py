@@ -398,7 +398,8 @@ def render_status(s) -> str:
         f"prefork {server['version']}  master {server['pid']}  up {server['uptime']:.0f}s  "
         f"generation {server['generation']}  {server['state']}",
         f"pool: {pool['alive']}/{pool['target']} alive, {pool['busy']} busy, {pool['idle']} idle; "
-        f"requests {totals['requests']} ({classes or 'none'}); {s['rates']['10s']:.1f} req/s (10s)",
+        f"requests {totals.get('requests_live', totals['requests'])} ({classes or 'none'}); "
+        f"{s['rates']['10s']:.1f} req/s (10s)",
         f"latency p50 {_ms(s['latency']['p50'])} p90 {_ms(s['latency']['p90'])} "
         f"p99 {_ms(s['latency']['p99'])}; listen queue {s['listen_queue']['depth']} "
         f"(max {s['listen_queue']['max']})",

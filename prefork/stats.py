@@ -175,6 +175,13 @@ class RateWindow:
         return result
 
 
+def unreported(rows) -> int:
+    """Requests the workers' slots have counted (each status row's live
+    "requests") beyond what their deltas have reported to the master: what
+    the totals will add at the next interval."""
+    return sum(max(0, row["requests"] - row.get("reported", row["requests"])) for row in rows)
+
+
 def percentile(histogram, fraction: float) -> float:
     """Linear interpolation inside the bucket holding the fraction-th request."""
     total = sum(histogram)

@@ -465,7 +465,8 @@ class Master:
                     timeouts=self.watchdog.timeouts, lost_lines=self.ledger.lost,
                     open_connections=self.open_connections, rates=self.rates.rates(),
                     logs=self.files.describe() if self.files else {},
-                    manager=self.channels.describe() if self.channels else {})
+                    manager=self.channels.describe() if self.channels else {},
+                    reported=self.reported)
 
     def snapshot(self) -> dict:
         self.now = time.monotonic()

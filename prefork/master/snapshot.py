@@ -17,7 +17,7 @@ import psutil
 from .. import __version__
 from ..scoreboard import busy_idle, shown_state
 from ..sockets import queue_depth
-from ..stats import BUCKETS, percentile
+from ..stats import BUCKETS, percentile, unreported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class View:
     rates: dict
     logs: dict
     manager: dict            # the Manager channel: pid, restarts, state
+    reported: dict           # pid -> app requests its deltas have reported
 
 
 HISTORY_POINTS = 300   # samples of the traffic charts: 5 minutes at the default interval
@@ -79,13 +80,14 @@ class SnapshotBuilder:
             self._processes.pop(pid, None)
             return 0, 0.0
 
-    def worker_row(self, rec, now: float) -> dict:
+    def worker_row(self, rec, now: float, reported: int) -> dict:
         view = self.scoreboard.read(rec.slot)
         rss, cpu = self.process_figures(rec.pid)
         return {
             "slot": rec.slot, "pid": rec.pid, "generation": rec.generation,
             "state": shown_state(rec.state == "stopping", view),
             "rss": rss, "cpu": cpu, "age": round(now - rec.spawned, 1),
+            "reported": reported,
             **view.live_fields(now),
         }
 
@@ -100,7 +102,8 @@ class SnapshotBuilder:
 
     def build(self, view: View, now: float) -> dict:
         pool, totals = view.pool, view.totals
-        rows = [self.worker_row(rec, now) for rec in sorted(pool, key=lambda r: r.slot)]
+        rows = [self.worker_row(rec, now, view.reported.get(rec.pid, 0))
+                for rec in sorted(pool, key=lambda r: r.slot)]
         for pid in list(self._processes):
             if pool.get(pid) is None:
                 del self._processes[pid]
@@ -129,6 +132,9 @@ class SnapshotBuilder:
                 "timeouts": totals.timeouts + view.timeouts,
                 "lost_log_lines": view.lost_lines,
                 "recovered_requests": totals.recovered,
+                # requests as the live rows count them: the interval's not yet
+                # reported included (no status or latency known for those yet)
+                "requests_live": totals.requests + unreported(rows),
                 "evicted": totals.evicted,
             },
             "rates": view.rates,

@@ -10,11 +10,12 @@ Must not: ask the master anything (it works from the published snapshot).
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from ..http.proxy import Networks
 from ..scoreboard import busy_idle, shown_state
-from ..stats import BUCKETS
+from ..stats import BUCKETS, unreported
 from ..templates import Templates
 from .dispatch import read_only
 
@@ -39,7 +40,7 @@ class StatusApp:
         if not snapshot:
             return self.plain(start_response, "503 Service Unavailable",
                               "status: no snapshot published yet\n")
-        refresh_live(snapshot, self.scoreboard, time.monotonic())
+        refresh_live(snapshot, self.scoreboard, time.monotonic(), (os.getpid(), self.path))
         kind = negotiate(environ)
         if kind == "json":
             body, ctype = json.dumps(snapshot, indent=1).encode(), "application/json"
@@ -91,15 +92,43 @@ def negotiate(environ) -> str:
     return "html"
 
 
-def refresh_live(snapshot, scoreboard, now):
+def refresh_live(snapshot, scoreboard, now, own=None):
+    """The rows' live fields from the scoreboard, and what follows from them
+    (busy and idle, requests_live). own: (pid, path) of this very status
+    request, which is left out of its worker's row (marked "this_page"):
+    a page that counts itself shows a busy worker where none is."""
     for row in snapshot["workers"]:
         view = scoreboard.read(row["slot"])
         if view.pid != row["pid"]:
             continue   # the slot changed hands since the snapshot
         row["state"] = shown_state(row["state"] == "stopping", view)
         row.update(view.live_fields(now))
+        if own is not None and row["pid"] == own[0]:
+            leave_out_own(row, own[1])
     snapshot["pool"]["busy"], snapshot["pool"]["idle"] = busy_idle(
         row["state"] for row in snapshot["workers"])
+    totals = snapshot["totals"]
+    totals["requests_live"] = totals["requests"] + unreported(snapshot["workers"])
+
+
+def leave_out_own(row, path):
+    """(The slot holds the raw target, its query included.)"""
+    def mine(request):
+        return request["path"].partition("?")[0].endswith(path)
+    if row["current"] is not None and mine(row["current"]):
+        row["current"] = None
+        row["this_page"] = True
+    else:
+        for i, r in enumerate(row["running"]):
+            if mine(r):
+                del row["running"][i]
+                row["this_page"] = True
+                if row["threads"]:
+                    row["threads"] = dict(row["threads"], busy=max(0, row["threads"]["busy"] - 1))
+                break
+    if row.get("this_page") and row["state"] == "busy" and not row["current"] \
+            and not row["running"]:
+        row["state"] = "idle"
 
 
 def _metric(lines, name, kind, help_text, samples):

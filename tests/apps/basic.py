@@ -178,7 +178,50 @@ def returns_none(environ, start_response):
     return None
 
 
+LAYOUT_CHECK = """<!doctype html><meta charset="utf-8"><body>
+<iframe id="page" src="/_status" style="width: %dpx; height: 1600px; border: 0"></iframe>
+<pre id="result">waiting</pre>
+<script>
+// Same origin as the dashboard, so its boxes can be measured once its script
+// has drawn it: no two boxes that are not nested may overlap, and nothing but
+// the scrolling workers table may be wider than the page.
+function name(el) {
+  return el.tagName + "." + (el.className || el.id) + " (" + el.textContent.slice(0, 30) + ")";
+}
+function check() {
+  var doc = document.getElementById("page").contentDocument;
+  if (!doc || !doc.body || !doc.body.getAttribute("data-updated")) return setTimeout(check, 50);
+  var boxes = Array.prototype.slice.call(doc.querySelectorAll(
+      "body > *:not(script):not(noscript), figure, figcaption, svg, .bar, td, th"));
+  var found = [], width = doc.documentElement.clientWidth;
+  boxes.forEach(function (a, i) {
+    var ra = a.getBoundingClientRect();
+    if (!ra.width || !ra.height) return;
+    if (ra.right > width + 1 && !a.closest(".wide"))
+      found.push("too wide: " + name(a) + " " + ra.right);
+    boxes.slice(i + 1).forEach(function (b) {
+      if (a.contains(b) || b.contains(a)) return;
+      var rb = b.getBoundingClientRect();
+      var x = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+      var y = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+      if (x > 1 && y > 1) found.push(name(a) + " over " + name(b));
+    });
+  });
+  document.getElementById("result").textContent = found.length ? found.join("\\n") : "OK";
+}
+document.getElementById("page").onload = check;
+</script>"""
+
+
+def layout_check(environ, start_response):
+    """/layout-check?WIDTH: the dashboard in a frame WIDTH px wide, measured (the
+    browser test reads #result)."""
+    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+    return [(LAYOUT_CHECK % int(environ["QUERY_STRING"] or "1280")).encode()]
+
+
 ROUTES = {
+    "/layout-check": layout_check,
     "/": hello, "/hello": hello, "/returns-none": returns_none, "/fork": fork, "/pid": pid, "/echo": echo,
     "/environ": environ_dump, "/slow": slow, "/hold": hold,
     "/stream": stream, "/big": big, "/crash": crash, "/crash-midway": crash_midway,

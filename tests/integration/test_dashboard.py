@@ -44,3 +44,15 @@ def test_without_scripts_the_page_still_refreshes_itself(server):
     page = server.get("/_status").text
     assert '<noscript><meta http-equiv="refresh"' in page
     assert "<script>" in page and "http://" not in page.split("<script>")[1].split("</script>")[0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("width", [1280, 390])
+def test_no_box_of_the_dashboard_overlaps_another_on_a_wide_or_a_phone_screen(server, width):
+    for _ in range(20):
+        server.get("/")
+    wait_for(lambda: len(server.status()["history"]["rps"]) >= 2, message="two chart points")
+    dom = browse(f"{server.url}/layout-check?{width}", server.dir, "--dump-dom").stdout
+    result = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert result is not None, dom[-2000:]
+    assert result.group(1) == "OK", result.group(1)

@@ -424,3 +424,24 @@ def test_the_index_page_answers_for_an_apps_404_at_the_root_and_only_then(tmp_pa
     assert call(found) == (["200 OK"], b"app's page")
     (tmp_path / "index.html").unlink()
     assert call(missing) == (["404 Not Found"], b"app's 404")
+
+
+def test_the_status_page_leaves_itself_out_and_its_totals_agree_with_the_rows():
+    from prefork import scoreboard as sb
+    from prefork.worker.status import refresh_live
+    board = sb.Scoreboard(2)
+    board.claim(0, 111, 1, 0.0)
+    board.claim(1, 222, 1, 0.0)
+    mem, begin_at, pack_begin, end_at, pack_end = board.request_writers(0)
+    mem[end_at] = pack_end(3, 200, 0.01, sb.IDLE)              # 3 served, 1 reported so far
+    mem[begin_at] = pack_begin(sb.BUSY, 1.0, b"GET", b"/_status?format=json")   # this page
+    board.set_state(1, sb.IDLE)
+    rows = [{"slot": 0, "pid": 111, "state": "idle", "reported": 1},
+            {"slot": 1, "pid": 222, "state": "idle", "reported": 0}]
+    snapshot = {"workers": rows, "pool": {}, "totals": {"requests": 1}}
+    refresh_live(snapshot, board, 2.0, own=(111, "/_status"))
+    assert rows[0]["state"] == "idle" and rows[0]["current"] is None and rows[0]["this_page"]
+    assert snapshot["pool"]["busy"] == 0 and snapshot["pool"]["idle"] == 2
+    assert snapshot["totals"]["requests_live"] == 3   # 1 reported + 2 the slot counted since
+    refresh_live(snapshot, board, 2.0, own=(999, "/_status"))   # another worker's page
+    assert rows[0]["state"] == "busy" and rows[0]["current"]["path"] == "/_status?format=json"
