@@ -136,7 +136,8 @@ Directory that relative paths in this file resolve against, itself relative
 to this file's directory (default: the directory holding this file).""")
     bind: tuple = _setting(("127.0.0.1:8000",), _check_bind, kind="strlist", flag="--bind",
                            doc="""\
-Addresses to listen on: "host:port", "[::1]:port" or "unix:/path/to.sock".
+Addresses to listen on: "host:port", "[::1]:port" or "unix:/path/to.sock";
+"https://host:port" speaks TLS (see [tls]) beside the plain ones.
 Port 0 picks a free port (the ready line prints the real one). A list; one
 address may also be written alone, as a string.""")
     workers: int = _setting(2, check_workers, kind="workers", flag="--workers", doc="""\
@@ -372,6 +373,37 @@ connection's first request, from trusted peers only; a connection without a
 valid header, or from an untrusted peer, is closed.""")
 
 
+def _check_verify(value):
+    return None if value in ("none", "optional", "required") else \
+        'must be "none", "optional" or "required"'
+
+
+def _check_tls_version(value):
+    return None if value in ("1.2", "1.3") else 'must be "1.2" or "1.3" (1.0 and 1.1 are refused)'
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certfile: str = _setting("", path=True, doc="""\
+The certificate chain (PEM: the server's certificate first, then the
+intermediates) for the listeners written https://HOST:PORT in [server] bind.
+Read again by each reload (HUP), so a renewed certificate needs no restart.""")
+    keyfile: str = _setting("", path=True, doc="""\
+Its private key (PEM; "": in certfile).""")
+    password: str = _setting("", doc="""\
+The key's password, if it is encrypted.""")
+    ca_certs: str = _setting("", path=True, doc="""\
+CA certificates (PEM) that client certificates are checked against.""")
+    verify_client: str = _setting("none", _check_verify, doc="""\
+Client certificates: "none" (not asked), "optional" (checked when sent) or
+"required" (the handshake fails without a valid one). Needs ca_certs.""")
+    min_version: str = _setting("1.2", _check_tls_version, doc="""\
+The oldest TLS version accepted: "1.2" or "1.3".""")
+    ciphers: str = _setting("", doc="""\
+TLS 1.2 cipher suites in OpenSSL's syntax ("": forward-secret AEAD suites
+only, as Mozilla's intermediate profile).""")
+
+
 SECTIONS = {
     "server": ServerConfig,
     "http": HttpConfig,
@@ -381,6 +413,7 @@ SECTIONS = {
     "static": StaticConfig,
     "site": SiteConfig,
     "proxy": ProxyConfig,
+    "tls": TlsConfig,
 }
 
 
@@ -394,6 +427,7 @@ class Config:
     static: StaticConfig = field(default_factory=StaticConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     env: tuple = ()   # [env]: (name, value) pairs set in the workers before the app loads
     source: str = ""  # the config file this came from ("" = built-in defaults)
 
@@ -423,8 +457,20 @@ class Config:
         return os.path.splitext(self.server.pidfile)[0] + ".sock"
 
 
+def is_tls(bind: str) -> bool:
+    """A listener that speaks TLS: its bind entry is written https://HOST:PORT."""
+    return bind.startswith("https://")
+
+
 def parse_bind(text: str):
-    """'host:port', '[v6]:port' or 'unix:/path' -> (family_name, address)."""
+    """'host:port', '[v6]:port' or 'unix:/path' (host:port forms may be written
+    http:// or https://) -> (family_name, address)."""
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):]
+            if text.startswith("unix:"):
+                raise ValueError(f"{scheme}{text!r}: a unix socket takes no scheme")
+            break
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
@@ -629,6 +675,12 @@ def _build(data: dict, path: str | None, overrides: dict | None) -> Config:
     for name, cls in SECTIONS.items():
         sections[name] = _resolve_paths(sections.get(name, cls()), base)
     config = Config(source=source, env=env, **sections)
+    if any(is_tls(bind) for bind in config.server.bind):
+        from .tls import TlsError, server_context
+        try:
+            server_context(config.tls)   # files, key, password: checked here, at once
+        except TlsError as exc:
+            raise ConfigError(f"{path or 'config'}: [tls] {exc}") from None
     for bind in config.server.bind:
         if bind.startswith("unix:") and bind[5:] in (config.control_socket, config.server.pidfile):
             raise ConfigError(f"{path or 'config'}: [server] bind: {bind} is where the "

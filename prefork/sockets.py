@@ -108,13 +108,13 @@ def hand_over(listeners: dict) -> tuple:
     return json.dumps(fds), tuple(fds.values())
 
 
-def describe(sock: socket.socket) -> str:
+def describe(sock: socket.socket, tls: bool = False) -> str:
     if sock.family == socket.AF_UNIX:
         return "unix:" + sock.getsockname()
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def close_listener(sock: socket.socket, unlink: bool) -> None:

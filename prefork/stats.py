@@ -40,6 +40,7 @@ class StatsDelta:
     open_connections: int = 0     # a gauge: the worker's count when it shipped
     lost_lines: int = 0           # log lines dropped during a Manager outage
     evicted: int = 0              # connections closed to make room for new ones
+    tls: tuple = (0, (), 0)       # TLS: handshakes done, ((failure reason, count), ...), open (a gauge)
 
 
 class WorkerStats:
@@ -59,6 +60,8 @@ class WorkerStats:
         self.rejected = 0
         self.timeouts = 0
         self.evicted = 0
+        self.tls_handshakes = 0
+        self.tls_failures = {}   # reason -> count (tls.failure_reason)
         self.histogram = [0] * (len(BUCKETS) + 1)
         self.duration_sum = 0.0
 
@@ -84,7 +87,8 @@ class WorkerStats:
     def due(self, now: float, interval: float) -> bool:
         return now - self._last_ship >= interval
 
-    def take_delta(self, now: float, open_connections: int = 0, lost_lines: int = 0) -> StatsDelta:
+    def take_delta(self, now: float, open_connections: int = 0, lost_lines: int = 0,
+                   tls_open: int = 0) -> StatsDelta:
         statuses = self.statuses
         # One definition everywhere: a request is a response sent, the app's or
         # the parser's refusal (rejected, a part of it: 400, 408, 431...), so
@@ -93,7 +97,8 @@ class WorkerStats:
         delta = StatsDelta(self.pid, requests, statuses, self.bytes_in, self.bytes_out,
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,
-                           open_connections, lost_lines, self.evicted)
+                           open_connections, lost_lines, self.evicted,
+                           (self.tls_handshakes, tuple(self.tls_failures.items()), tls_open))
         self._last_ship = now
         self._reset()
         return delta
@@ -114,6 +119,8 @@ class Totals:
     duration_sum: float = 0.0
     recovered: int = 0       # requests a killed worker ended but never reported (no details)
     evicted: int = 0         # connections closed to make room for new ones
+    tls_handshakes: int = 0
+    tls_failures: dict = field(default_factory=dict)   # reason -> count
 
     def recover(self, requests: int) -> None:
         """Requests counted from a dead worker's slot: in the requests, their
@@ -132,6 +139,10 @@ class Totals:
         self.rejected += delta.rejected
         self.timeouts += delta.timeouts
         self.evicted += delta.evicted
+        handshakes, failures, _ = delta.tls
+        self.tls_handshakes += handshakes
+        for reason, count in failures:
+            self.tls_failures[reason] = self.tls_failures.get(reason, 0) + count
         for i, count in enumerate(delta.histogram):
             self.histogram[i] += count
         self.duration_sum += delta.duration_sum

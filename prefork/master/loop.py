@@ -23,7 +23,7 @@ import time
 from setproctitle import setproctitle
 
 from .. import __version__, missing_c_modules, missing_c_note, sockets, title
-from ..config import MAX_THREADS, check_workers
+from ..config import MAX_THREADS, check_workers, is_tls
 from ..ipc import LineLedger, MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
@@ -48,7 +48,7 @@ SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.
 
 class Master:
     def __init__(self, config, overrides, reporter, foreground=False):
-        self.current = Generation(1, config, {})   # the running generation
+        self.current = Generation.made(1, config, {})   # the running generation
         self.overrides = overrides
         self.reporter = reporter
         self.foreground = foreground
@@ -62,6 +62,7 @@ class Master:
         self.totals = Totals()
         self.rates = RateWindow()
         self.open_connections = {}      # pid -> latest gauge from its delta
+        self.tls_open = {}              # pid -> its TLS connections, the same way
         self.reported = {}              # pid -> app requests its deltas reported
         self.ledger = LineLedger()      # log lines lost in an outage, wherever they were
         self.last_publish = 0.0
@@ -145,7 +146,7 @@ class Master:
             sock.close()   # a bind the new config dropped
 
     def urls(self, listeners=None):
-        return [describe(sock) for sock in (listeners or self.listeners).values()]
+        return [describe(sock, is_tls(bind)) for bind, sock in (listeners or self.listeners).items()]
 
     def write_pidfile(self):
         path = self.config.server.pidfile
@@ -239,7 +240,7 @@ class Master:
             fds += self.control.descriptors()
         return fds + [rec.report.fd for rec in self.pool if rec.report.fd is not None]
 
-    def run_worker(self, config, listeners, slot, generation, report_fd, batches):
+    def run_worker(self, config, listeners, slot, generation, report_fd, batches, tls):
         """In the forked child: drop what is the master's alone, then serve."""
         self.inbox.close()
         self.selector.close()
@@ -247,7 +248,7 @@ class Master:
         self.files.close()
         self.reporter.close_in_child()
         worker_loop.run(config, listeners, self.scoreboard, slot, generation, self.pid,
-                        report_fd, self.channels.worker_sink(), batches)   # never returns
+                        report_fd, self.channels.worker_sink(), batches, tls)   # never returns
 
     def reap(self):
         exits = self.pool.reap(self.now)
@@ -260,6 +261,7 @@ class Master:
             self.watchdog.forget(gone.rec.pid)
             self.ledger.prune(self.pool.workers)
             self.open_connections.pop(gone.rec.pid, None)
+            self.tls_open.pop(gone.rec.pid, None)
             if gone.boot_failure is not None:
                 self.on_boot_failure(gone)
 
@@ -420,6 +422,7 @@ class Master:
                 self.ledger.dropped(delta.pid, delta.lost_lines)
             if self.pool.get(delta.pid) is not None:
                 self.open_connections[delta.pid] = delta.open_connections
+                self.tls_open[delta.pid] = delta.tls[2]
         batches = self.channels.drain_logs()
         for kind, text, pid, before in batches:
             if self.ledger.admit(pid, kind, before, text.count("\n")):
@@ -466,7 +469,7 @@ class Master:
                     open_connections=self.open_connections, rates=self.rates.rates(),
                     logs=self.files.describe() if self.files else {},
                     manager=self.channels.describe() if self.channels else {},
-                    reported=self.reported)
+                    reported=self.reported, tls_open=sum(self.tls_open.values()))
 
     def snapshot(self) -> dict:
         self.now = time.monotonic()

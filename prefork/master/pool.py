@@ -23,9 +23,10 @@ import selectors
 import signal
 import time
 
-from ..config import MAX_WORKERS
+from ..config import MAX_WORKERS, is_tls
 from ..ipc import LogBatches
 from ..signals import DUMP_SIGNAL
+from ..tls import expiry_warning, server_context
 
 log = logging.getLogger("prefork.master")
 MAX_SLOTS = 2 * MAX_WORKERS   # a reload boots a second generation beside the first
@@ -42,6 +43,24 @@ class Generation:
     number: int
     config: object            # config.Config
     listeners: dict
+    tls: object = None        # the generation's ssl.SSLContext (tls.py), if it has https:// listeners
+
+    @classmethod
+    def made(cls, number, config, listeners):
+        """A generation with its TLS context made here, in the master, before
+        its workers fork: they share its session-ticket keys. TlsError when the
+        files changed since config.load checked them."""
+        context = None
+        if any(is_tls(bind) for bind in config.server.bind):
+            context = server_context(config.tls)
+            warning = expiry_warning(config.tls.certfile)
+            if warning:
+                log.warning("tls: %s", warning)
+        return cls(number, config, listeners, context)
+
+    def tls_listeners(self) -> dict:
+        """fd -> SSLContext of the listeners that speak TLS."""
+        return {sock.fileno(): self.tls for bind, sock in self.listeners.items() if is_tls(bind)}
 
 
 @dataclasses.dataclass
@@ -106,7 +125,7 @@ class Exit:
 
 class Pool:
     def __init__(self, scoreboard, selector, run_child):
-        """run_child(config, listeners, slot, generation, report_fd, batches)
+        """run_child(config, listeners, slot, generation, report_fd, batches, tls)
         runs the worker in the forked child and never returns."""
         self.scoreboard = scoreboard
         self.selector = selector
@@ -153,7 +172,7 @@ class Pool:
                 if rec.report.fd is not None:
                     os.close(rec.report.fd)
             self.run_child(gen.config, list(gen.listeners.values()), slot, gen.number, write_fd,
-                           batches)
+                           batches, gen.tls_listeners())
         try:
             os.setpgid(pid, pid)
         except OSError:   # the child did it, or is gone already

@@ -18,6 +18,7 @@ import time
 
 from .. import config as configmod
 from ..sockets import BindError, close_listener, listener_for
+from ..tls import TlsError
 from . import control, systemd
 from .pool import Generation
 
@@ -61,7 +62,11 @@ class Reloader:
         except BindError as exc:
             close_new(opened, current.listeners)
             return self.failed_with(str(exc), waiters, current.number)
-        gen = Generation(current.number + 1, new, opened)
+        try:
+            gen = Generation.made(current.number + 1, new, opened)
+        except TlsError as exc:   # a file changed between the check and now
+            close_new(opened, current.listeners)
+            return self.failed_with(f"[tls] {exc}", waiters, current.number)
         systemd.notify("RELOADING=1", f"STATUS=reloading: starting generation {gen.number}")
         self.pending = Reload(gen, now, waiters)
         self.pool.clear_backoff()

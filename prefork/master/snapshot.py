@@ -42,6 +42,7 @@ class View:
     logs: dict
     manager: dict            # the Manager channel: pid, restarts, state
     reported: dict           # pid -> app requests its deltas have reported
+    tls_open: int = 0        # TLS connections open, as the workers last reported
 
 
 HISTORY_POINTS = 300   # samples of the traffic charts: 5 minutes at the default interval
@@ -136,6 +137,8 @@ class SnapshotBuilder:
                 # reported included (no status or latency known for those yet)
                 "requests_live": totals.requests + unreported(rows),
                 "evicted": totals.evicted,
+                "tls": {"handshakes": totals.tls_handshakes, "failures": totals.tls_failures,
+                        "open": view.tls_open},
             },
             "rates": view.rates,
             "latency": {

@@ -24,6 +24,7 @@ import fcntl
 import os
 import select
 import socket
+import ssl
 import stat
 import struct
 import termios
@@ -39,6 +40,11 @@ from .exchange import (CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHO
 from .wsgi import FileWrapper, build_environ, environ_template
 
 READING, APP, WRITING, LINGERING, CLOSED = "reading", "app", "writing", "lingering", "closed"
+HANDSHAKE = "handshake"   # a TLS connection before its first byte of HTTP
+# What a plain HTTP request on an https:// listener gets, in plain HTTP (as nginx).
+PLAIN_ON_TLS = (b"<!doctype html><title>400 Bad Request</title><h1>400 Bad Request</h1>"
+                b"<p>The plain HTTP request was sent to an HTTPS port.</p>\n")
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 RECV_SIZE = 65536
 HIGH_WATER = 256 * 1024   # stop pulling from the app (and reading) past this
@@ -77,6 +83,8 @@ class ConnectionHost(Protocol):
     def register(self, fd: int, events: int) -> None: ...
     def park(self, fd: int) -> None: ...
     def closed(self, conn: "Connection", received: int) -> None: ...
+    def tls_failed(self, exc: Exception | None) -> str: ...
+    def tls_ready(self, template: dict, sock) -> dict: ...
 
 
 def believe_forwarding(environ, trusted):
@@ -99,7 +107,7 @@ def server_options(environ, start_response):
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
                  "events", "exchange", "close_after", "received", "refused", "believed", "preamble",
-                 "began", "progress", "send_began", "flushed", "stall_deadline")
+                 "began", "progress", "send_began", "flushed", "stall_deadline", "tls")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -134,15 +142,24 @@ class Connection:
         # client: when each began and how many bytes moved since (min_rate).
         self.began = self.send_began = self.stall_deadline = host.now
         self.progress = self.flushed = 0
+        # TLS: the handshake first (driven by the same events, under the
+        # header_timeout deadline); its facts go into the reader's template.
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        if self.tls:
+            self.state = HANDSHAKE
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
         if self.state == APP:   # the client speaks while its app call runs
             self.events = 0
             return self.host.park(self.fd)   # read nothing more until it is answered
+        if self.state == HANDSHAKE:
+            return self.handshake()
         try:
             data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
+            if self.tls and self.sock.pending():   # decrypted already: no event would come
+                data += self.sock.recv(self.sock.pending())
+        except WOULD_BLOCK:
             return
         except OSError:
             return self.close()
@@ -183,6 +200,8 @@ class Connection:
             self.serve_ready()
 
     def on_writable(self):
+        if self.state == HANDSHAKE:
+            return self.handshake()
         try:
             if self.flush() and self.exchange is not None:
                 self.pump()
@@ -192,6 +211,29 @@ class Connection:
                 self.serve_ready()
         except ClientGone:
             self.abort()
+
+    def handshake(self):
+        """One step of the TLS handshake, as far as the socket lets it go."""
+        host = self.host
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return self.want(EPOLLIN)
+        except ssl.SSLWantWriteError:
+            return self.want(EPOLLOUT)
+        except (ssl.SSLError, OSError) as exc:
+            if host.tls_failed(exc) == "plain_http":
+                try:   # answered in plain HTTP, on the socket under the TLS layer
+                    os.write(self.fd, error_response(400, host.date, host.server_name,
+                                                     PLAIN_ON_TLS))
+                except OSError:
+                    pass
+            return self.close()
+        self.state = READING
+        self.reader = RequestReader(host.http, host.tls_ready(self.reader.template, self.sock),
+                                    Exchange, host.open_spool)
+        self.want(EPOLLIN)
+        self.on_readable()   # the request may have come with the handshake's last flight
 
     def on_deadline(self):
         if self.state == READING and self.reader.in_message:
@@ -206,6 +248,8 @@ class Connection:
                     return
             self.host.on_timeout()
             return self.abort()
+        if self.state == HANDSHAKE:
+            self.host.tls_failed(None)   # it never finished in header_timeout
         self.close()   # idle keep-alive, or lingering done
 
     def take_preamble(self, data):
@@ -276,6 +320,8 @@ class Connection:
             return None
         if self.state == LINGERING:
             return (0, 0.0)
+        if self.state == HANDSHAKE:
+            return (1, self.deadline)   # nothing said in HTTP yet: as an idle one
         if self.state != READING:
             return None
         if not self.reader.in_message:
@@ -377,6 +423,8 @@ class Connection:
         self.ended(ex)
 
     def prepare_sendfile(self, ex, wrapper):
+        if self.tls:   # the kernel would send the file unencrypted: read it instead
+            return False
         try:
             fd = wrapper.fileno()
             st = os.fstat(fd)
@@ -690,7 +738,7 @@ class Connection:
             return
         try:
             sent = self.sock.send(data)
-        except BlockingIOError:
+        except WOULD_BLOCK:   # (TLS: the same bytes are offered again by flush)
             sent = 0
         except OSError as exc:
             raise ClientGone() from exc
@@ -713,7 +761,7 @@ class Connection:
         while out:
             try:
                 sent = self.sock.send(out[0])
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 return False
             except OSError as exc:
                 raise ClientGone() from exc

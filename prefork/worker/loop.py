@@ -48,6 +48,7 @@ from ..stats import WorkerStats
 from .connection import Connection
 from .dispatch import Health, compose, load_app
 from .readycheck import run_ready_check
+from ..tls import environ_facts, failure_reason
 from .logship import AccessLog, install_worker_logging
 from .static import StaticFiles
 from .status import StatusApp
@@ -89,9 +90,11 @@ def drop_privileges(user: str, group: str) -> None:
 
 class Worker:
     def __init__(self, config, listeners, scoreboard, slot, generation, master_pid, sink,
-                 batches=None):
+                 batches=None, tls=None):
         self.config = config
         self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.tls = tls or {}             # listener fd -> its generation's SSLContext
+        self.tls_failed_lately = {}      # reason -> handshakes failed since the last report
         self.scoreboard = scoreboard
         self.slot = slot
         (self._slot_mem, self._begin_at, self._pack_begin,
@@ -317,6 +320,11 @@ class Worker:
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls:
+                context = self.tls.get(listener.fileno())
+                if context is not None:   # its handshake runs in the loop, as its reads will
+                    sock = context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
             conn = Connection(self, sock, addr, listener.getsockname())
             self.conns[conn.fd] = conn
             self.poller.register(conn.fd, select.EPOLLIN)   # its request: next turn
@@ -420,13 +428,18 @@ class Worker:
                 log.error("accept failed %d more time(s) for want of file descriptors",
                           self.accept_failures - 1)
             self.accept_failures = 0
+            if self.tls_failed_lately:   # a bounded log: one line per interval
+                log.warning("%d TLS handshake(s) failed (%s)", sum(self.tls_failed_lately.values()),
+                            ", ".join(f"{k} {v}" for k, v in sorted(self.tls_failed_lately.items())))
+                self.tls_failed_lately = {}
             if self.evicted_lately:
                 log.warning("closed %d connection(s) to make room for new ones (idle ones "
                             "first, then the slowest requests)", self.evicted_lately)
                 self.evicted_lately = 0
             self.flush_logs()
-            self.sink.ship_stats(self.stats.take_delta(now, len(self.conns),
-                                                       self.sink.take_lost_lines()))
+            self.sink.ship_stats(self.stats.take_delta(
+                now, len(self.conns), self.sink.take_lost_lines(),
+                sum(1 for conn in self.conns.values() if conn.tls) if self.tls else 0))
         if os.getppid() != self.master_pid:
             log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
             self.exit(1)
@@ -493,6 +506,23 @@ class Worker:
 
     def park(self, fd):
         self.poller.unregister(fd)
+
+    def tls_failed(self, exc) -> str:
+        """A handshake failed (exc None: it did not finish in time): counted
+        by reason, logged once per interval. -> the reason."""
+        reason = failure_reason(exc) if exc is not None else "timeout"
+        failures = self.stats.tls_failures
+        failures[reason] = failures.get(reason, 0) + 1
+        self.tls_failed_lately[reason] = self.tls_failed_lately.get(reason, 0) + 1
+        return reason
+
+    def tls_ready(self, template, sock) -> dict:
+        """A handshake finished: counted; -> the environ template for the
+        connection's requests (the listener's, with what TLS tells)."""
+        self.stats.tls_handshakes += 1
+        environ = dict(template)
+        environ.update(environ_facts(sock))
+        return environ
 
     def closed(self, conn, received):
         self.stats.bytes_in += received
@@ -602,12 +632,12 @@ def reap_children(seen: set) -> set:
 
 
 def run(config, listeners, scoreboard, slot, generation, master_pid, report_fd, sink,
-        batches=None):
+        batches=None, tls=None):
     """Entry point in the forked child. Never returns."""
     code = 0
     try:
         worker = Worker(config, listeners, scoreboard, slot, generation, master_pid, sink,
-                        batches)
+                        batches, tls)
         worker.boot(report_fd)
         worker.run()
     except SystemExit as exc:

@@ -167,6 +167,13 @@ def prometheus(s) -> str:
             "Connections closed to make room for new ones (idle ones first, then the "
             "slowest requests), at max_connections or out of descriptors.",
             [({}, totals.get("evicted", 0))])
+    tls = totals.get("tls", {})
+    _metric(lines, "prefork_tls_handshakes_total", "counter", "TLS handshakes completed.",
+            [({}, tls.get("handshakes", 0))])
+    _metric(lines, "prefork_tls_handshake_failures_total", "counter",
+            "TLS handshakes that failed, by reason (plain_http, protocol_version, "
+            "client_certificate, no_shared_cipher, timeout, reset, other).",
+            [({"reason": k}, v) for k, v in sorted(tls.get("failures", {}).items())])
     _metric(lines, "prefork_connections_open", "gauge", "Open client connections.",
             [({}, totals["connections_open"])])
     cumulative = 0

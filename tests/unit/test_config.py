@@ -146,3 +146,34 @@ def test_start_flags_say_whole_sentences_and_their_paths_come_from_the_table():
     assert all(f.help.endswith(".") for f in flags.values()), [f.help for f in flags.values()]
     assert flags["--threads"].help == "App calls one worker runs at once (1 to 256)."
     assert {f.key for f in flags.values() if f.path} == {"pidfile", "access_log", "error_log"}
+
+
+def test_tls_settings_are_checked_when_a_listener_speaks_https(tmp_path):
+    path = write(tmp_path, "[server]\nbind = ['https://127.0.0.1:8443']\n")
+    with pytest.raises(config.ConfigError, match=r"\[tls\] certfile: an https:// listener needs"):
+        config.load(path)
+    path = write(tmp_path, "[server]\nbind = ['https://127.0.0.1:8443']\n"
+                           "[tls]\ncertfile = 'missing.pem'\n")
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(path)
+    with pytest.raises(config.ConfigError, match='must be "1.2" or "1.3"'):
+        config.load(write(tmp_path, "[tls]\nmin_version = '1.1'\n"))
+    assert config.parse_bind("https://[::1]:8443") == ("inet6", ("::1", 8443))
+    assert config.is_tls("https://0.0.0.0:443") and not config.is_tls("0.0.0.0:80")
+
+
+def test_an_expiring_certificate_is_said_with_its_date(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    import datetime
+
+    from prefork.tls import expiry_warning
+    ca = trustme.CA()
+    soon = ca.issue_cert("localhost", not_after=datetime.datetime.now(datetime.timezone.utc)
+                         + datetime.timedelta(days=3))
+    path = tmp_path / "soon.pem"
+    soon.cert_chain_pems[0].write_to_path(str(path))
+    assert "expires on" in expiry_warning(str(path))
+    later = ca.issue_cert("localhost")
+    later.cert_chain_pems[0].write_to_path(str(path))
+    assert expiry_warning(str(path)) is None
+    assert "expired on" in expiry_warning(str(path), now=1e11)
