@@ -255,3 +255,9 @@ def make_server(tmpdir_short):
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked long start first: with pytest-xdist the others run beside
+    them instead of waiting for them at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

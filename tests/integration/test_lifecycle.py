@@ -352,7 +352,7 @@ def test_a_reload_whose_ready_check_fails_keeps_the_old_generation(tmpdir_short)
     for name, text in DJANGO_SITE.items():
         with open(os.path.join(tmpdir_short, name), "w") as fh:
             fh.write(text)
-    config = write_config(tmpdir_short, app="rc_wsgi:application",
+    config = write_config(tmpdir_short, app="rc_wsgi:application", workers=1,
                           extra='[workers]\nready_check = "/ready/"\n')
     server = Server(tmpdir_short, config).wait_ready()
     try:

@@ -34,8 +34,8 @@ def pki(tmpdir_short):
     return ca, paths
 
 
-def tls_server(tmpdir_short, paths, tls_extra="", workers=2, extra=""):
-    config = write_config(tmpdir_short, workers=workers, extra=(
+def tls_server(tmpdir_short, paths, tls_extra="", workers=2, extra="", logging=""):
+    config = write_config(tmpdir_short, workers=workers, logging=logging, extra=(
         f'[tls]\ncertfile = "{paths["cert"]}"\nkeyfile = "{paths["key"]}"\n{tls_extra}' + extra))
     with open(config) as fh:
         text = fh.read()
@@ -57,6 +57,19 @@ def client_context(paths, cert=None):
     return ctx
 
 
+def fetch(server, ctx, path, session=None):
+    """GET path on a new TLS connection: (the body, was the session resumed,
+    the session)."""
+    with socket.create_connection(("127.0.0.1", server.tls_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        .encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data.split(b"\r\n\r\n", 1)[1], tls.session_reused, tls.session
+
+
 def test_https_beside_plain_with_the_environ_of_mod_ssl(pki, tmpdir_short):
     ca, paths = pki
     server = tls_server(tmpdir_short, paths)
@@ -76,6 +89,8 @@ def test_https_beside_plain_with_the_environ_of_mod_ssl(pki, tmpdir_short):
         totals = wait_for(lambda: (lambda t: t if t["tls"]["handshakes"] >= 3 else None)(
             server.status()["totals"]), message="handshakes counted")
         assert totals["tls"]["failures"] == {}
+        wait_for(lambda: "TLS handshakes / failed / open" in server.get("/_status").text,
+                 message="the dashboard's TLS row")
     finally:
         server.stop(graceful=False)
 
@@ -163,13 +178,8 @@ def test_client_certificates_required_and_shown_to_the_app(pki, tmpdir_short):
     try:
         client = ca.issue_cert("client@example.com")
         ctx = client_context(paths, client)
-        with socket.create_connection(("127.0.0.1", server.tls_port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(b"GET /environ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
-        body = data.split(b"\r\n\r\n", 1)[1].decode()
+        body, _, _ = fetch(server, ctx, "/environ")
+        body = body.decode()
         assert "SSL_CLIENT_VERIFY=SUCCESS" in body
         assert "SSL_CLIENT_S_DN=OU=Testing cert #" in body and ",O=trustme" in body
         assert "BEGIN CERTIFICATE" in body
@@ -208,8 +218,9 @@ def test_a_reload_serves_a_renewed_certificate_and_a_bad_one_keeps_the_old(pki, 
         server.stop(graceful=False)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-def test_openssl_s_client_sees_the_chain_and_alpn(pki, tmpdir_short):
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
+                    reason="openssl or curl is not installed")
+def test_openssl_s_client_and_curl(pki, tmpdir_short):
     ca, paths = pki
     server = tls_server(tmpdir_short, paths, workers=1)
     try:
@@ -221,6 +232,9 @@ def test_openssl_s_client_sees_the_chain_and_alpn(pki, tmpdir_short):
         out = (done.stdout + done.stderr).decode("utf-8", "replace")
         assert "Verify return code: 0 (ok)" in out and "ALPN protocol: http/1.1" in out, out
         assert "HTTP/1.1 200 OK" in out and "hello" in out
+        done = subprocess.run(["curl", "-sS", "--cacert", paths["ca"], "--tlsv1.2",
+                               server.tls_url + "/"], capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0 and done.stdout == "hello", done.stderr
     finally:
         server.stop(graceful=False)
 
@@ -239,3 +253,84 @@ def test_a_config_with_a_key_that_does_not_match_says_so_in_one_line(pki, tmpdir
                           text=True, timeout=30)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "[tls]" in done.stderr and "does not match the certificate" in done.stderr
+
+
+def test_sessions_resume_across_the_workers_of_a_generation(pki, tmpdir_short):
+    """The context is made in the master before the fork: every worker holds
+    the same session-ticket keys, so a ticket from one resumes on another."""
+    ca, paths = pki
+    server = tls_server(tmpdir_short, paths, workers=2)
+    try:
+        ctx = client_context(paths)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2   # tickets at once, in the handshake
+        session, seen, resumed, tries = None, set(), 0, 0
+        while len(seen) < 2 or tries < 6:   # until both workers have answered
+            tries += 1
+            assert tries <= 200, "one worker took every connection"
+            body, reused, session = fetch(server, ctx, "/pid", session)
+            seen.add(body)
+            resumed += reused
+        assert resumed == tries - 1          # every connection after the first
+    finally:
+        server.stop(graceful=False)
+
+
+def test_the_access_log_can_show_the_protocol_and_cipher(pki, tmpdir_short):
+    ca, paths = pki
+    server = tls_server(tmpdir_short, paths, workers=1, logging=(
+        'access_format = \'%(h)s "%(r)s" %(s)s %({wsgi.url_scheme}e)s %({SSL_PROTOCOL}e)s '
+        '%({SSL_CIPHER}e)s\'\n'))
+    try:
+        requests.get(server.tls_url + "/tls-line", verify=paths["ca"], timeout=10)
+        server.get("/plain-line")
+        wait_for(lambda: "/tls-line HTTP/1.1\" 404 https TLSv1.3 TLS_" in server.log("access")
+                 and "/plain-line HTTP/1.1\" 404 http - -" in server.log("access"),
+                 message="both lines, with what TLS tells and without")
+    finally:
+        server.stop(graceful=False)
+
+
+def test_an_upgrade_keeps_the_https_listener_speaking_tls(pki, tmpdir_short):
+    ca, paths = pki
+    server = tls_server(tmpdir_short, paths, workers=1)
+    pidfile = os.path.join(tmpdir_short, "prefork.pid")
+    try:
+        assert server.cli("upgrade").returncode == 0
+        assert server.proc.wait(20) == 0   # the old master handed over and left
+        assert requests.get(server.tls_url + "/", verify=paths["ca"], timeout=10).text == "hello"
+        assert requests.get(server.url + "/", timeout=10).text == "hello"
+    finally:
+        try:
+            os.kill(int(open(pidfile).read()), 15)
+        except (OSError, ValueError):
+            pass
+
+
+TESTSSL = shutil.which("testssl") or shutil.which("testssl.sh")
+
+
+@pytest.mark.skipif(TESTSSL is None, reason="testssl.sh is not installed (apt-get install "
+                                            "testssl.sh; .ci/run does)")
+@pytest.mark.long
+@pytest.mark.timeout(200)
+def test_testssl_finds_nothing_above_low_on_the_defaults(pki, tmpdir_short):
+    """Protocols, cipher categories, forward secrecy, the server's preference
+    and the known vulnerabilities (-p -s -f -P -U). The certificate's own
+    findings are left out: they are trustme's test CA's (no OCSP or CRL, a
+    1000-year validity), not the server's."""
+    import json
+    ca, paths = pki
+    server = tls_server(tmpdir_short, paths, workers=1)
+    report = os.path.join(tmpdir_short, "testssl.json")
+    try:
+        subprocess.run([TESTSSL, "--quiet", "--color", "0", "--add-ca", paths["ca"],
+                        "--jsonfile", report, "-p", "-s", "-f", "-P", "-U",
+                        f"https://127.0.0.1:{server.tls_port}"],
+                       capture_output=True, timeout=170)
+        with open(report) as fh:
+            findings = json.load(fh)
+        assert len(findings) > 20, findings   # it did run its checks
+        serious = [f for f in findings if f.get("severity") in ("MEDIUM", "HIGH", "CRITICAL")]
+        assert serious == [], serious
+    finally:
+        server.stop(graceful=False)
