@@ -5,7 +5,7 @@ each figure is the median of --runs runs. Ratios are prefork / peer (above 1:
 prefork is faster). This machine is small and noisy: read medians, not runs.
 Sections: servers (hello and Flask against every peer), wait (an app that waits
 20 ms, as on a database), mixed (fast requests beside slow ones: the fast ones'
-p99 against their p99 alone), access-log, stats, static, reload, idle, flood
+p99 against their p99 alone), access-log, stats, static, reload, idle, tls, flood
 (a legitimate client beside hostile connection floods: each the goal of issue 23).
 Usage: tests/bench/run.py [--runs 3] [--duration 5] [--sections NAME ...]
 """
@@ -38,11 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prefork_command(app, port, workdir, extra=""):
+def prefork_command(app, port, workdir, extra="", scheme=""):
     config = os.path.join(workdir, "prefork.toml")
     with open(config, "w") as fh:
         fh.write(f"""[server]
-bind = ["127.0.0.1:{port}"]
+bind = ["{scheme}127.0.0.1:{port}"]
 workers = {WORKERS}
 app = "{app}"
 pythonpath = ["{ROOT}", "{ROOT}/tests/bench"]
@@ -91,7 +91,7 @@ def wait_answering(url, proc, timeout=30.0):
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if requests.get(url, timeout=1).status_code == 200:
+            if requests.get(url, timeout=1, verify=False).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -102,12 +102,12 @@ def wait_answering(url, proc, timeout=30.0):
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def wrk_command(url, duration, connections=CONNECTIONS):
-    return ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+def wrk_command(url, duration, connections=CONNECTIONS, extra=()):
+    return ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *extra, url]
 
 
-def run_wrk(url, duration, connections=CONNECTIONS):
-    out = subprocess.run(wrk_command(url, duration, connections),
+def run_wrk(url, duration, connections=CONNECTIONS, extra=()):
+    out = subprocess.run(wrk_command(url, duration, connections, extra),
                          capture_output=True, text=True, timeout=duration + 30).stdout
     return parse_wrk(out)
 
@@ -166,7 +166,7 @@ def server_cpu(root_pid) -> float:
     return total
 
 
-def side_by_side(args, commands, path="/", prepare=None):
+def side_by_side(args, commands, path="/", prepare=None, wrk_args=()):
     """commands: name -> (argv, base url). All servers are started at once
     (an idle server costs the others nothing) and their wrk runs rotate:
     round r starts with the r-th server. Measured here, whichever server ran
@@ -174,7 +174,8 @@ def side_by_side(args, commands, path="/", prepare=None):
     minutes, so neither position nor time may favour one server. Besides
     req/s and latency: CPU per request (the whole process tree), which
     contention for the two cores distorts far less than throughput.
-    prepare, if given, is called with {name: (process, url)} once all answer."""
+    prepare, if given, is called with {name: (process, url)} once all answer;
+    wrk_args go to every wrk run (a header, say)."""
     servers, results = {}, {}
     try:
         for name, (command, url) in commands.items():
@@ -192,7 +193,7 @@ def side_by_side(args, commands, path="/", prepare=None):
                     print(f"  ({name} failed: {exc}: {fh.read()[-600:]})")
                 continue
             results[name] = {"memory": worker_memory(proc.pid), "runs": [], "cpu_us": []}
-            run_wrk(url, 1)   # warm-up
+            run_wrk(url, 1, extra=wrk_args)   # warm-up
         names = list(results)
         if prepare is not None:
             prepare({name: servers[name][:2] for name in names})
@@ -200,7 +201,7 @@ def side_by_side(args, commands, path="/", prepare=None):
             for name in names[round_number % len(names):] + names[:round_number % len(names)]:
                 proc, url, _ = servers[name]
                 before = server_cpu(proc.pid)
-                measured = run_wrk(url, args.duration)
+                measured = run_wrk(url, args.duration, extra=wrk_args)
                 used = server_cpu(proc.pid) - before
                 results[name]["cpu_us"].append(used / max(1, measured["requests"]) * 1e6)
                 results[name]["runs"].append(measured)
@@ -680,6 +681,138 @@ def compare_flood(args):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+NGINX_TLS_CONF = """worker_processes {workers};
+daemon off;
+user root;
+pid {wd}/nginx.pid;
+error_log {wd}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {wd}/tmp; proxy_temp_path {wd}/tmp; fastcgi_temp_path {wd}/tmp;
+  uwsgi_temp_path {wd}/tmp; scgi_temp_path {wd}/tmp;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.3;
+    location / {{ return 200 "Hello, World!"; }}
+  }}
+}}
+"""
+
+
+def tls_files(directory):
+    """A throwaway CA's certificate and key for 127.0.0.1 (trustme, a test
+    dependency: no key is kept anywhere) -> (cert path, key path)."""
+    import trustme
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    paths = (os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(paths[0])
+    cert.private_key_pem.write_to_path(paths[1])
+    return paths
+
+
+def compare_tls(args, stalled=2000):
+    """Hello world over TLS against granian (keep-alive) and nginx (a new
+    connection per request: the handshake's cost), then a client's latency
+    beside `stalled` TLS connections that never finish their handshake."""
+    import resource
+    import urllib3
+    urllib3.disable_warnings()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    parent = tempfile.mkdtemp(prefix="pfcfg")
+    cert, key = tls_files(parent)
+    try:
+        commands = {}
+        port = free_port()
+        workdir = server_dir(parent, "prefork")
+        commands["prefork"] = (prefork_command(
+            APPS["hello"], port, workdir,
+            log_section(workdir) + f'[tls]\ncertfile = "{cert}"\nkeyfile = "{key}"\n',
+            scheme="https://"), f"https://127.0.0.1:{port}")
+        if os.path.exists(SERVERS["granian"]("", 0, "")[0]):
+            port = free_port()
+            commands["granian"] = (SERVERS["granian"](APPS["hello"], port, "") + [
+                "--ssl-certificate", cert, "--ssl-keyfile", key], f"https://127.0.0.1:{port}")
+        print_table(f"hello over TLS, keep-alive ({WORKERS} workers, wrk -t1 -c{CONNECTIONS}, "
+                    f"TLS 1.3)", side_by_side(args, commands))
+        port = free_port()
+        workdir = server_dir(parent, "nginx")
+        os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
+        conf = os.path.join(workdir, "nginx.conf")
+        with open(conf, "w") as fh:
+            fh.write(NGINX_TLS_CONF.format(workers=WORKERS, wd=workdir, port=port, cert=cert,
+                                           key=key))
+        commands["nginx"] = (["nginx", "-c", conf, "-p", workdir], f"https://127.0.0.1:{port}")
+        print_table("hello over TLS, a new connection per request (wrk -H 'Connection: close', "
+                    "TLS 1.3; nginx answers a fixed string)",
+                    side_by_side(args, commands, wrk_args=("-H", "Connection: close")),
+                    reference="prefork")
+        beside_stalled_handshakes(parent, cert, key, stalled)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def beside_stalled_handshakes(parent, cert, key, stalled):
+    port = free_port()
+    workdir = server_dir(parent, "prefork-stalled")
+    proc = subprocess.Popen(prefork_command(
+        APPS["hello"], port, workdir,
+        log_section(workdir) + f'[tls]\ncertfile = "{cert}"\nkeyfile = "{key}"\n',
+        scheme="https://"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"https://127.0.0.1:{port}/"
+    held = []
+    try:
+        wait_answering(url, proc)
+        alone = tls_client_latencies(url)
+        hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"   # half a ClientHello
+        for i in range(stalled):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 2:
+                sock.sendall(hello)
+            held.append(sock)
+        time.sleep(1)
+        beside = tls_client_latencies(url)
+        print(f"  a client's new TLS connections (200, one request each): p99 "
+              f"{fmt_ms(alone[int(len(alone) * 0.99) - 1])} alone, "
+              f"{fmt_ms(beside[int(len(beside) * 0.99) - 1])} beside {stalled} stalled "
+              f"handshakes (half silent, half after half a ClientHello); "
+              f"{sum(1 for t in beside if t == float('inf'))} failed")
+    finally:
+        for sock in held:
+            sock.close()
+        stop(proc)
+
+
+def tls_client_latencies(url, count=200):
+    """Seconds for each of `count` requests, each on a new TLS connection made
+    with one client context (requests would build a context per call, which
+    costs the client more than the server's whole answer)."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    times = []
+    for _ in range(count):
+        began = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with ctx.wrap_socket(raw) as tls:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+                    reply = b""
+                    while chunk := tls.recv(65536):
+                        reply += chunk
+            times.append(time.monotonic() - began if reply.startswith(b"HTTP/1.1 200")
+                         else float("inf"))
+        except OSError:
+            times.append(float("inf"))
+    return sorted(times)
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # progress shows when piped
     parser = argparse.ArgumentParser()
@@ -689,7 +822,7 @@ def main():
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
     parser.add_argument("--sections", nargs="*",
                         default=["servers", "wait", "mixed", "access-log", "stats", "static",
-                                 "reload", "idle", "flood"])
+                                 "reload", "idle", "flood", "tls"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -709,6 +842,8 @@ def main():
         compare_reload(args)
     if "idle" in args.sections:
         compare_idle(args)
+    if "tls" in args.sections:
+        compare_tls(args)
     if "flood" in args.sections:
         compare_flood(args)
     if "stats" in args.sections:
