@@ -8,7 +8,7 @@ request. With --profile, cProfile's top functions are printed.
 
 Usage: .venv/bin/python tests/bench/hotpath.py [--app hello|flask] [--requests N] [--profile]
        [--path /static/style.css --set static.enabled=true] [--only [--loop READY]]
-       [--without-c]
+       [--without-c] [--tls]
 --loop serves through the worker loop's rounds (Worker.serve_round) instead of
 calling the connection directly: the loop's own cost per request is the
 difference (`tests/bench/instructions.sh hello --loop 25`).
@@ -102,14 +102,28 @@ def round_trips(count, client, answer):
     return (time.perf_counter() - started) / count
 
 
+TLS = None   # (server context, client context) with --tls
+
+
 def connected(worker, number=0):
     """A Connection of the worker's, registered as the worker's own are, on
-    one end of a socketpair: -> (connection, the client's end)."""
+    one end of a socketpair: -> (connection, the client's end). With --tls
+    both ends speak TLS, the handshake done before the first request."""
     server, client = socket.socketpair()
+    if TLS is not None:
+        import threading
+        server = TLS[0].wrap_socket(server, server_side=True, do_handshake_on_connect=False)
+        client = TLS[1].wrap_socket(client, do_handshake_on_connect=False)
+        shake = threading.Thread(target=server.do_handshake)
+        shake.start()
+        client.do_handshake()
+        shake.join()
     server.setblocking(False)
     conn = Connection(worker, server, ("127.0.0.1", 40000 + number), ("127.0.0.1", 8080))
     worker.conns[conn.fd] = conn
     worker.poller.register(conn.fd, select.EPOLLIN)
+    if TLS is not None:
+        conn.on_readable()   # its handshake is done: on to HTTP
     return conn, client
 
 
@@ -199,7 +213,21 @@ def main():
     parser.add_argument("--without-c", action="store_true",
                         help="serve as where prefork's C modules are not built: httptools' "
                         "binding of llhttp, logship.combined_line")
+    parser.add_argument("--tls", action="store_true",
+                        help="the connection speaks TLS 1.3 (a throwaway certificate)")
     args = parser.parse_args()
+    if args.tls:
+        import ssl
+        import tempfile
+
+        from run import tls_files
+        global TLS
+        cert, key = tls_files(tempfile.mkdtemp(prefix="pfhot"))
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        client_ctx = ssl.create_default_context()
+        client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+        TLS = (server_ctx, client_ctx)
     if args.without_c:
         from prefork.http import request as request_mod
         from prefork.worker import logship
