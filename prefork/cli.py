@@ -294,7 +294,7 @@ def other_masters():
             continue
         for path in sockets[:1]:
             try:
-                answer = control.request(path, {"cmd": "status"}, 5.0)
+                answer = control.request(path, {"cmd": "status"}, 1.0)
                 source = answer["status"]["server"]["config"] or None
             except (control.ControlError, KeyError, TypeError):
                 source = None

@@ -1,7 +1,10 @@
 """One client connection inside a worker: read requests, run the app, write.
 
-Owns: the connection's state (reading / app / writing / lingering), its
-deadline, its output queue, and one WSGI exchange at a time. Pipelined
+Owns: the connection's state (handshake / reading / app / writing /
+lingering), its deadline (the timeouts, and min_rate while a request arrives
+or its answer waits for the client), its output queue, and one WSGI
+exchange at a time. A TLS connection steps its handshake on its own events
+first (its socket is an SSLSocket; "would block" is WOULD_BLOCK). Pipelined
 requests are answered in order, in a loop (never by recursion), at most
 PIPELINE_TURN per turn so the worker's other connections get theirs; while
 the output is above HIGH_WATER the connection neither reads nor pulls from

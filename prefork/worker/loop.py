@@ -1,6 +1,8 @@
 """One worker process: boots the app, then serves connections with epoll.
 
-Owns: its connections, its scoreboard slot, its local counters and access-log
+Owns: its connections (which to close to make room, at max_connections or out
+of descriptors; an https:// listener's are wrapped in its generation's TLS
+context at accept), its scoreboard slot, its local counters and access-log
 batch. Runs after fork and never returns into the master's stack (os._exit).
 Must not: write files other than through its log batch, or touch other slots.
 
