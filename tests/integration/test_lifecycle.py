@@ -17,8 +17,9 @@ from tests.conftest import PREFORK, ROOT, Server, read_until_close, wait_for, wr
 class Load:
     """Threads sending requests until stopped; counts successes and failures."""
 
-    def __init__(self, url, threads=4, path="/pid"):
+    def __init__(self, url, threads=4, path="/pid", verify=True):
         self.url = url + path
+        self.verify = verify   # requests' verify: the test CA's file for https
         self.ok = 0
         self.failures = []
         self.pids = set()
@@ -30,7 +31,8 @@ class Load:
         deadline = time.monotonic() + 60   # bounded even if stop() is never called
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                response = session.get(self.url, timeout=10)
+                # (verify per request: a Session's is overridden by REQUESTS_CA_BUNDLE)
+                response = session.get(self.url, timeout=10, verify=self.verify)
                 if response.status_code == 200:
                     self.ok += 1
                     self.pids.add(response.text)

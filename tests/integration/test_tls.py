@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import PREFORK, Server, wait_for, write_config
+from tests.integration.test_lifecycle import Load
 
 trustme = pytest.importorskip("trustme")
 
@@ -207,7 +208,11 @@ def test_a_reload_serves_a_renewed_certificate_and_a_bad_one_keeps_the_old(pki, 
         renewed = ca.issue_cert("127.0.0.1", "localhost")
         renewed.cert_chain_pems[0].write_to_path(paths["cert"])
         renewed.private_key_pem.write_to_path(paths["key"])
-        assert server.cli("reload").returncode == 0
+        with Load(server.tls_url, threads=3, verify=paths["ca"]) as load:   # clients keep coming
+            assert server.cli("reload").returncode == 0
+            done = load.ok
+            wait_for(lambda: load.ok > done + 20, message="requests after the reload")
+        assert load.failures == []
         assert serial() != first
         with open(paths["key"], "w") as fh:
             fh.write("not a key\n")
