@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+import psutil
+
 import pytest
 import requests
 
@@ -185,10 +187,23 @@ class Server:
         return self.proc.returncode
 
     def kill_all(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL to the master's process group while the master lives. Once it
+        is reaped its number is free, and may by now lead another test's server
+        (the suite starts thousands of processes; testssl alone, thousands of
+        openssl): then only what it left behind in its group is killed, the
+        orphans that init adopted."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            for proc in psutil.process_iter(["ppid"]):
+                try:
+                    if proc.info["ppid"] == 1 and os.getpgid(proc.pid) == self.proc.pid:
+                        proc.kill()
+                except (ProcessLookupError, psutil.Error):
+                    pass
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:

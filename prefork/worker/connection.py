@@ -159,9 +159,10 @@ class Connection:
         if self.state == HANDSHAKE:
             return self.handshake()
         try:
+            # (TLS: OpenSSL returns one record per read, at most 16 KiB, so none
+            # is left half-read in its buffer where no event would tell of it;
+            # the next record waits in the kernel and the poll reports it.)
             data = self.sock.recv(RECV_SIZE)
-            if self.tls and self.sock.pending():   # decrypted already: no event would come
-                data += self.sock.recv(self.sock.pending())
         except WOULD_BLOCK:
             return
         except OSError:

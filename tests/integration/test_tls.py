@@ -83,6 +83,10 @@ def test_https_beside_plain_with_the_environ_of_mod_ssl(pki, tmpdir_short):
         assert environ["SSL_CLIENT_VERIFY"] == "NONE"
         big = requests.get(server.tls_url + "/big?3000000", verify=paths["ca"], timeout=20)
         assert len(big.content) == 3_000_000
+        upload = os.urandom(2_000_000)   # in about 120 records, one read each
+        echoed = requests.post(server.tls_url + "/echo", data=upload, verify=paths["ca"],
+                               timeout=20)
+        assert echoed.content == upload
         with requests.Session() as session:                          # keep-alive over TLS
             for _ in range(5):
                 assert session.get(server.tls_url + "/", verify=paths["ca"], timeout=10).text \
