@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import psutil
 import pytest
 import requests
 
@@ -299,20 +300,30 @@ def test_the_access_log_can_show_the_protocol_and_cipher(pki, tmpdir_short):
         server.stop(graceful=False)
 
 
-def test_an_upgrade_keeps_the_https_listener_speaking_tls(pki, tmpdir_short):
+def test_upgrade_then_drain_with_an_https_listener(pki, tmpdir_short):
+    """USR2 hands the https listener to a new master, which makes its own TLS
+    context; its TERM then drains (health 503 over TLS, requests served)."""
     ca, paths = pki
-    server = tls_server(tmpdir_short, paths, workers=1)
+    server = tls_server(tmpdir_short, paths, workers=1,
+                        extra='[status]\nhealth = "/_health"\n[workers]\ndrain_time = 2\n')
     pidfile = os.path.join(tmpdir_short, "prefork.pid")
+
+    def get(path):
+        return requests.get(server.tls_url + path, verify=paths["ca"], timeout=10)
+    new_master = None
     try:
         assert server.cli("upgrade").returncode == 0
         assert server.proc.wait(20) == 0   # the old master handed over and left
-        assert requests.get(server.tls_url + "/", verify=paths["ca"], timeout=10).text == "hello"
+        new_master = psutil.Process(int(open(pidfile).read()))
+        assert get("/").text == "hello"
         assert requests.get(server.url + "/", timeout=10).text == "hello"
+        new_master.terminate()
+        wait_for(lambda: get("/_health").status_code == 503, message="health 503 over TLS")
+        assert get("/").text == "hello"   # still served while it drains
+        new_master.wait(20)
     finally:
-        try:
-            os.kill(int(open(pidfile).read()), 15)
-        except (OSError, ValueError):
-            pass
+        if new_master is not None and new_master.is_running():
+            new_master.kill()
 
 
 TESTSSL = shutil.which("testssl") or shutil.which("testssl.sh")
