@@ -98,7 +98,7 @@ class Server:
     process group of its own."""
 
     def __init__(self, directory, config_path, args=(), command=(sys.executable, PREFORK),
-                 preexec_fn=None):
+                 preexec_fn=None, pass_fds=()):
         self.dir = directory
         self.config = config_path
         self.stdout_path = os.path.join(directory, "stdout.txt")
@@ -106,7 +106,7 @@ class Server:
         self.proc = subprocess.Popen(
             [*command, "start", "--foreground", "-c", config_path, *args],
             stdout=open(self.stdout_path, "w"), stderr=open(self.stderr_path, "w"),
-            cwd=directory, start_new_session=True, preexec_fn=preexec_fn)
+            cwd=directory, start_new_session=True, preexec_fn=preexec_fn, pass_fds=pass_fds)
         _STARTED.append(self)
         self.url = None
 

@@ -18,12 +18,13 @@ import os
 import resource
 import selectors
 import signal
+import socket
 import time
 
 from setproctitle import setproctitle
 
 from .. import __version__, missing_c_modules, missing_c_note, sockets, title
-from ..config import MAX_THREADS, check_workers, is_tls
+from ..config import MAX_THREADS, check_workers, is_tls, parse_bind
 from ..ipc import LineLedger, MasterChannels
 from ..worker.loop import worker_uid
 from ..scoreboard import Scoreboard
@@ -134,7 +135,7 @@ class Master:
         activated = systemd.activated_sockets()
         if activated:
             self.current = dataclasses.replace(
-                self.current, listeners={describe(sock): sock for sock in activated})
+                self.current, listeners={self.bind_for(sock): sock for sock in activated})
             log.info("using %d socket(s) from the service manager", len(activated))
             return
         adopted = sockets.inherited()
@@ -144,6 +145,17 @@ class Master:
         self.current = dataclasses.replace(self.current, listeners=listeners)
         for sock in adopted.values():
             sock.close()   # a bind the new config dropped
+
+    def bind_for(self, sock) -> str:
+        """The [server] bind entry naming a socket the service manager handed
+        us (so that one written https:// speaks TLS), else its description."""
+        address = sock.getsockname() if sock.family == socket.AF_UNIX else sock.getsockname()[:2]
+        for bind in self.config.server.bind:
+            family, wanted = parse_bind(bind)
+            if wanted == address or (family != "unix" and wanted[1] == address[1]
+                                     and wanted[0] in ("0.0.0.0", "::", address[0])):
+                return bind
+        return describe(sock)
 
     def urls(self, listeners=None):
         return [describe(sock, is_tls(bind)) for bind, sock in (listeners or self.listeners).items()]

@@ -326,6 +326,37 @@ def test_upgrade_then_drain_with_an_https_listener(pki, tmpdir_short):
             new_master.kill()
 
 
+def test_a_socket_from_the_service_manager_speaks_tls_when_its_bind_says_https(
+        pki, tmpdir_short):
+    """systemd socket activation: the socket comes as fd 3; the bind entry
+    with its address, written https://, says it speaks TLS."""
+    ca, paths = pki
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    config = write_config(tmpdir_short, workers=1, extra=(
+        f'[tls]\ncertfile = "{paths["cert"]}"\nkeyfile = "{paths["key"]}"\n'))
+    with open(config) as fh:
+        text = fh.read().replace('bind = ["127.0.0.1:0"]', f'bind = ["https://127.0.0.1:{port}"]')
+    with open(config, "w") as fh:
+        fh.write(text)
+
+    def as_fd_3():
+        os.dup2(listener.fileno(), 3)
+    server = Server(tmpdir_short, config, command=(
+        "sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", sys.executable, PREFORK),
+        preexec_fn=as_fd_3, pass_fds=(3,))
+    try:
+        wait_for(lambda: "ready:" in server.log("error"), message="ready")
+        listener.close()   # the server holds its own copy
+        assert requests.get(f"https://127.0.0.1:{port}/", verify=paths["ca"], timeout=10).text \
+            == "hello"
+        assert f"https://127.0.0.1:{port}" in server.log("error")
+    finally:
+        server.stop(graceful=False)
+
+
 TESTSSL = shutil.which("testssl") or shutil.which("testssl.sh")
 
 
