@@ -407,6 +407,10 @@ def render_status(s) -> str:
     if pool["boot_failures"]:
         lines.append(f"DEGRADED: {pool['boot_failures']} boot failure(s) in a row; last error: "
                      f"{pool['last_boot_error'].splitlines()[-1] if pool['last_boot_error'] else '?'}")
+    tls = totals.get("tls")
+    if tls and (tls["handshakes"] or tls["failures"]):
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(tls["failures"].items())) or "none"
+        lines.append(f"tls: {tls['handshakes']} handshakes, {tls['open']} open; failed: {failed}")
     for kind, state in s.get("logs", {}).items():
         if state["error"]:
             lines.append(f"log problem ({kind}): {state['error']}; "

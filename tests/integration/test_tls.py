@@ -97,6 +97,8 @@ def test_https_beside_plain_with_the_environ_of_mod_ssl(pki, tmpdir_short):
         assert totals["tls"]["failures"] == {}
         wait_for(lambda: "TLS handshakes / failed / open" in server.get("/_status").text,
                  message="the dashboard's TLS row")
+        shown = server.cli("status").stdout
+        assert "tls: " in shown and " handshakes, " in shown and "failed: none" in shown
     finally:
         server.stop(graceful=False)
 
