@@ -96,7 +96,6 @@ class Worker:
         self.config = config
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.tls = tls or {}             # listener fd -> its generation's SSLContext
-        self.tls_failed_lately = {}      # reason -> handshakes failed since the last report
         self.scoreboard = scoreboard
         self.slot = slot
         (self._slot_mem, self._begin_at, self._pack_begin,
@@ -125,7 +124,6 @@ class Worker:
         self.listening = True            # listeners registered with the poller
         self.accept_paused_until = 0.0   # out of descriptors: no accepts until then
         self.accept_failures = 0         # since the last report
-        self.evicted_lately = 0          # connections closed to make room, since the last report
         self.now = time.monotonic()
         self.tick_seconds = min(TICK_SECONDS, config.status.interval)
         self._next_tick = 0.0
@@ -351,7 +349,6 @@ class Worker:
         for conn in victims:
             conn.close()
         self.stats.evicted += len(victims)
-        self.evicted_lately += len(victims)
         return len(victims)
 
     def relieve(self):
@@ -430,14 +427,14 @@ class Worker:
                 log.error("accept failed %d more time(s) for want of file descriptors",
                           self.accept_failures - 1)
             self.accept_failures = 0
-            if self.tls_failed_lately:   # a bounded log: one line per interval
-                log.warning("%d TLS handshake(s) failed (%s)", sum(self.tls_failed_lately.values()),
-                            ", ".join(f"{k} {v}" for k, v in sorted(self.tls_failed_lately.items())))
-                self.tls_failed_lately = {}
-            if self.evicted_lately:
+            # One line per interval for what the interval's counters hold.
+            failed = self.stats.tls_failures
+            if failed:
+                log.warning("%d TLS handshake(s) failed (%s)", sum(failed.values()),
+                            ", ".join(f"{k} {v}" for k, v in sorted(failed.items())))
+            if self.stats.evicted:
                 log.warning("closed %d connection(s) to make room for new ones (idle ones "
-                            "first, then the slowest requests)", self.evicted_lately)
-                self.evicted_lately = 0
+                            "first, then the slowest requests)", self.stats.evicted)
             self.flush_logs()
             self.sink.ship_stats(self.stats.take_delta(
                 now, len(self.conns), self.sink.take_lost_lines(),
@@ -515,7 +512,6 @@ class Worker:
         reason = failure_reason(exc) if exc is not None else "timeout"
         failures = self.stats.tls_failures
         failures[reason] = failures.get(reason, 0) + 1
-        self.tls_failed_lately[reason] = self.tls_failed_lately.get(reason, 0) + 1
         return reason
 
     def tls_ready(self, template, sock) -> dict:

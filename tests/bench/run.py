@@ -394,26 +394,28 @@ def compare_prefork_variants(args, title, variants):
           f"{second['cpu_us'] / first['cpu_us'] * 100:.1f}%")
 
 
-NGINX_CONF = """worker_processes {workers};
+# nginx for the peers' side: the frame both configs share, then each one's part.
+NGINX_FRAME = """worker_processes {{workers}};
 daemon off;
 user root;
-pid {wd}/nginx.pid;
-error_log {wd}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log {wd}/nginx-access.log;
+pid {{wd}}/nginx.pid;
+error_log {{wd}}/nginx-error.log;
+events {{{{ worker_connections 4096; }}}}
+http {{{{
+  client_body_temp_path {{wd}}/tmp; proxy_temp_path {{wd}}/tmp; fastcgi_temp_path {{wd}}/tmp;
+  uwsgi_temp_path {{wd}}/tmp; scgi_temp_path {{wd}}/tmp;
+{http}}}}}
+"""
+NGINX_CONF = NGINX_FRAME.format(http="""  access_log {wd}/nginx-access.log;
   sendfile on;
   tcp_nopush on;
   keepalive_requests 1000000;
   default_type application/octet-stream;
-  client_body_temp_path {wd}/tmp; proxy_temp_path {wd}/tmp; fastcgi_temp_path {wd}/tmp;
-  uwsgi_temp_path {wd}/tmp; scgi_temp_path {wd}/tmp;
   server {{
     listen 127.0.0.1:{port};
     location /static/ {{ alias {files}/; }}
   }}
-}}
-"""
+""")
 
 
 def compare_static(args):
@@ -681,16 +683,7 @@ def compare_flood(args):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-NGINX_TLS_CONF = """worker_processes {workers};
-daemon off;
-user root;
-pid {wd}/nginx.pid;
-error_log {wd}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {wd}/tmp; proxy_temp_path {wd}/tmp; fastcgi_temp_path {wd}/tmp;
-  uwsgi_temp_path {wd}/tmp; scgi_temp_path {wd}/tmp;
+NGINX_TLS_CONF = NGINX_FRAME.format(http="""  access_log off;
   server {{
     listen 127.0.0.1:{port} ssl;
     ssl_certificate {cert};
@@ -698,8 +691,7 @@ http {{
     ssl_protocols TLSv1.3;
     location / {{ return 200 "Hello, World!"; }}
   }}
-}}
-"""
+""")
 
 
 def tls_files(directory):
