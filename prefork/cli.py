@@ -411,6 +411,12 @@ def render_status(s) -> str:
     if tls and (tls["handshakes"] or tls["failures"]):
         failed = ", ".join(f"{k} {v}" for k, v in sorted(tls["failures"].items())) or "none"
         lines.append(f"tls: {tls['handshakes']} handshakes, {tls['open']} open; failed: {failed}")
+    http2 = totals.get("http2")
+    if http2 and http2["connections"]:
+        goaways = ", ".join(f"{k} {v}" for k, v in sorted(http2["goaways"].items())) or "none"
+        lines.append(f"http2: {http2['connections']} connections, {http2['open']} open, "
+                     f"{http2['streams']} streams, {http2['resets']} reset by clients; "
+                     f"goaway: {goaways}")
     for kind, state in s.get("logs", {}).items():
         if state["error"]:
             lines.append(f"log problem ({kind}): {state['error']}; "

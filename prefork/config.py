@@ -378,6 +378,10 @@ def _check_verify(value):
         'must be "none", "optional" or "required"'
 
 
+def _check_frame_size(value):
+    return None if 16384 <= value <= 16777215 else "must be 16384 to 16777215 (RFC 9113 6.5.2)"
+
+
 def _check_tls_version(value):
     return None if value in ("1.2", "1.3") else 'must be "1.2" or "1.3" (1.0 and 1.1 are refused)'
 
@@ -404,6 +408,31 @@ TLS 1.2 cipher suites in OpenSSL's syntax ("": forward-secret AEAD suites
 only, as Mozilla's intermediate profile).""")
 
 
+@dataclass(frozen=True)
+class Http2Config:
+    enabled: bool = _setting(True, doc="""\
+Offer HTTP/2 to TLS clients (ALPN "h2", preferred over "http/1.1"). Streams
+run on the app threads, so it needs [workers] threads > 1.""")
+    cleartext: bool = _setting(False, doc="""\
+Accept HTTP/2 with prior knowledge on plain listeners, from [proxy] trusted
+peers only (a proxy or load balancer that speaks h2c to its backends); any
+other client gets HTTP/1.1 (its preface is answered 505).""")
+    max_concurrent_streams: int = _setting(100, _check_positive, doc="""\
+Streams a client may have open at once on one connection.""")
+    max_worker_streams: int = _setting(1000, _check_positive, doc="""\
+Streams open at once in one worker, all connections together; past it new
+streams are refused (REFUSED_STREAM: the client may retry them).""")
+    initial_window: int = _setting(65535, _check_positive, doc="""\
+Flow-control window, in bytes, each stream starts with for its request body.""")
+    max_frame_size: int = _setting(16384, _check_frame_size, doc="""\
+Largest frame the client may send, in bytes (16384 to 16777215).""")
+    flood_budget: int = _setting(1000, _check_positive, doc="""\
+Frames that do no work (PING, SETTINGS, empty DATA, PRIORITY, streams the
+client resets) a connection may send, plus one per stream answered; past it
+the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed (rapid reset and
+the other floods).""")
+
+
 SECTIONS = {
     "server": ServerConfig,
     "http": HttpConfig,
@@ -414,6 +443,7 @@ SECTIONS = {
     "site": SiteConfig,
     "proxy": ProxyConfig,
     "tls": TlsConfig,
+    "http2": Http2Config,
 }
 
 
@@ -428,6 +458,7 @@ class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
     env: tuple = ()   # [env]: (name, value) pairs set in the workers before the app loads
     source: str = ""  # the config file this came from ("" = built-in defaults)
 
@@ -450,6 +481,11 @@ class Config:
         if self.status.health:
             parts.append(f"health at {self.status.health}")
         return ", ".join(parts)
+
+    @property
+    def speaks_h2(self) -> bool:
+        """HTTP/2 is offered: enabled, and app threads to run its streams."""
+        return self.http2.enabled and self.workers.threads > 1
 
     @property
     def control_socket(self) -> str:

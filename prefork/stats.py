@@ -41,6 +41,9 @@ class StatsDelta:
     lost_lines: int = 0           # log lines dropped during a Manager outage
     evicted: int = 0              # connections closed to make room for new ones
     tls: tuple = (0, (), 0)       # TLS: handshakes done, ((failure reason, count), ...), open (a gauge)
+    # HTTP/2: connections, streams, streams the client reset, ((GOAWAY reason, count), ...),
+    # connections open (a gauge)
+    http2: tuple = (0, 0, 0, (), 0)
 
 
 class WorkerStats:
@@ -62,6 +65,10 @@ class WorkerStats:
         self.evicted = 0
         self.tls_handshakes = 0
         self.tls_failures = {}   # reason -> count (tls.failure_reason)
+        self.http2_connections = 0
+        self.http2_streams = 0
+        self.http2_resets = 0
+        self.http2_goaways = {}  # reason (http/http2.py REASONS) -> count
         self.histogram = [0] * (len(BUCKETS) + 1)
         self.duration_sum = 0.0
 
@@ -88,7 +95,7 @@ class WorkerStats:
         return now - self._last_ship >= interval
 
     def take_delta(self, now: float, open_connections: int = 0, lost_lines: int = 0,
-                   tls_open: int = 0) -> StatsDelta:
+                   tls_open: int = 0, http2_open: int = 0) -> StatsDelta:
         statuses = self.statuses
         # One definition everywhere: a request is a response sent, the app's or
         # the parser's refusal (rejected, a part of it: 400, 408, 431...), so
@@ -98,7 +105,9 @@ class WorkerStats:
                            self.connections_accepted, self.app_exceptions, self.rejected,
                            self.timeouts, tuple(self.histogram), self.duration_sum,
                            open_connections, lost_lines, self.evicted,
-                           (self.tls_handshakes, tuple(self.tls_failures.items()), tls_open))
+                           (self.tls_handshakes, tuple(self.tls_failures.items()), tls_open),
+                           (self.http2_connections, self.http2_streams, self.http2_resets,
+                            tuple(self.http2_goaways.items()), http2_open))
         self._last_ship = now
         self._reset()
         return delta
@@ -121,6 +130,10 @@ class Totals:
     evicted: int = 0         # connections closed to make room for new ones
     tls_handshakes: int = 0
     tls_failures: dict = field(default_factory=dict)   # reason -> count
+    http2_connections: int = 0
+    http2_streams: int = 0
+    http2_resets: int = 0
+    http2_goaways: dict = field(default_factory=dict)  # reason -> count
 
     def recover(self, requests: int) -> None:
         """Requests counted from a dead worker's slot: in the requests, their
@@ -143,6 +156,12 @@ class Totals:
         self.tls_handshakes += handshakes
         for reason, count in failures:
             self.tls_failures[reason] = self.tls_failures.get(reason, 0) + count
+        connections, streams, resets, goaways, _ = delta.http2
+        self.http2_connections += connections
+        self.http2_streams += streams
+        self.http2_resets += resets
+        for reason, count in goaways:
+            self.http2_goaways[reason] = self.http2_goaways.get(reason, 0) + count
         for i, count in enumerate(delta.histogram):
             self.histogram[i] += count
         self.duration_sum += delta.duration_sum

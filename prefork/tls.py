@@ -22,6 +22,7 @@ DEFAULT_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
                    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384")
 ALPN = ["http/1.1"]
+ALPN_H2 = ["h2", "http/1.1"]   # h2 first: chosen when the client offers both
 EXPIRY_WARNING_DAYS = 14
 DN_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
             "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
@@ -32,8 +33,9 @@ class TlsError(Exception):
     """One readable line: which setting, what is wrong."""
 
 
-def server_context(tls) -> ssl.SSLContext:
-    """The SSLContext for [tls] (config.TlsConfig), or TlsError."""
+def server_context(tls, http2: bool = False) -> ssl.SSLContext:
+    """The SSLContext for [tls] (config.TlsConfig), or TlsError; http2:
+    offer h2 by ALPN."""
     if not tls.certfile:
         raise TlsError("certfile: an https:// listener needs a certificate")
     if tls.verify_client != "none" and not tls.ca_certs:
@@ -63,7 +65,7 @@ def server_context(tls) -> ssl.SSLContext:
             raise TlsError(f"ca_certs: cannot load {tls.ca_certs}: "
                            f"{getattr(exc, 'strerror', None) or exc}") from None
     ctx.verify_mode = VERIFY[tls.verify_client]
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(ALPN_H2 if http2 else ALPN)
     return ctx
 
 

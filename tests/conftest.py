@@ -50,7 +50,8 @@ def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
         time.sleep(interval)
 
 
-def write_config(directory, app="tests.apps.basic:app", workers=2, extra="", logging=""):
+def write_config(directory, app="tests.apps.basic:app", workers=2, extra="", logging="",
+                 bind='["127.0.0.1:0"]'):
     # [server] base is the temp directory; the tests' apps import from ROOT.
     # The tests watch the status endpoint, which a user's app gets when asked for.
     if "[status]\nenabled" in extra:
@@ -61,7 +62,7 @@ def write_config(directory, app="tests.apps.basic:app", workers=2, extra="", log
         extra += "\n[status]\nenabled = true\n"
     text = f"""
 [server]
-bind = ["127.0.0.1:0"]
+bind = {bind}
 workers = {workers}
 app = "{app}"
 pythonpath = ["{ROOT}"]

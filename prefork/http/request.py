@@ -219,6 +219,9 @@ class RequestReader:
             raise BadRequest("invalid method") from None
         if isinstance(exc, httptools.HttpParserError):
             text = str(exc)
+            if "PRI/Upgrade" in text:   # HTTP/2's preface from a client not allowed it
+                raise VersionNotSupported("HTTP/2 with prior knowledge (accepted only with "
+                                          "[http2] cleartext, from [proxy] trusted peers)")
             if "invalid `Transfer-Encoding`" in text:
                 # A transfer coding we cannot decode (RFC 9112 6.1: 501).
                 raise UnsupportedTransferCoding(text) from None

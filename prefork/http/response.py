@@ -168,6 +168,35 @@ class ResponseFraming:
         self.headers_sent = True
         return head + self.end()
 
+    def h2_fields(self, fixed: list) -> list:
+        """The head as HTTP/2 fields (RFC 9113 8.3.2: :status first, names in
+        lower case), for a stream whose body goes in DATA frames: decides
+        body_ok and the length the body may take, as head() does. fixed:
+        the server and date fields."""
+        if not self.status_line:
+            raise AppError("app returned without calling start_response")
+        code = self.status_code
+        fields = [(b":status", b"%d" % code)]
+        fields += fixed
+        if self.lines:
+            for line in self.lines.split(b"\r\n"):
+                if line:
+                    name, _, value = line.partition(b":")
+                    name = name.lower()
+                    if name != b"proxy-connection":   # connection-specific (RFC 9113 8.2.2)
+                        fields.append((name, value.strip()))
+        length = self.content_length
+        if code in NO_BODY_STATUSES:
+            self.body_ok = False
+        else:
+            if length is not None:
+                fields.append((b"content-length", b"%d" % length))
+                self.remaining = length
+            if self.method == "HEAD":
+                self.body_ok = False
+        self.headers_sent = True
+        return fields
+
     def file_length(self, available: int) -> int:
         """A file of `available` bytes is the body (sent by sendfile): its
         length is the Content-Length, cut to the one the app declared."""

@@ -64,6 +64,7 @@ class Master:
         self.rates = RateWindow()
         self.open_connections = {}      # pid -> latest gauge from its delta
         self.tls_open = {}              # pid -> its TLS connections, the same way
+        self.http2_open = {}            # pid -> its HTTP/2 connections, the same way
         self.reported = {}              # pid -> app requests its deltas reported
         self.ledger = LineLedger()      # log lines lost in an outage, wherever they were
         self.last_publish = 0.0
@@ -274,6 +275,7 @@ class Master:
             self.ledger.prune(self.pool.workers)
             self.open_connections.pop(gone.rec.pid, None)
             self.tls_open.pop(gone.rec.pid, None)
+            self.http2_open.pop(gone.rec.pid, None)
             if gone.boot_failure is not None:
                 self.on_boot_failure(gone)
 
@@ -435,6 +437,7 @@ class Master:
             if self.pool.get(delta.pid) is not None:
                 self.open_connections[delta.pid] = delta.open_connections
                 self.tls_open[delta.pid] = delta.tls[2]
+                self.http2_open[delta.pid] = delta.http2[4]
         batches = self.channels.drain_logs()
         for kind, text, pid, before in batches:
             if self.ledger.admit(pid, kind, before, text.count("\n")):
@@ -481,7 +484,8 @@ class Master:
                     open_connections=self.open_connections, rates=self.rates.rates(),
                     logs=self.files.describe() if self.files else {},
                     manager=self.channels.describe() if self.channels else {},
-                    reported=self.reported, tls_open=sum(self.tls_open.values()))
+                    reported=self.reported, tls_open=sum(self.tls_open.values()),
+                    http2_open=sum(self.http2_open.values()))
 
     def snapshot(self) -> dict:
         self.now = time.monotonic()

@@ -52,7 +52,7 @@ class Generation:
         files changed since config.load checked them."""
         context = None
         if any(is_tls(bind) for bind in config.server.bind):
-            context = server_context(config.tls)
+            context = server_context(config.tls, config.speaks_h2)
             warning = expiry_warning(config.tls.certfile)
             if warning:
                 log.warning("tls: %s", warning)

@@ -43,6 +43,7 @@ class View:
     manager: dict            # the Manager channel: pid, restarts, state
     reported: dict           # pid -> app requests its deltas have reported
     tls_open: int = 0        # TLS connections open, as the workers last reported
+    http2_open: int = 0      # HTTP/2 connections open, the same way
 
 
 HISTORY_POINTS = 300   # samples of the traffic charts: 5 minutes at the default interval
@@ -139,6 +140,9 @@ class SnapshotBuilder:
                 "evicted": totals.evicted,
                 "tls": {"handshakes": totals.tls_handshakes, "failures": totals.tls_failures,
                         "open": view.tls_open},
+                "http2": {"connections": totals.http2_connections, "open": view.http2_open,
+                          "streams": totals.http2_streams, "resets": totals.http2_resets,
+                          "goaways": totals.http2_goaways},
             },
             "rates": view.rates,
             "latency": {

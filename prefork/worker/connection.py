@@ -88,6 +88,8 @@ class ConnectionHost(Protocol):
     def closed(self, conn: "Connection", received: int) -> None: ...
     def tls_failed(self, exc: Exception | None) -> str: ...
     def tls_ready(self, template: dict, sock) -> dict: ...
+    h2c: bool                  # [http2] cleartext (and HTTP/2 offered at all)
+    def speak_h2(self, conn: "Connection", template: dict, first: bytes) -> None: ...
 
 
 def believe_forwarding(environ, trusted):
@@ -110,7 +112,7 @@ def server_options(environ, start_response):
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
                  "events", "exchange", "close_after", "received", "refused", "believed", "preamble",
-                 "began", "progress", "send_began", "flushed", "stall_deadline", "tls")
+                 "began", "progress", "send_began", "flushed", "stall_deadline", "tls", "h2c")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -150,6 +152,8 @@ class Connection:
         self.tls = isinstance(sock, ssl.SSLSocket)
         if self.tls:
             self.state = HANDSHAKE
+        # HTTP/2 with prior knowledge: from trusted peers, on plain listeners.
+        self.h2c = host.h2c and self.believed and not self.tls
 
     # -- events from the worker loop ------------------------------------------
     def on_readable(self):
@@ -176,6 +180,10 @@ class Connection:
             data = self.take_preamble(data)
             if not data:
                 return
+        if self.h2c:   # the first bytes of a trusted peer's connection: HTTP/2's preface?
+            self.h2c = False
+            if data[:3] == b"PRI":
+                return self.host.speak_h2(self, self.reader.template, data)
         reader = self.reader
         was_in_message = reader.in_message
         try:
@@ -233,9 +241,11 @@ class Connection:
                 except OSError:
                     pass
             return self.close()
+        template = host.tls_ready(self.reader.template, self.sock)
+        if self.sock.selected_alpn_protocol() == "h2":
+            return host.speak_h2(self, template, b"")
         self.state = READING
-        self.reader = RequestReader(host.http, host.tls_ready(self.reader.template, self.sock),
-                                    Exchange, host.open_spool)
+        self.reader = RequestReader(host.http, template, Exchange, host.open_spool)
         self.want(EPOLLIN)
         self.on_readable()   # the request may have come with the handshake's last flight
 
@@ -342,8 +352,13 @@ class Connection:
         """A request is half-read, being answered, or its answer unsent."""
         return self.exchange is not None or self.reader.in_message or bool(self.out)
 
-    def cut_deadline(self, at: float) -> None:
-        self.deadline = min(self.deadline, at)
+    def wind_down(self, at: float) -> None:
+        """The worker stops gracefully: an idle keep-alive connection is closed
+        at `at`, not at once (under load its client is about to send the next
+        request, which would meet a reset; one that comes is answered with
+        Connection: close). Others close after their response."""
+        if self.idle():
+            self.deadline = min(self.deadline, at)
 
     # -- requests -----------------------------------------------------------
     def serve_ready(self):
@@ -512,9 +527,7 @@ class Connection:
         """One event of a remote exchange; True when it ended the exchange."""
         kind, value = ex.inbox.popleft()
         if kind is DATA:
-            ex.taken += len(value)
-            if ex.drained is not None and ex.pushed - ex.taken <= HIGH_WATER:
-                ex.drained.set()
+            ex.took(len(value))
             self.emit(value)
             if not ex.body_ok:
                 self.finish()

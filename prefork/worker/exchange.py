@@ -30,6 +30,7 @@ from ..http.request import Request
 from .wsgi import Response
 
 DATA, WHOLE, FILE, END, ERROR, PROBLEM = "data", "whole", "file", "end", "error", "problem"
+HIGH_WATER = 256 * 1024   # DATA bytes an app thread pushed and the loop has not taken, at most
 # What an inline app call did when it was found detached (threads.Detached).
 RESULT, CHUNK, STOP = "result", "chunk", "stop"
 
@@ -76,6 +77,13 @@ class Exchange(Request, Response):
         if self.status is None:
             raise AssertionError("write() called before start_response")
         outlet.push_data(self, data)
+
+    def took(self, size):
+        """The loop took size bytes of DATA: an app thread waiting past
+        HIGH_WATER may push on."""
+        self.taken += size
+        if self.drained is not None and self.pushed - self.taken <= HIGH_WATER:
+            self.drained.set()
 
     def cancel(self):
         """The loop ended this remote exchange: its app thread stops pushing."""

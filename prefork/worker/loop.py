@@ -48,6 +48,7 @@ from ..signals import DRAIN_SIGNAL, DUMP_SIGNAL, SignalInbox
 from ..sockets import queue_depth
 from ..stats import WorkerStats
 from .connection import Connection
+from .http2 import Http2Connection
 from .dispatch import Health, compose, load_app
 from .readycheck import run_ready_check
 from ..tls import environ_facts, failure_reason
@@ -115,6 +116,10 @@ class Worker:
         self.script_name = config.server.script_name
         self.trusted = Networks(config.proxy.trusted)
         self.proxy_protocol = config.proxy.proxy_protocol
+        self.http2 = config.http2        # [http2]: the streams' limits
+        self.h2c = config.http2.cleartext and config.speaks_h2
+        self.http2_streams = 0           # streams being answered, all connections together
+        self.http2_open = 0              # HTTP/2 connections
         self.draining = False            # health answers 503 ([workers] drain_time)
         self.server_name = config.http.server_header
         self.conns = {}
@@ -288,6 +293,8 @@ class Worker:
         self._date_until = time.monotonic() + (int(wall) + 1 - wall)
         self.date = http_date(wall)
         self.fixed_headers = f"Server: {self.server_name}\r\nDate: {self.date}\r\n".encode("latin-1")
+        self.fixed_fields = [(b"server", self.server_name.encode("latin-1")),
+                             (b"date", self.date.encode("latin-1"))]   # HTTP/2's
         self.access_log.set_time(wall)
 
     def accept(self, listener, everything=False):
@@ -438,7 +445,8 @@ class Worker:
             self.flush_logs()
             self.sink.ship_stats(self.stats.take_delta(
                 now, len(self.conns), self.sink.take_lost_lines(),
-                sum(1 for conn in self.conns.values() if conn.tls) if self.tls else 0))
+                sum(1 for conn in self.conns.values() if conn.tls) if self.tls else 0,
+                self.http2_open))
         if os.getppid() != self.master_pid:
             log.error("master %d is gone; worker %d exits", self.master_pid, os.getpid())
             self.exit(1)
@@ -470,12 +478,9 @@ class Worker:
         for sock in self.listeners.values():
             sock.close()
         self.listeners.clear()
-        # Idle keep-alive connections are not closed at once: under load their
-        # client is about to send the next request, which would meet a reset.
-        # A request arriving within the grace is answered with Connection: close.
-        for conn in self.conns.values():
-            if conn.idle():
-                conn.cut_deadline(self.now + IDLE_GRACE)
+        # Idle connections get IDLE_GRACE (see wind_down); HTTP/2 ones a GOAWAY.
+        for conn in list(self.conns.values()):
+            conn.wind_down(self.now + IDLE_GRACE)
 
     def cut_at_deadline(self):
         in_flight = sum(1 for c in self.conns.values() if c.in_flight())
@@ -521,6 +526,37 @@ class Worker:
         environ = dict(template)
         environ.update(environ_facts(sock))
         return environ
+
+    def speak_h2(self, conn, template, first):
+        """conn's client speaks HTTP/2 (ALPN h2, or the preface from a trusted
+        peer): an Http2Connection takes its socket, in its place."""
+        h2conn = Http2Connection(self, conn.sock, conn.remote, template, conn.believed)
+        self.conns[conn.fd] = h2conn
+        h2conn.events = conn.events
+        h2conn.start(first)
+
+    def http2_opened(self):
+        self.stats.http2_connections += 1
+        self.http2_open += 1
+
+    def http2_closed(self):
+        self.http2_open -= 1
+
+    def http2_stream(self, began):
+        """A stream begins to be answered (began) or ends: the worker's cap
+        ([http2] max_worker_streams) counts the ones open."""
+        if began:
+            self.http2_streams += 1
+            self.stats.http2_streams += 1
+        else:
+            self.http2_streams -= 1
+
+    def http2_resets(self, count):
+        self.stats.http2_resets += count
+
+    def http2_goaway(self, reason):
+        goaways = self.stats.http2_goaways
+        goaways[reason] = goaways.get(reason, 0) + 1
 
     def closed(self, conn, received):
         self.stats.bytes_in += received

@@ -174,6 +174,18 @@ def prometheus(s) -> str:
             "TLS handshakes that failed, by reason (plain_http, protocol_version, "
             "client_certificate, no_shared_cipher, timeout, reset, other).",
             [({"reason": k}, v) for k, v in sorted(tls.get("failures", {}).items())])
+    http2 = totals.get("http2", {})
+    for key, help_text in (("connections", "HTTP/2 connections (ALPN h2 or cleartext)."),
+                           ("streams", "HTTP/2 streams answered or being answered."),
+                           ("resets", "HTTP/2 streams the client reset (RST_STREAM).")):
+        _metric(lines, f"prefork_http2_{key}_total", "counter", help_text,
+                [({}, http2.get(key, 0))])
+    _metric(lines, "prefork_http2_goaways_total", "counter",
+            "GOAWAY frames sent, by reason (no_error: a graceful end; flood, "
+            "protocol_error, compression_error...: the connection was cut).",
+            [({"reason": k}, v) for k, v in sorted(http2.get("goaways", {}).items())])
+    _metric(lines, "prefork_http2_connections_open", "gauge", "Open HTTP/2 connections.",
+            [({}, http2.get("open", 0))])
     _metric(lines, "prefork_connections_open", "gauge", "Open client connections.",
             [({}, totals["connections_open"])])
     cumulative = 0

@@ -56,8 +56,8 @@ import traceback
 from typing import Protocol
 
 from ..http.errors import AppError, HttpError
-from .exchange import (CHUNK, DATA, END, ERROR, FILE, PROBLEM, RESULT, STOP, WHOLE, ClientGone,
-                       app_error)
+from .exchange import (CHUNK, DATA, END, ERROR, FILE, HIGH_WATER, PROBLEM, RESULT, STOP, WHOLE,
+                       ClientGone, app_error)
 from .wsgi import FileWrapper
 
 CHECK = 0.005           # seconds between the sentinel's looks while requests flow
@@ -67,7 +67,6 @@ SLOW = 0.005            # an app call this long makes the worker offload
 HOLD = 2.0              # seconds offloaded after the last slow call
 IDLE_SECONDS = 10.0     # app threads unused this long retire, one per RETIRE_EVERY
 RETIRE_EVERY = 1.0
-HIGH_WATER = 256 * 1024   # bytes pushed and not yet taken by the loop, at most
 LEAD, RETIRE = "lead", "retire"   # jobs: lead the loop; end this thread
 RUN = "run"             # Detached: the loop's thread runs an offloaded call
 log = logging.getLogger("prefork.worker")

@@ -179,7 +179,7 @@ def build_environ(request, remote: tuple = ("", "")) -> dict:
     if query:
         environ["QUERY_STRING"] = query
     if request.version != "1.1":
-        environ["SERVER_PROTOCOL"] = "HTTP/1.0"
+        environ["SERVER_PROTOCOL"] = "HTTP/" + request.version   # 1.0, or 2 (a stream)
     if "CONTENT_LENGTH" in environ:   # a body came (the reader sets it for a chunked one)
         if request.body_file is not None:
             environ["wsgi.input"] = request.body_file

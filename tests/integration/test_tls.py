@@ -165,7 +165,7 @@ def test_tls_1_1_is_refused_and_1_3_is_offered(pki, tmpdir_short):
                 with old.wrap_socket(raw, server_hostname="127.0.0.1"):
                     pass
         new = client_context(paths)
-        new.set_alpn_protocols(["h2", "http/1.1"])
+        new.set_alpn_protocols(["http/1.1"])   # (h2, offered too: test_http2.py)
         with socket.create_connection(("127.0.0.1", server.tls_port), timeout=10) as raw:
             with new.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                 assert tls.version() == "TLSv1.3"

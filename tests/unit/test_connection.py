@@ -29,6 +29,7 @@ class FakeHost:
         self.script_name = http.pop("script_name", "")
         self.trusted = Networks(http.pop("trusted", ()))
         self.proxy_protocol = http.pop("proxy_protocol", False)
+        self.h2c = False
         self.http = HttpConfig(**http)
         self.spooled = []
         self.templates = None
