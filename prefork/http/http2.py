@@ -51,6 +51,11 @@ REASONS = {NO_ERROR: "no_error", PROTOCOL_ERROR: "protocol_error", INTERNAL_ERRO
 HPACK_ENTRY_OVERHEAD = 32   # RFC 7541 4.1: what each field costs in the list size
 
 
+class StreamGone(Exception):
+    """h2 refuses to send on the stream: the client reset it, or the
+    connection is closed (h2 sends nothing after a GOAWAY it received)."""
+
+
 class Limits(Protocol):
     """[http]'s bounds (config.HttpConfig) that a stream's request obeys too."""
     max_request_line: int
@@ -107,7 +112,7 @@ class Http2Session:
         self.cancelled: list = []
         self.widened = False
         self.failed: str | None = None
-        self.peer_closed = False           # the client sent GOAWAY: no new streams from it
+        self.peer_closed = False           # the client sent GOAWAY: h2 sends nothing more
         self.last_stream = 0               # the highest stream id we took (GOAWAY names it)
         self.goaway_sent = False
         self.after = b""                   # our own frame (the graceful GOAWAY), sent after h2's
@@ -332,8 +337,12 @@ class Http2Session:
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
             return 0
 
+    # (respond, send and end raise StreamGone where h2 refuses to send.)
     def respond(self, stream_id: int, fields: list, end: bool) -> None:
-        self.h2.send_headers(stream_id, fields, end_stream=end)
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=end)
+        except h2.exceptions.ProtocolError as exc:   # StreamClosedError is one
+            raise StreamGone(stream_id) from exc
 
     def send(self, stream_id: int, data, end: bool = False) -> None:
         """data: at most room(stream_id) bytes; sent in frames of the size
@@ -341,19 +350,25 @@ class Http2Session:
         conn = self.h2
         size = conn.max_outbound_frame_size
         view = memoryview(data)
-        while len(view) > size:
-            conn.send_data(stream_id, view[:size].tobytes())
-            view = view[size:]
-        conn.send_data(stream_id, view.tobytes(), end_stream=end)
+        try:
+            while len(view) > size:
+                conn.send_data(stream_id, view[:size].tobytes())
+                view = view[size:]
+            conn.send_data(stream_id, view.tobytes(), end_stream=end)
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamGone(stream_id) from exc
 
     def end(self, stream_id: int) -> None:
-        self.h2.end_stream(stream_id)
+        try:
+            self.h2.end_stream(stream_id)
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamGone(stream_id) from exc
 
     def reset(self, stream_id: int, code=CANCEL) -> None:
         try:
             self.h2.reset_stream(stream_id, code)
-        except h2.exceptions.StreamClosedError:
-            pass
+        except h2.exceptions.ProtocolError:
+            pass   # closed already: nothing to reset
 
     def go_away(self, code=NO_ERROR) -> None:
         """GOAWAY naming the last stream taken. A graceful one (NO_ERROR) is

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import traceback
 
-from ..http.errors import AppError
+from ..http.errors import AppError, HttpError
 from ..http.request import Request
 from .wsgi import Response
 
@@ -44,6 +44,54 @@ def app_error() -> AppError:
     """The exception being handled in app code, as the AppError that answers
     it; its traceback is the detail the loop logs."""
     return AppError(traceback.format_exc().rstrip())
+
+
+def call_claimed(host, ex, app):
+    """The app's call for ex on the loop's thread, claimed in host.claims
+    while it runs (threads.py: the sentinel may take the claim, and then
+    host.detached raises threads.Detached here, once the call returns).
+    -> its result; an HttpError (an AppError for any other exception) once
+    the claim is given up."""
+    claims = host.claims
+    claims.append(ex)
+    try:
+        result = app(ex.environ, ex)
+    except HttpError as exc:
+        host.leave_app(ex, ERROR, exc)
+        raise
+    except Exception:
+        error = app_error()
+        host.leave_app(ex, ERROR, error)
+        raise error from None
+    try:
+        claims.remove(ex)
+    except ValueError:   # the sentinel took the claim: this thread is an app thread now
+        host.detached(ex, RESULT, result)
+    return result
+
+
+def next_claimed(host, ex):
+    """The next chunk of ex's iterator, claimed as the call is (StopIteration
+    at its end, ClientGone passed on, anything else as an AppError)."""
+    claims = host.claims
+    claims.append(ex)
+    try:
+        data = next(ex.iterator)
+    except (StopIteration, ClientGone):
+        host.leave_app(ex, STOP, None)
+        raise
+    except AppError as exc:
+        host.leave_app(ex, ERROR, exc)
+        raise
+    except Exception:
+        error = app_error()
+        host.leave_app(ex, ERROR, error)
+        raise error from None
+    try:
+        claims.remove(ex)
+    except ValueError:
+        host.detached(ex, CHUNK, data)
+    return data
 
 
 class Exchange(Request, Response):

@@ -29,11 +29,14 @@ import ssl
 import stat
 
 from ..http.errors import AppError, HttpError, RequestTimeout
-from ..http.http2 import CANCEL, INTERNAL_ERROR, NO_ERROR, REFUSED_STREAM, Http2Session
+from ..http.http2 import (CANCEL, INTERNAL_ERROR, NO_ERROR, REFUSED_STREAM, Http2Session,
+                          StreamGone)
 from .connection import (HIGH_WATER, LINGER_SECONDS, NEVER, WOULD_BLOCK, believe_forwarding,
                          server_options)
-from .exchange import DATA, END, ERROR, FILE, PROBLEM, WHOLE, ClientGone, Exchange
-from .wsgi import build_environ
+from .exchange import (DATA, END, ERROR, FILE, PROBLEM, WHOLE, ClientGone, Exchange,
+                       call_claimed, next_claimed)
+from .threads import sendable
+from .wsgi import FileWrapper, build_environ
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 RECV_SIZE = 65536
@@ -69,6 +72,10 @@ class Stream:
         """Its app code went to an app thread: the connection reads on (other
         streams go on meanwhile)."""
 
+    def write(self, data):
+        """PEP 3333 write() of an inline call (a remote one pushes)."""
+        return self.conn.write(self, data)
+
     def on_mail(self):
         self.conn.on_mail(self)
 
@@ -85,6 +92,7 @@ class Http2Connection:
                                     host.open_spool)
         self.streams: dict = {}
         self.starved: dict = {}        # streams waiting for flow-control window
+        self.backlogged: dict = {}     # streams with more to send once the output drains
         self.out: list = []
         self.out_size = 0
         self.events = EPOLLIN          # as the worker registered it
@@ -172,15 +180,18 @@ class Http2Connection:
             self.closing = True
             self.push_output()
             return self.close_when_done(now=True)
-        if session.peer_closed:
+        if session.peer_closed:   # h2 sends nothing after the client's GOAWAY: the end
             self.closing = True
-        if session.widened or self.starved and self.out_size < HIGH_WATER:
+            return self.close_when_done(now=True)
+        if (session.widened and self.starved or self.backlogged) \
+                and self.out_size < HIGH_WATER:
             session.widened = False
-            for stream in list(self.starved.values()):
+            for stream in list(self.starved.values()) + list(self.backlogged.values()):
                 self.pump(stream)
-        self.push_output()
         self.settle()
         self.serve_ready()
+        self.push_output()
+        self.settle()
         self.settle_events()
 
     def serve_ready(self):
@@ -191,7 +202,6 @@ class Http2Connection:
             if host.http2_streams >= host.http2.max_worker_streams:
                 session.reset(ex.stream_id, REFUSED_STREAM)   # the client may retry it
                 session.close_body(ex)
-                self.push_output()
                 continue
             stream = self.streams[ex.stream_id] = Stream(self, ex)
             host.http2_stream(True)
@@ -209,11 +219,44 @@ class Http2Connection:
         except HttpError as exc:
             return self.fail(stream, exc)
         app = host.app if ex.target != b"*" else server_options
-        self.push_output()
-        self.settle_events()
-        # A seat free: this thread runs the call and hands the loop over
-        # (threads.Detached unwinds these frames); else the stream waits.
-        host.threads.offload(stream, ex, app)
+        self.before_app()
+        if host.offloading:
+            # A seat free: this thread runs the call and hands the loop over
+            # (threads.Detached unwinds these frames); else the stream waits.
+            return host.threads.offload(stream, ex, app)
+        # Inline, claimed as an HTTP/1.1 request's call is: one that runs long
+        # is detached by the sentinel (threads.py) and goes on as a remote one.
+        try:
+            result = call_claimed(host, ex, app)
+        except HttpError as exc:
+            return self.fail(stream, exc)
+        try:
+            if type(result) is list or type(result) is tuple:
+                self.whole(stream, result)
+            elif isinstance(result, FileWrapper) and sendable(result):
+                self.open_file(stream, result)
+            else:
+                ex.result = result
+                try:
+                    ex.iterator = iter(result)
+                except TypeError:
+                    raise AppError(f"app returned {type(result).__name__}, "
+                                   "not an iterable of bytes") from None
+        except AppError as exc:
+            return self.fail(stream, exc)
+        except StreamGone:
+            return self.end_exchange(stream, 499)
+        self.pump(stream)
+        self.queue_output()
+
+    def before_app(self):
+        """App code is about to run on the loop's thread, which a detach (or
+        an offload) may take away: what is framed goes out now, and work
+        left for later (requests not yet served, streams waiting for window)
+        is marked for the next leader (EPOLLOUT fires at its first poll)."""
+        self.queue_output()
+        if self.out or self.session.ready or self.starved:
+            self.want(self.events | EPOLLOUT)
 
     # -- a stream's answer ---------------------------------------------------------
     def on_mail(self, stream):
@@ -228,10 +271,20 @@ class Http2Connection:
     def pump(self, stream):
         """Move the stream's response on: pending bytes as the window allows,
         then its app thread's events, while the output has room."""
-        ex = stream.exchange
-        if ex is None:
+        if stream.exchange is None:
             return
-        while self.out_size < HIGH_WATER:
+        try:
+            self.move(stream)
+        except StreamGone:   # the client reset it meanwhile
+            self.end_exchange(stream, 499)
+
+    def move(self, stream):
+        ex = stream.exchange
+        self.backlogged.pop(stream.id, None)
+        while True:
+            if self.out_size >= HIGH_WATER:
+                self.backlogged[stream.id] = stream   # on when flush makes room
+                return
             if stream.pending or stream.finished:
                 if not self.send_pending(stream):
                     return   # starved of window, or done
@@ -241,6 +294,27 @@ class Http2Connection:
                     return
                 continue
             inbox = ex.inbox
+            if inbox is None:   # inline: the loop pulls the app's iterator itself
+                if ex.iterator is None:
+                    return
+                self.before_app()
+                try:
+                    data = next_claimed(self.host, ex)
+                except StopIteration:
+                    self.head(stream)
+                    if stream.exchange is None:
+                        return   # a response without a body: ended with its head
+                    stream.finished = True
+                    continue
+                except AppError as exc:
+                    return self.fail(stream, exc)
+                try:
+                    self.body(stream, data)
+                except AppError as exc:
+                    return self.fail(stream, exc)
+                if stream.exchange is None:
+                    return
+                continue
             if not inbox:
                 return   # the app thread has not said more yet
             kind, value = inbox.popleft()
@@ -263,6 +337,31 @@ class Http2Connection:
                 return self.fail(stream, exc)
             if stream.exchange is None:
                 return
+
+    def write(self, stream, data):
+        """PEP 3333 write() of an inline call: framed now; past HIGH_WATER of
+        bytes the client has not taken, the call detaches (it goes on as an
+        app thread's, whose pushes wait) and another thread leads."""
+        ex = stream.exchange
+        if ex is None or ex.status is None:
+            raise AssertionError("write() called before start_response")
+        host = self.host
+        try:
+            host.claims.remove(ex)   # out of app code while the connection works
+        except ValueError:           # detached meanwhile: remote from here
+            host.threads.settle()
+            return ex.write(data)
+        try:
+            self.body(stream, data)
+            self.move(stream)
+        except StreamGone:
+            raise ClientGone() from None
+        self.push_output()
+        if stream.exchange is None:
+            raise ClientGone()
+        if self.out_size + sum(map(len, stream.pending)) >= HIGH_WATER:
+            return host.threads.detach_self(ex)
+        host.claims.append(ex)
 
     def head(self, stream):
         """HEADERS, once: end_stream when no body may follow."""
@@ -421,7 +520,7 @@ class Http2Connection:
             else:
                 session.respond(stream_id, fields, False)
                 session.send(stream_id, page[:session.room(stream_id)], True)
-        except Exception:   # the stream is gone (the client reset it): nothing to answer
+        except StreamGone:   # the client reset it: nothing to answer
             pass
 
     def reset(self, stream, code, status):
@@ -435,6 +534,7 @@ class Http2Connection:
         stream.exchange = None
         stream.pending.clear()
         self.unstarve(stream)
+        self.backlogged.pop(stream.id, None)
         self.streams.pop(stream.id, None)
         host = self.host
         host.http2_stream(False)
@@ -452,33 +552,26 @@ class Http2Connection:
         host.end_request(ex, status, 0)
 
     # -- output ---------------------------------------------------------------------
-    def push_output(self):
+    def queue_output(self):
+        """What the session framed, into the output queue (sent by flush: the
+        responses of one read's streams go out in one write)."""
         data = self.session.output()
         if data and self.state == OPEN:
+            self.out.append(data)
+            self.out_size += len(data)
+
+    def push_output(self):
+        self.queue_output()
+        if self.out:
             try:
-                self.send(data)
+                self.flush()
             except ClientGone:
                 self.close()
 
-    def send(self, data):
-        if self.out:
-            self.out.append(data)
-            self.out_size += len(data)
-        else:
-            try:
-                sent = self.sock.send(data)
-            except WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                raise ClientGone() from exc
-            if sent < len(data):
-                self.out.append(memoryview(data)[sent:])
-                self.out_size += len(data) - sent
-                self.progress_at = self.host.now
-        self.settle_events()
-
     def flush(self):
         out = self.out
+        if len(out) > 1:
+            out[:] = [b"".join(out)]   # one write (with TLS: one record) for all of it
         while out:
             try:
                 sent = self.sock.send(out[0])
@@ -504,8 +597,8 @@ class Http2Connection:
             return
         events = 0 if self.out_size >= HIGH_WATER or self.closing and not self.streams \
             else EPOLLIN
-        if self.out or self.session.ready:
-            events |= EPOLLOUT   # (ready requests: the next leader serves them)
+        if self.out or self.session.ready or self.backlogged:
+            events |= EPOLLOUT   # (requests or bytes waiting: on at the next poll)
         if not events:
             events = EPOLLOUT   # (never out of the poller: the deadline still rules)
         self.want(events)
