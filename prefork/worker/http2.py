@@ -180,9 +180,12 @@ class Http2Connection:
             self.closing = True
             self.push_output()
             return self.close_when_done(now=True)
-        if session.peer_closed:   # h2 sends nothing after the client's GOAWAY: the end
-            self.closing = True
-            return self.close_when_done(now=True)
+        if session.peer_closed:
+            # The client's GOAWAY: h2 sends nothing more, and the client reads
+            # nothing more, so there is nothing to linger for (a lingering
+            # connection would also count against this worker's fair share of
+            # the client's next connections).
+            return self.close()
         if (session.widened and self.starved or self.backlogged) \
                 and self.out_size < HIGH_WATER:
             session.widened = False

@@ -126,6 +126,29 @@ def parse_wrk(out):
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
+def run_h2load(url, duration, connections, streams=10):
+    """h2load's figures with wrk's keys; it reports no percentiles: p50 is
+    its mean and p99 its maximum."""
+    # -N: a connection that sees nothing for 5 s is given up (counted failed):
+    # a server that leaves connections waiting for a thread would hang the run.
+    try:
+        out = subprocess.run(["h2load", "-D", str(duration), "-N", "5", "-c", str(connections),
+                              "-m", str(streams), url],
+                             capture_output=True, text=True, timeout=duration + 30).stdout
+    except subprocess.TimeoutExpired:   # connections left waiting without end: none done
+        out = ""
+    rps = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
+    counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    latency = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)"
+                        r"\s+([\d.]+)(us|ms|s)", out)
+    if not rps or not counts or not latency:
+        return {"rps": 0.0, "requests": 0, "p50": 0.0, "p99": 0.0, "errors": 1}
+    return {"rps": float(rps.group(1)), "requests": int(counts.group(1)),
+            "p50": float(latency.group(5)) * UNITS[latency.group(6)],
+            "p99": float(latency.group(3)) * UNITS[latency.group(4)],
+            "errors": int(counts.group(2)) + int(counts.group(3))}
+
+
 def worker_memory(root_pid) -> tuple:
     """Median (RSS, USS) in MiB of the server's worker processes: the children
     of the process we started (itself the master), less prefork's Manager.
@@ -166,7 +189,7 @@ def server_cpu(root_pid) -> float:
     return total
 
 
-def side_by_side(args, commands, path="/", prepare=None, wrk_args=()):
+def side_by_side(args, commands, path="/", prepare=None, wrk_args=(), load=None):
     """commands: name -> (argv, base url). All servers are started at once
     (an idle server costs the others nothing) and their wrk runs rotate:
     round r starts with the r-th server. Measured here, whichever server ran
@@ -175,7 +198,11 @@ def side_by_side(args, commands, path="/", prepare=None, wrk_args=()):
     req/s and latency: CPU per request (the whole process tree), which
     contention for the two cores distorts far less than throughput.
     prepare, if given, is called with {name: (process, url)} once all answer;
-    wrk_args go to every wrk run (a header, say)."""
+    wrk_args go to every wrk run (a header, say). load(url, duration) runs
+    another load generator instead of wrk (h2load), with wrk's result keys."""
+    if load is None:
+        def load(url, duration):
+            return run_wrk(url, duration, extra=wrk_args)
     servers, results = {}, {}
     try:
         for name, (command, url) in commands.items():
@@ -193,15 +220,21 @@ def side_by_side(args, commands, path="/", prepare=None, wrk_args=()):
                     print(f"  ({name} failed: {exc}: {fh.read()[-600:]})")
                 continue
             results[name] = {"memory": worker_memory(proc.pid), "runs": [], "cpu_us": []}
-            run_wrk(url, 1, extra=wrk_args)   # warm-up
+            load(url, 1)   # warm-up
         names = list(results)
+        if not names:
+            return {}
+        # The warm-up's connections close before the runs open theirs: a worker
+        # still counting its warm-up connections leaves the run's first burst
+        # to its peers (seen with h2load's 8 connections: all on one worker).
+        time.sleep(1)
         if prepare is not None:
             prepare({name: servers[name][:2] for name in names})
         for round_number in range(args.runs):
             for name in names[round_number % len(names):] + names[:round_number % len(names)]:
                 proc, url, _ = servers[name]
                 before = server_cpu(proc.pid)
-                measured = run_wrk(url, args.duration, extra=wrk_args)
+                measured = load(url, args.duration)
                 used = server_cpu(proc.pid) - before
                 results[name]["cpu_us"].append(used / max(1, measured["requests"]) * 1e6)
                 results[name]["runs"].append(measured)
@@ -243,6 +276,9 @@ def print_table(title, results, reference="prefork"):
           f"{'USS':>7}{'prefork x':>11}{'CPU x':>7}  runs")
     ref = results.get(reference)
     for name, r in results.items():
+        if not r["rps"]:
+            print(f"{name:<18}{'none answered':>27}  {r['runs']}")
+            continue
         ratio = f"{ref['rps'] / r['rps']:.2f}x" if ref and r["rps"] else "-"
         cpu_ratio = f"{r['cpu_us'] / ref['cpu_us']:.2f}x" if ref and ref["cpu_us"] else "-"
         note = f"  ({r['errors']} non-2xx)" if r["errors"] else ""
@@ -748,6 +784,115 @@ def compare_tls(args, stalled=2000):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def merged_runs(tables):
+    """Tables of one run each (side_by_side), as one: the medians of the runs."""
+    merged = {}
+    for name in dict.fromkeys(name for table in tables for name in table):
+        rows = [table[name] for table in tables if name in table]
+        merged[name] = {key: statistics.median(row[key] for row in rows)
+                        for key in ("rps", "p50", "p99", "cpu_us", "idle_rss", "idle_uss")}
+        merged[name].update(errors=sum(row["errors"] for row in rows),
+                            runs=[run for row in rows for run in row["runs"]])
+    return merged
+
+
+def compare_h2(args):
+    """Hello world over HTTP/2 (h2load -m10: ten streams at once per
+    connection), over TLS (ALPN) and in cleartext (prior knowledge), with 8
+    and 50 connections, against gunicorn's gthread worker (8 threads, its
+    HTTP/2 is h2 too) and granian."""
+    if not shutil.which("h2load"):
+        print("\nHTTP/2: skipped (h2load, Debian's nghttp2-client, is not installed)")
+        return
+    import urllib3
+    urllib3.disable_warnings()
+    parent = tempfile.mkdtemp(prefix="pfcfg")
+    cert, key = tls_files(parent)
+    try:
+        for tls in (True, False):
+            commands = {}
+            port = free_port()
+            workdir = server_dir(parent, f"prefork-{tls}")
+            scheme = "https" if tls else "http"
+            extra = (f'[tls]\ncertfile = "{cert}"\nkeyfile = "{key}"\n' if tls else
+                     '[http2]\ncleartext = true\n[proxy]\ntrusted = ["127.0.0.1/32"]\n')
+            commands["prefork"] = (prefork_command(APPS["hello"], port, workdir,
+                                                   log_section(workdir) + extra,
+                                                   scheme="https://" if tls else ""),
+                                   f"{scheme}://127.0.0.1:{port}")
+            port = free_port()
+            commands["gunicorn-gthread"] = (SERVERS["gunicorn-gthread"](APPS["hello"], port, "") + (
+                ["--http-protocols", "h2,h1", "--certfile", cert, "--keyfile", key] if tls else
+                ["--http-protocols", "h2,h1", "--http2-cleartext", "both"]),   # (HTTP/1.1 too)
+                f"{scheme}://127.0.0.1:{port}")
+            port = free_port()
+            commands["granian"] = (SERVERS["granian"](APPS["hello"], port, "") + ["--http", "auto"] + (
+                ["--ssl-certificate", cert, "--ssl-keyfile", key] if tls else []),
+                f"{scheme}://127.0.0.1:{port}")
+            for connections in (8, 50):
+                # Each run on a server started afresh, and alone (the order
+                # rotates from run to run): gunicorn's workers were seen spinning
+                # a core after an h2load run with 50 connections, which would
+                # tax whoever ran beside or after it.
+                names = list(commands)
+                runs = [side_by_side(argparse.Namespace(runs=1, duration=args.duration),
+                                     {name: commands[name]},
+                                     load=lambda url, duration, c=connections:
+                                     run_h2load(url, duration, c))
+                        for r in range(args.runs) for name in names[r % 3:] + names[:r % 3]]
+                print_table(f"hello over HTTP/2, {'TLS' if tls else 'cleartext'} ({WORKERS} workers, "
+                            f"h2load -c{connections} -m10; p50 is h2load's mean, p99 its maximum)",
+                            merged_runs(runs))
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def compare_page(args, files=50, rounds=20):
+    """What a browser does with a page of 50 small files (4 KiB each) over
+    TLS: one HTTP/2 connection with every request at once, against six
+    HTTP/1.1 connections with one request each at a time (h2load --h1).
+    The time to fetch the whole page, median of `rounds` fetches, alternated."""
+    if not shutil.which("h2load"):
+        return
+    parent = tempfile.mkdtemp(prefix="pfcfg")
+    cert, key = tls_files(parent)
+    root = os.path.join(parent, "files")
+    os.makedirs(root)
+    urls = os.path.join(parent, "urls.txt")
+    port = free_port()
+    with open(urls, "w") as fh:
+        for i in range(files):
+            with open(os.path.join(root, f"f{i}.css"), "wb") as out:
+                out.write(os.urandom(4096))
+            fh.write(f"https://127.0.0.1:{port}/static/f{i}.css\n")
+    workdir = server_dir(parent, "prefork")
+    proc = subprocess.Popen(prefork_command(
+        APPS["hello"], port, workdir, log_section(workdir) + f'[static]\nroot = "{root}"\n'
+        f'[tls]\ncertfile = "{cert}"\nkeyfile = "{key}"\n', scheme="https://"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ways = {"HTTP/2, 1 connection": ["-c", "1", "-m", str(files)],
+            "HTTP/1.1, 6 connections": ["--h1", "-c", "6", "-m", "1"]}
+    times: dict = {name: [] for name in ways}
+    try:
+        wait_answering(f"https://127.0.0.1:{port}/", proc)
+        for round_number in range(rounds + 1):
+            order = list(ways) if round_number % 2 else list(reversed(ways))
+            for name in order:
+                out = subprocess.run(["h2load", "-n", str(files), *ways[name], "-i", urls],
+                                     capture_output=True, text=True, timeout=60).stdout
+                took = re.search(r"finished in ([\d.]+)(ms|s)", out)
+                assert f"{files} succeeded" in out, out
+                if round_number:   # the first round warms up
+                    times[name].append(float(took.group(1)) * UNITS[took.group(2)])
+    finally:
+        stop(proc)
+        shutil.rmtree(parent, ignore_errors=True)
+    print(f"\na page of {files} files of 4 KiB over TLS, fetched whole (h2load -i, median of "
+          f"{rounds}, a new connection each time, handshake included)")
+    for name, samples in times.items():
+        print(f"  {name:<26}{fmt_ms(statistics.median(samples)):>10}")
+
+
 def beside_stalled_handshakes(parent, cert, key, stalled):
     port = free_port()
     workdir = server_dir(parent, "prefork-stalled")
@@ -814,7 +959,7 @@ def main():
     parser.add_argument("--apps", nargs="*", default=["hello", "flask"])
     parser.add_argument("--sections", nargs="*",
                         default=["servers", "wait", "mixed", "access-log", "stats", "static",
-                                 "reload", "idle", "flood", "tls"])
+                                 "reload", "idle", "flood", "tls", "h2"])
     args = parser.parse_args()
     print(f"prefork bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if "servers" in args.sections:
@@ -838,6 +983,9 @@ def main():
         compare_tls(args)
     if "flood" in args.sections:
         compare_flood(args)
+    if "h2" in args.sections:
+        compare_h2(args)
+        compare_page(args)
     if "stats" in args.sections:
         compare_prefork_variants(args, "statistics on vs off (prefork, hello)", {
             "stats-on": lambda wd: log_section(wd) + "[status]\nstatistics = true\n",

@@ -325,3 +325,39 @@ def test_stream_ids_run_out_cleanly(server):
         assert end.stream_id == last and end.data == b"hello"
         conn.send(conn.request(1))
     attack(server, build, PROTOCOL_ERROR)
+
+
+# -- frameworks and a browser ---------------------------------------------------------------
+H2C = '[http2]\ncleartext = true\n[proxy]\ntrusted = ["127.0.0.1/32"]\n'
+
+
+def test_flask_and_django_over_h2(tmp_path):
+    pytest.importorskip("flask")
+    with shared_server(app="tests.apps.flask_app:app", extra=H2C) as srv:
+        with httpx.Client(http2=True, http1=False, timeout=10) as client:
+            assert client.get(srv.url + "/").text == "flask index"
+            assert client.get(srv.url + "/items/7").json() == {"id": 7, "method": "GET"}
+            streamed = client.get(srv.url + "/stream")   # an iterator, pulled inline
+            assert streamed.http_version == "HTTP/2" and streamed.text == "part 0\npart 1\npart 2\n"
+            form = client.post(srv.url + "/form", data={"name": "Ada", "tag": ["a", "b"]})
+            assert form.json() == {"name": "Ada", "tags": ["a", "b"]}
+    pytest.importorskip("django")
+    with shared_server(app="tests.apps.django_site.wsgi:application",
+                       extra=H2C + f'[env]\nDJANGO_DB = "{tmp_path / "db.sqlite3"}"\n') as srv:
+        with httpx.Client(http2=True, http1=False, timeout=10) as client:
+            page = client.get(srv.url + "/form/")
+            assert page.http_version == "HTTP/2" and "csrfmiddlewaretoken" in page.text
+            sent = client.post(srv.url + "/upload/", content=b"y" * 300_000).json()
+            assert sent["received"] == 300_000 and sent["remote"] == "127.0.0.1"
+
+
+def test_chromium_loads_the_dashboard_over_https_with_h2(server, tmp_path):
+    from tests.integration.test_dashboard import CHROMIUM, browse
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    dom = browse(server.tls_url + "/_status", str(tmp_path), "--ignore-certificate-errors",
+                 "--dump-dom").stdout
+    assert "prefork status" in dom and 'data-updated="' in dom   # its script ran, over h2
+    wait_for(lambda: '"GET /_status HTTP/2" 200' in server.log("access")
+             and "\"GET /_status?format=json HTTP/2\" 200" in server.log("access"),
+             message="Chromium's page and its script's JSON requests, over HTTP/2")
