@@ -513,16 +513,20 @@ class Http2Connection:
         self.session.reset(stream_id, NO_ERROR)   # a body still coming: stop it
 
     def error_answer(self, stream_id, status, page, head_only):
+        """An error status with its page, whole or not at all: a page the
+        stream's window cannot take at once is left out (its length says 0)."""
+        session = self.session
+        if not head_only and len(page) > session.room(stream_id):
+            page = b""
         fields = [(b":status", b"%d" % status)] + self.host.fixed_fields + [
             (b"content-type", b"text/html; charset=utf-8"),
             (b"content-length", b"%d" % len(page))]
-        session = self.session
         try:
             if head_only or not page:
                 session.respond(stream_id, fields, True)
             else:
                 session.respond(stream_id, fields, False)
-                session.send(stream_id, page[:session.room(stream_id)], True)
+                session.send(stream_id, page, True)
         except StreamGone:   # the client reset it: nothing to answer
             pass
 
