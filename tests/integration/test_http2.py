@@ -361,3 +361,20 @@ def test_chromium_loads_the_dashboard_over_https_with_h2(server, tmp_path):
     wait_for(lambda: '"GET /_status HTTP/2" 200' in server.log("access")
              and "\"GET /_status?format=json HTTP/2\" 200" in server.log("access"),
              message="Chromium's page and its script's JSON requests, over HTTP/2")
+
+
+def test_a_body_past_max_body_gets_413_on_its_stream_and_the_connection_goes_on(server):
+    conn = RawH2(server)
+    try:
+        block = conn.encoder.encode([(":method", "POST"), (":scheme", "http"),
+                                     (":authority", "x"), (":path", "/echo"),
+                                     ("content-length", str(20 * 1024 * 1024))])
+        conn.send(HeadersFrame(1, block, flags=["END_HEADERS"]))   # its body would follow
+        head = conn.frames(lambda f: isinstance(f, HeadersFrame) and f.stream_id == 1)
+        assert hpack.Decoder().decode(head.data)[0] == (":status", "413")
+        conn.send(conn.request(3, "/"))   # the same connection serves on
+        end = conn.frames(lambda f: isinstance(f, DataFrame) and f.stream_id == 3
+                          and "END_STREAM" in f.flags)
+        assert end.data == b"hello"
+    finally:
+        conn.close()
