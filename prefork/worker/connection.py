@@ -28,7 +28,6 @@ import os
 import select
 import socket
 import ssl
-import stat
 import struct
 import termios
 import time
@@ -444,19 +443,13 @@ class Connection:
         self.ended(ex)
 
     def prepare_sendfile(self, ex, wrapper):
-        if self.tls:   # the kernel would send the file unencrypted: read it instead
+        if self.tls or ex.status is None:   # (TLS: the kernel would send it unencrypted)
             return False
-        try:
-            fd = wrapper.fileno()
-            st = os.fstat(fd)
-        except (AttributeError, OSError, ValueError):
+        extent = ex.file_extent(wrapper)
+        if extent is None:
             return False
-        if not stat.S_ISREG(st.st_mode) or ex.status is None:
-            return False
-        offset = os.lseek(fd, 0, os.SEEK_CUR)
-        length = ex.file_length(st.st_size - offset)
         ex.result = wrapper
-        ex.sendfile = [fd, offset, length]
+        ex.sendfile = extent
         self.pace_from_here()   # a file waits for the client's pace
         return True
 

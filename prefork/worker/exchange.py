@@ -23,6 +23,8 @@ the loop cuts the connection at once, whatever is still in the inbox.
 """
 from __future__ import annotations
 
+import os
+import stat
 import traceback
 
 from ..http.errors import AppError, HttpError
@@ -125,6 +127,20 @@ class Exchange(Request, Response):
         if self.status is None:
             raise AssertionError("write() called before start_response")
         outlet.push_data(self, data)
+
+    def file_extent(self, wrapper):
+        """[fd, offset, length] of the body a wsgi.file_wrapper gives, when it
+        wraps a regular file: from its position to its end, cut to the
+        length the app declared (file_length); None if it wraps no such file."""
+        try:
+            fd = wrapper.fileno()
+            st = os.fstat(fd)
+        except (AttributeError, OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+        return [fd, offset, self.file_length(st.st_size - offset)]
 
     def took(self, size):
         """The loop took size bytes of DATA: an app thread waiting past

@@ -7,14 +7,15 @@ stalled, a stream starved of window, a body arriving too slowly, idle), and
 its end (a graceful GOAWAY, then the close once in-flight streams are done).
 The protocol is the session's (http/http2.py: h2); this module only moves
 its bytes and answers the requests it gives.
-Must not: accept, touch other connections, or reach into the worker (the
-ConnectionHost interface of connection.py, and the few HTTP/2 calls below).
+Must not: accept, touch other connections, or reach into the worker: what
+it needs from it is the Http2Host interface below.
 
-Each complete request goes to the app threads (threads.AppThreads.offload:
-the loop's thread runs it and hands the loop over, or it waits for a seat),
-so one slow stream never holds back the others on its connection; its
-events come back through the exchange's inbox (worker/exchange.py) to
-Stream.on_mail. A stream whose client stops reading it waits for window;
+The requests of one read run in turn inline on the loop's thread, claimed
+as HTTP/1.1's are; one that runs long is detached to an app thread
+(threads.py), and while the worker offloads each goes to one
+(AppThreads.offload), so one slow stream never holds back the others on
+its connection. A remote stream's events come back through the exchange's
+inbox (worker/exchange.py) to Stream.on_mail. A stream whose client stops reading it waits for window;
 one past send_timeout is reset. A client that stops reading the whole
 connection stops it reading (HIGH_WATER), as in HTTP/1.1, and app threads
 pushing past HIGH_WATER wait, at most send_timeout.
@@ -26,13 +27,13 @@ import os
 import select
 import socket
 import ssl
-import stat
+from typing import Any, Protocol
 
 from ..http.errors import AppError, HttpError, RequestTimeout
 from ..http.http2 import (CANCEL, INTERNAL_ERROR, NO_ERROR, REFUSED_STREAM, Http2Session,
                           StreamGone)
-from .connection import (HIGH_WATER, LINGER_SECONDS, NEVER, WOULD_BLOCK, believe_forwarding,
-                         server_options)
+from .connection import (HIGH_WATER, LINGER_SECONDS, NEVER, WOULD_BLOCK, ConnectionHost,
+                         believe_forwarding, server_options)
 from .exchange import (DATA, END, ERROR, FILE, PROBLEM, WHOLE, ClientGone, Exchange,
                        call_claimed, next_claimed)
 from .threads import sendable
@@ -42,6 +43,19 @@ EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 RECV_SIZE = 65536
 FILE_BLOCK = 65536
 OPEN, LINGERING, CLOSED = "h2", "lingering", "closed"
+
+
+class Http2Host(ConnectionHost, Protocol):
+    """What an HTTP/2 connection needs from its worker beyond a connection's."""
+    http2: Any                 # [http2] settings: the session's limits, max_worker_streams
+    http2_streams: int         # streams being answered in the worker, all connections
+    fixed_fields: list         # the server and date fields, refreshed each second
+
+    def http2_opened(self) -> None: ...
+    def http2_closed(self) -> None: ...
+    def http2_stream(self, began: bool) -> None: ...
+    def http2_resets(self, count: int) -> None: ...
+    def http2_goaway(self, reason: str) -> None: ...
 
 
 class StreamExchange(Exchange):
@@ -81,7 +95,7 @@ class Stream:
 
 
 class Http2Connection:
-    def __init__(self, host, sock, remote, template, believed):
+    def __init__(self, host: Http2Host, sock, remote, template, believed):
         self.host = host
         self.sock = sock
         self.fd = sock.fileno()
@@ -191,7 +205,7 @@ class Http2Connection:
             session.widened = False
             for stream in list(self.starved.values()) + list(self.backlogged.values()):
                 self.pump(stream)
-        self.settle()
+        self.settle()        # (a request served below may hand the loop over)
         self.serve_ready()
         self.push_output()
         self.settle()
@@ -411,28 +425,22 @@ class Http2Connection:
         allows (sendfile cannot frame DATA)."""
         ex = stream.exchange
         ex.result = wrapper   # closed when the stream ends
-        try:
-            fd = wrapper.fileno()
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError("not a regular file")
-            offset = os.lseek(fd, 0, os.SEEK_CUR)
-        except (AttributeError, OSError, ValueError):
-            raise AppError("the file to send could not be read") from None
-        length = ex.file_length(st.st_size - offset)
+        extent = ex.file_extent(wrapper)
+        if extent is None:
+            raise AppError("the file to send could not be read")
         self.head(stream)
         if stream.exchange is not None:
-            stream.file = [fd, offset, length]
+            stream.file = extent
 
     def read_file(self, stream) -> bool:
         fd, offset, remaining = stream.file
-        want = min(remaining, FILE_BLOCK, max(self.session.room(stream.id), 1))
         if remaining <= 0:
             stream.file = None
             stream.finished = True
             return True
         try:
-            data = os.pread(fd, want, offset)
+            data = os.pread(fd, min(remaining, FILE_BLOCK, max(self.session.room(stream.id), 1)),
+                            offset)
         except OSError:
             data = b""
         if not data:   # the file shrank under us: the length is broken
@@ -554,8 +562,7 @@ class Http2Connection:
                     pass
         if ex.outlet is not None:
             ex.cancel()   # its app thread, if still at work, stops at its next push
-        if ex.body_file is not None:
-            ex.body_file.close()
+        self.session.close_body(ex)
         host.end_request(ex, status, 0)
 
     # -- output ---------------------------------------------------------------------
