@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 install: $(STAMP)
 
 # setup.py builds the C modules in place.
-$(STAMP): pyproject.toml setup.py prefork/http/_llhttp.c prefork/worker/_combined.c
+$(STAMP): pyproject.toml setup.py prefork/http/_llhttp.c prefork/http/_nghttp2.c prefork/worker/_combined.c
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -e '.[test]'

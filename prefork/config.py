@@ -484,8 +484,10 @@ class Config:
 
     @property
     def speaks_h2(self) -> bool:
-        """HTTP/2 is offered: enabled, and app threads to run its streams."""
-        return self.http2.enabled and self.workers.threads > 1
+        """HTTP/2 is offered: enabled, app threads to run its streams, and
+        our binding of libnghttp2 built (http/http2.py)."""
+        from .http.http2 import AVAILABLE
+        return self.http2.enabled and self.workers.threads > 1 and AVAILABLE
 
     @property
     def control_socket(self) -> str:

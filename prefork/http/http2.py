@@ -1,24 +1,26 @@
 """HTTP/2 without I/O (RFC 9113): bytes in, requests out; responses in, bytes out.
 
-Owns: one connection's `h2` state machine (framing, HPACK, flow control and
-the stream states are h2's: no framing is written here), our SETTINGS (the
-limits of [http2] and the header-section bounds of [http]), what a stream's
-head and body become (a Request with its environ fields, by the same rules
-as HTTP/1.1: the same meta-variable names, limits and Host checks), a
-request's body spooled past spool_threshold, the graceful GOAWAY, and the
-flood budget: frames that do no work (PING, SETTINGS, empty DATA, PRIORITY,
-unknown frames, and the client's resets: rapid reset, CVE-2023-44487) spend
-it, each answered stream earns one back, and a connection that spends it all
-gets GOAWAY ENHANCE_YOUR_CALM. Counting frames, not seconds, keeps the
-verdict the same on a fast or a loaded machine.
+Owns: one connection's protocol session (framing, HPACK, flow control, the
+stream states and RFC 9113's checks of a request's fields are libnghttp2's,
+through our binding, http/_nghttp2.c: no framing is written here), our
+SETTINGS (the limits of [http2] and the header-section bounds of [http]),
+what a stream's head and body become (a Request with its environ fields, by
+the same rules as HTTP/1.1: the same meta-variable names, limits and Host
+checks), a request's body spooled past spool_threshold, the graceful GOAWAY,
+and the flood budget: frames that do no work (PING, SETTINGS, empty DATA,
+PRIORITY, unknown frames, and the client's resets: rapid reset,
+CVE-2023-44487) spend it, each answered stream earns one back, and a
+connection that spends it all gets GOAWAY ENHANCE_YOUR_CALM. Counting
+frames, not seconds, keeps the verdict the same on a fast or a loaded machine.
 Must not: touch sockets or clocks, or run the app: the worker's connection
 (worker/http2.py) feeds bytes, sends what output() gives, and answers the
 requests in `ready` and the refusals in `refused`.
 
-What h2 itself bounds: a header block's CONTINUATION frames (64 at most,
-then PROTOCOL_ERROR), the decoded header list (our MAX_HEADER_LIST_SIZE:
-an HPACK bomb gets ENHANCE_YOUR_CALM), streams open at once (our
-MAX_CONCURRENT_STREAMS), frame sizes, and flow control both ways.
+What the binding bounds: a header block's CONTINUATION frames (8 at most:
+ENHANCE_YOUR_CALM), the decoded header list (our MAX_HEADER_LIST_SIZE, while
+it is decoded: an HPACK bomb gets ENHANCE_YOUR_CALM), streams open at once
+(our MAX_CONCURRENT_STREAMS), frame sizes, flow control both ways, and acks
+the client makes us queue without reading them (PING and SETTINGS floods).
 """
 from __future__ import annotations
 
@@ -26,34 +28,35 @@ import collections
 import io
 from typing import Any, Callable, Protocol
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
-
 from .errors import (BadRequest, BodyTooLarge, HeadersTooLarge, HttpError, NotImplementedMethod,
                      RequestLineTooLong, SpoolFailed)
 from .request import _FIELD_KEYS, Request, field_key, valid_authority
 
+try:
+    from . import _nghttp2
+except ImportError:   # not built (no C compiler): HTTP/2 is not offered (config.speaks_h2)
+    _nghttp2 = None   # type: ignore[assignment]
+
+AVAILABLE = _nghttp2 is not None
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, CANCEL, REFUSED_STREAM, ENHANCE_YOUR_CALM = (
-    ErrorCodes.NO_ERROR, ErrorCodes.PROTOCOL_ERROR, ErrorCodes.INTERNAL_ERROR, ErrorCodes.CANCEL,
-    ErrorCodes.REFUSED_STREAM, ErrorCodes.ENHANCE_YOUR_CALM)
+# Error codes (RFC 9113 7).
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xb
 # A GOAWAY's error code, as the statistics name it.
 REASONS = {NO_ERROR: "no_error", PROTOCOL_ERROR: "protocol_error", INTERNAL_ERROR: "internal_error",
-           ErrorCodes.FLOW_CONTROL_ERROR: "flow_control_error",
-           ErrorCodes.FRAME_SIZE_ERROR: "frame_size_error", ENHANCE_YOUR_CALM: "flood",
-           ErrorCodes.COMPRESSION_ERROR: "compression_error",
-           ErrorCodes.STREAM_CLOSED: "stream_closed"}
+           FLOW_CONTROL_ERROR: "flow_control_error", FRAME_SIZE_ERROR: "frame_size_error",
+           ENHANCE_YOUR_CALM: "flood", COMPRESSION_ERROR: "compression_error",
+           STREAM_CLOSED: "stream_closed"}
 HPACK_ENTRY_OVERHEAD = 32   # RFC 7541 4.1: what each field costs in the list size
+if _nghttp2 is not None:
+    (HEAD, DATA, EMPTY, END, RESET, CLOSED, WINDOW, SETTINGS, IDLE, GOAWAY) = (
+        _nghttp2.HEAD, _nghttp2.DATA, _nghttp2.EMPTY, _nghttp2.END, _nghttp2.RESET,
+        _nghttp2.CLOSED, _nghttp2.WINDOW, _nghttp2.SETTINGS, _nghttp2.IDLE, _nghttp2.GOAWAY)
 
 
 class StreamGone(Exception):
-    """h2 refuses to send on the stream: the client reset it, or the
-    connection is closed (h2 sends nothing after a GOAWAY it received)."""
+    """The stream is gone: the client reset it, or the session closed it."""
 
 
 class Limits(Protocol):
@@ -81,7 +84,7 @@ class Http2Session:
     HttpError) for streams to answer with an error status, `cancelled` the
     streams the client reset, `windened` says flow-control room grew (a
     stream waiting for it may go on), and `failed` names why the connection
-    must end (h2 has queued its GOAWAY; send output() and close).
+    must end (its GOAWAY is queued: send output() and close).
     """
 
     def __init__(self, limits: Limits, settings: Settings, template: dict,
@@ -90,32 +93,20 @@ class Http2Session:
         self.template = template   # read-only: each stream's fields start from a copy
         self.request_type = request_type
         self.open_spool = spool
-        conn = self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None))
-        conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window,
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.header_list_size(),
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
-        # Until the client acknowledges our SETTINGS, h2 decodes with its own
-        # default bound: ours holds from the first block.
-        conn.decoder.max_header_list_size = self.header_list_size()
-        conn.initiate_connection()
         # The connection's window: the whole of max_body per stream would be
         # too much to promise, a stream's window is enough to start with.
-        conn.increment_flow_control_window(settings.initial_window * 4)
+        self.engine = _nghttp2.Engine(
+            settings.max_concurrent_streams, settings.initial_window, settings.max_frame_size,
+            self.header_list_size(), settings.initial_window * 4)
         self.receiving: dict = {}          # stream_id -> request whose head or body is arriving
         self.ready: collections.deque = collections.deque()
         self.refused: list = []
         self.cancelled: list = []
         self.widened = False
         self.failed: str | None = None
-        self.peer_closed = False           # the client sent GOAWAY: h2 sends nothing more
+        self.peer_closed = False           # the client sent GOAWAY
         self.last_stream = 0               # the highest stream id we took (GOAWAY names it)
         self.goaway_sent = False
-        self.after = b""                   # our own frame (the graceful GOAWAY), sent after h2's
         self.budget = settings.flood_budget
         self.settings_seen = 0
         self.streams = 0                   # requests read
@@ -127,42 +118,40 @@ class Http2Session:
 
     # -- input ----------------------------------------------------------------
     def receive(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:   # h2 queued its GOAWAY
-            # (an HPACK bomb is h2's DenialOfServiceError: ENHANCE_YOUR_CALM)
-            self.failed = REASONS.get(getattr(exc, "error_code", PROTOCOL_ERROR), "protocol_error")
-            return
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self.on_head(event.stream_id, event.headers, event.stream_ended)
-            elif isinstance(event, h2.events.DataReceived):
-                self.on_data(event)
-            elif isinstance(event, h2.events.StreamEnded):
-                self.on_end(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                self.on_reset(event.stream_id)
-            elif isinstance(event, h2.events.WindowUpdated):
+        engine = self.engine
+        for event in engine.receive(data):
+            kind = event[0]
+            if kind == HEAD:
+                self.on_head(event[1], event[2], event[3])
+            elif kind == DATA:
+                self.on_data(event[1], event[2])
+            elif kind == END:
+                self.on_end(event[1])
+            elif kind == RESET:
+                self.on_reset(event[1])
+            elif kind == CLOSED:   # the session's own verdict on a malformed stream
+                self.drop(event[1])
+            elif kind == EMPTY or kind == IDLE:
+                self.spend()       # PING, PRIORITY, unknown frames, empty DATA: no work
+            elif kind == WINDOW:
                 self.widened = True
-            elif isinstance(event, h2.events.RemoteSettingsChanged):
+            elif kind == SETTINGS:
                 self.widened = True   # an initial window may have grown
                 self.settings_seen += 1
                 if self.settings_seen > 1:
                     self.spend()
-            elif isinstance(event, h2.events.ConnectionTerminated):
+            elif kind == GOAWAY:
                 self.peer_closed = True
-            elif isinstance(event, (h2.events.PingReceived, h2.events.PriorityUpdated,
-                                    h2.events.UnknownFrameReceived)):
-                self.spend()
-            # (TrailersReceived: accepted, bounded by the header list size, not kept)
             if self.failed:
                 return
+        if engine.failed >= 0:
+            self.failed = REASONS.get(engine.failed, "protocol_error")
 
     def spend(self) -> None:
         """A frame that did no work: from the flood budget."""
         self.budget -= 1
         if self.budget < 0 and not self.failed:
-            self.h2.close_connection(ENHANCE_YOUR_CALM, last_stream_id=self.last_stream)
+            self.engine.terminate(self.last_stream, ENHANCE_YOUR_CALM)
             self.failed = "flood"
 
     def earn(self) -> None:
@@ -207,7 +196,7 @@ class Http2Session:
                     path = value
                 elif name == b":authority":
                     authority = value
-                continue   # :scheme is h2's to check; the listener's scheme is the environ's
+                continue   # :scheme is nghttp2's to check; the listener's scheme is the environ's
             count += 1
             key = keys.get(name)
             if key is None:
@@ -244,19 +233,14 @@ class Http2Session:
         if length is not None and length.isdigit() and int(length) > limits.max_body:
             raise BodyTooLarge()
 
-    def on_data(self, event):
-        stream_id = event.stream_id
-        if event.flow_controlled_length:
-            # Taken at once (a body is read whole before the app runs, and
-            # bounded by max_body): the client may send on.
-            self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
-        elif not event.stream_ended:
-            self.spend()   # an empty DATA frame does no work
+    def on_data(self, stream_id, data):
+        """Body bytes (the session gives the client its window back at once:
+        a body is read whole before the app runs, and bounded by max_body)."""
         request = self.receiving.get(stream_id)
-        if request is None or not event.data:
+        if request is None:
             return   # refused already (or reset): its data is dropped
         try:
-            self.take_body(request, event.data)
+            self.take_body(request, data)
         except HttpError as exc:
             del self.receiving[stream_id]
             self.close_body(request)
@@ -300,6 +284,11 @@ class Http2Session:
     def on_reset(self, stream_id):
         self.resets += 1
         self.spend()   # rapid reset: a stream opened and dropped did no work
+        self.drop(stream_id)
+
+    def drop(self, stream_id):
+        """The stream ended before its answer: a request not yet begun is
+        forgotten, one being answered is cancelled."""
         request = self.receiving.pop(stream_id, None)
         if request is not None:
             self.close_body(request)
@@ -325,63 +314,38 @@ class Http2Session:
 
     # -- output -----------------------------------------------------------------
     def output(self) -> bytes:
-        data = self.h2.data_to_send()
-        if self.after:
-            data, self.after = data + self.after, b""
-        return data
+        return self.engine.output()
 
     def room(self, stream_id: int) -> int:
         """Bytes the flow-control windows let this stream send now."""
-        try:
-            return self.h2.local_flow_control_window(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
-            return 0
+        return self.engine.room(stream_id)
 
-    # (respond, send and end raise StreamGone where h2 refuses to send.)
+    # (respond, send and end raise StreamGone where the stream is gone.)
     def respond(self, stream_id: int, fields: list, end: bool) -> None:
-        try:
-            self.h2.send_headers(stream_id, fields, end_stream=end)
-        except h2.exceptions.ProtocolError as exc:   # StreamClosedError is one
-            raise StreamGone(stream_id) from exc
+        if not self.engine.respond(stream_id, fields, end):
+            raise StreamGone(stream_id)
 
     def send(self, stream_id: int, data, end: bool = False) -> None:
-        """data: at most room(stream_id) bytes; sent in frames of the size
-        the client accepts."""
-        conn = self.h2
-        size = conn.max_outbound_frame_size
-        view = memoryview(data)
-        try:
-            while len(view) > size:
-                conn.send_data(stream_id, view[:size].tobytes())
-                view = view[size:]
-            conn.send_data(stream_id, view.tobytes(), end_stream=end)
-        except h2.exceptions.ProtocolError as exc:
-            raise StreamGone(stream_id) from exc
+        """data: at most room(stream_id) bytes (the session frames it in
+        the sizes the client accepts)."""
+        if not self.engine.send(stream_id, data, end):
+            raise StreamGone(stream_id)
 
     def end(self, stream_id: int) -> None:
-        try:
-            self.h2.end_stream(stream_id)
-        except h2.exceptions.ProtocolError as exc:
-            raise StreamGone(stream_id) from exc
+        if not self.engine.end(stream_id):
+            raise StreamGone(stream_id)
 
     def reset(self, stream_id: int, code=CANCEL) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except h2.exceptions.ProtocolError:
-            pass   # closed already: nothing to reset
+        self.engine.reset(stream_id, code)   # (closed already: nothing to reset)
 
     def go_away(self, code=NO_ERROR) -> None:
-        """GOAWAY naming the last stream taken. A graceful one (NO_ERROR) is
-        written here, not through h2, whose state machine would refuse the
-        in-flight streams' frames once it sent one; streams the client opens
-        after it are refused (REFUSED_STREAM: safe to retry elsewhere)."""
+        """GOAWAY naming the last stream taken. A graceful one (NO_ERROR)
+        lets the streams in flight finish; streams the client opens after it
+        are refused (REFUSED_STREAM: safe to retry elsewhere)."""
         if code != NO_ERROR:
-            self.h2.close_connection(code, last_stream_id=self.last_stream)
+            self.engine.terminate(self.last_stream, code)
             return
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.last_stream
-        frame.error_code = code
-        self.after = frame.serialize()   # after what h2 queued before it
+        self.engine.graceful(self.last_stream)

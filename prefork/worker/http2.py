@@ -5,7 +5,7 @@ its streams being answered (a Stream per request: its exchange and the body
 bytes flow control holds back), the connection's one deadline (output
 stalled, a stream starved of window, a body arriving too slowly, idle), and
 its end (a graceful GOAWAY, then the close once in-flight streams are done).
-The protocol is the session's (http/http2.py: h2); this module only moves
+The protocol is the session's (http/http2.py: nghttp2); this module only moves
 its bytes and answers the requests it gives.
 Must not: accept, touch other connections, or reach into the worker: what
 it needs from it is the Http2Host interface below.
@@ -195,10 +195,10 @@ class Http2Connection:
             self.push_output()
             return self.close_when_done(now=True)
         if session.peer_closed:
-            # The client's GOAWAY: h2 sends nothing more, and the client reads
-            # nothing more, so there is nothing to linger for (a lingering
-            # connection would also count against this worker's fair share of
-            # the client's next connections).
+            # The client's GOAWAY: it is done with the connection (clients send
+            # it as they leave), so there is nothing to finish or linger for (a
+            # lingering connection would also count against this worker's fair
+            # share of the client's next connections).
             return self.close()
         if (session.widened and self.starved or self.backlogged) \
                 and self.out_size < HIGH_WATER:
@@ -488,7 +488,7 @@ class Http2Connection:
             self.starved.pop(stream.id, None)
 
     def finish(self, stream) -> bool:
-        """The whole response is with h2; a body shorter than its declared
+        """The whole response is with the session; a body shorter than its declared
         length cannot end well: reset."""
         ex = stream.exchange
         if ex.remaining:

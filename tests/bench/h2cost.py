@@ -1,7 +1,9 @@
-"""What HTTP/2 costs per request in memory, no sockets and no WSGI: the h2
-library alone (a server H2Connection answering hello), then our session
-around it (prefork/http/http2.py: requests made from streams, limits, the
-flood budget). Median of 5 passes of N requests, ten streams per batch.
+"""What HTTP/2 costs per request in memory, no sockets and no WSGI: our
+binding of libnghttp2 alone (http/_nghttp2.c answering hello), then our
+session around it (prefork/http/http2.py: requests made from streams,
+limits, the flood budget), and, for comparison, the h2 library alone (a
+server H2Connection: what the session was built on first). Median of 5
+passes of N requests, ten streams per batch.
 Usage: .venv/bin/python tests/bench/h2cost.py [N]"""
 import statistics
 import sys
@@ -13,6 +15,7 @@ import h2.events
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 from prefork.config import Http2Config, HttpConfig  # noqa: E402
+from prefork.http import _nghttp2  # noqa: E402
 from prefork.http.http2 import Http2Session  # noqa: E402
 from prefork.http.request import Request  # noqa: E402
 
@@ -55,6 +58,21 @@ def h2_alone(n):
     return (time.perf_counter() - began) / n * 1e6
 
 
+def engine_alone(n):
+    preface, batches = client_bytes(n)
+    engine = _nghttp2.Engine(100, 65535, 16384, 65536, 0)
+    engine.receive(preface)
+    engine.output()
+    began = time.perf_counter()
+    for data in batches:
+        for event in engine.receive(data):
+            if event[0] == _nghttp2.HEAD:
+                engine.respond(event[1], ANSWER, False)
+                engine.send(event[1], BODY, True)
+        engine.output()
+    return (time.perf_counter() - began) / n * 1e6
+
+
 def with_session(n):
     preface, batches = client_bytes(n)
     session = Http2Session(HttpConfig(), Http2Config(), {}, Request)
@@ -74,12 +92,14 @@ def with_session(n):
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
-    alone, ours = [], []
-    for _ in range(5):   # alternated: the machine's drift favours neither
-        alone.append(h2_alone(n))
+    engine, ours, h2 = [], [], []
+    for _ in range(5):   # alternated: the machine's drift favours none
+        engine.append(engine_alone(n))
         ours.append(with_session(n))
-    print(f"h2 alone:              {statistics.median(alone):7.1f} us per request")
-    print(f"with our session:      {statistics.median(ours):7.1f} us per request")
+        h2.append(h2_alone(n))
+    print(f"nghttp2 (our binding) alone: {statistics.median(engine):7.1f} us per request")
+    print(f"with our session:            {statistics.median(ours):7.1f} us per request")
+    print(f"h2 alone, for comparison:    {statistics.median(h2):7.1f} us per request")
 
 
 if __name__ == "__main__":
