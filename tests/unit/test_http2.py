@@ -1,5 +1,7 @@
-"""HTTP/2 in-process: the session (http/http2.py) with h2 on both ends, bytes
-in and bytes out, and the response head an exchange makes for a stream."""
+"""HTTP/2 in-process: the session (http/http2.py, on our libnghttp2 binding)
+with an h2 client at the other end, bytes in and bytes out; raw frames where a
+well-behaved client would not send them; any frames at all (hypothesis); and
+the response head an exchange makes for a stream."""
 import io
 import ssl
 
@@ -9,14 +11,17 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hypothesis import given, settings, strategies as st
+from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame,
+                              PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame,
+                              WindowUpdateFrame)
 
 from prefork.config import Http2Config, HttpConfig, TlsConfig
-from prefork.http.http2 import PREFACE, Http2Session
+from prefork.http.http2 import PREFACE, Http2Session, StreamGone
 from prefork.http.request import Request
 from prefork.http.response import ResponseFraming
 
-REFUSED_STREAM, ENHANCE_YOUR_CALM = 7, 11
+NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0, 1, 7, 11
 
 
 class Pair:
@@ -252,3 +257,131 @@ def test_the_settings_we_announce():
     assert changed[codes.INITIAL_WINDOW_SIZE].new_value == 1 << 20
     assert changed[codes.ENABLE_PUSH].new_value == 0
     assert changed[codes.MAX_HEADER_LIST_SIZE].new_value == 8192 + 32 * 58
+
+
+def raw_session(http=None):
+    """Our session after a client's preface and empty SETTINGS, its own
+    first frames taken."""
+    session = Http2Session(http or HttpConfig(), Http2Config(), {}, Request)
+    session.receive(PREFACE + SettingsFrame(0).serialize())
+    session.output()
+    return session
+
+
+def block(*extra, method="GET"):
+    return hpack.Encoder().encode([(":method", method), (":scheme", "https"),
+                                   (":authority", "x"), (":path", "/"), *extra])
+
+
+@pytest.mark.parametrize("field", [("connection", "keep-alive"), ("transfer-encoding", "chunked"),
+                                   ("te", "gzip"), ("Upper", "case")])
+def test_a_request_with_a_connection_specific_or_upper_case_field_is_reset(field):
+    """RFC 9113 8.2.2 and 8.2.1: nghttp2 resets the stream (PROTOCOL_ERROR);
+    no request reaches the app, and the connection goes on."""
+    session = raw_session()
+    session.receive(HeadersFrame(1, block(field), flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert not session.ready and not session.failed
+    (reset,) = frames(session.output())
+    assert isinstance(reset, RstStreamFrame) and reset.error_code == PROTOCOL_ERROR
+    session.receive(HeadersFrame(3, block(), flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert [r.stream_id for r in session.ready] == [3]
+
+
+def test_a_refusal_while_the_body_arrives_is_answered_before_its_reset():
+    """RFC 9113 8.1: the whole answer first, then RST_STREAM NO_ERROR to stop
+    the body (a reset before it would drop the answer)."""
+    session = raw_session()
+    session.receive(HeadersFrame(1, block(("content-length", "5"), method="POST"),
+                                 flags=["END_HEADERS"]).serialize())
+    session.respond(1, [(b":status", b"413"), (b"content-length", b"4")], False)
+    session.send(1, b"page", True)
+    session.reset(1, NO_ERROR)
+    sent = frames(session.output())
+    assert [type(f).__name__ for f in sent] == ["HeadersFrame", "DataFrame", "RstStreamFrame"]
+    assert sent[1].data == b"page" and "END_STREAM" in sent[1].flags
+    assert sent[2].error_code == NO_ERROR
+
+
+def test_a_body_is_framed_as_the_window_opens_and_room_counts_what_is_queued():
+    session = Http2Session(HttpConfig(), Http2Config(), {}, Request)
+    small = SettingsFrame(0)
+    small.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 10}
+    session.receive(PREFACE + small.serialize())
+    session.receive(HeadersFrame(1, block(), flags=["END_HEADERS", "END_STREAM"]).serialize())
+    session.output()
+    session.respond(1, [(b":status", b"200")], False)
+    assert session.room(1) == 10
+    session.send(1, b"0123456")
+    assert session.room(1) == 3          # what is queued counts before it is framed
+    session.send(1, b"789")
+    assert session.room(1) == 0
+    data = [f for f in frames(session.output()) if isinstance(f, DataFrame)]
+    assert b"".join(f.data for f in data) == b"0123456789"
+    session.receive(WindowUpdateFrame(1, window_increment=5).serialize())
+    assert session.widened and session.room(1) == 5
+    session.send(1, b"end", True)
+    assert session.room(1) == 0          # ended: nothing more may go
+    (last,) = frames(session.output())
+    assert last.data == b"end" and "END_STREAM" in last.flags
+
+
+def test_a_continuation_flood_ends_in_enhance_your_calm():
+    session = raw_session()
+    data = HeadersFrame(1, block()).serialize()   # no END_HEADERS
+    data += b"".join(ContinuationFrame(1, b"").serialize() for _ in range(20))
+    session.receive(data)
+    assert session.failed == "flood"
+    (goaway,) = [f for f in frames(session.output()) if isinstance(f, GoAwayFrame)]
+    assert goaway.error_code == ENHANCE_YOUR_CALM
+
+
+def test_a_stream_is_gone_once_the_client_resets_it():
+    session = raw_session()
+    session.receive(HeadersFrame(1, block(), flags=["END_HEADERS", "END_STREAM"]).serialize())
+    session.respond(1, [(b":status", b"200")], False)
+    session.receive(RstStreamFrame(1, error_code=8).serialize())
+    with pytest.raises(StreamGone):
+        session.send(1, b"late")
+    assert session.room(1) == 0
+
+
+FRAME = st.one_of(
+    st.builds(lambda sid, end: HeadersFrame(sid, block(), flags=["END_HEADERS"] + end),
+              st.sampled_from([1, 2, 3, 5, 2**31 - 1]), st.sampled_from([[], ["END_STREAM"]])),
+    st.builds(lambda sid, data: HeadersFrame(sid, data), st.integers(1, 7), st.binary(max_size=40)),
+    st.builds(lambda sid, data: ContinuationFrame(sid, data, flags=["END_HEADERS"]),
+              st.integers(1, 7), st.binary(max_size=20)),
+    st.builds(lambda sid, data, end: DataFrame(sid, data, flags=end), st.integers(1, 7),
+              st.binary(max_size=40), st.sampled_from([[], ["END_STREAM"]])),
+    st.builds(lambda sid: RstStreamFrame(sid, error_code=8), st.integers(1, 7)),
+    st.builds(lambda sid, n: WindowUpdateFrame(sid, window_increment=n), st.integers(0, 7),
+              st.integers(0, 2**31 - 1)),
+    st.builds(lambda sid: PriorityFrame(sid, depends_on=1), st.integers(1, 7)),
+    st.builds(lambda: PingFrame(0, opaque_data=b"12345678")),
+    st.builds(lambda: SettingsFrame(0)),
+    st.builds(lambda data: data, st.binary(min_size=1, max_size=30)),   # not a frame at all
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FRAME, max_size=12), st.integers(1, 64))
+def test_any_frames_in_any_cuts_make_requests_or_a_clean_end(sequence, cut):
+    """Whatever a client sends, however the reads cut it, the session never
+    raises: it makes requests (each answerable), refusals, or a failure whose
+    GOAWAY is in its output."""
+    session = raw_session(HttpConfig(max_body=64))
+    data = b"".join(f if isinstance(f, bytes) else f.serialize() for f in sequence)
+    out = b""
+    for at in range(0, len(data), cut):
+        session.receive(data[at:at + cut])
+        while session.ready:
+            request = session.ready.popleft()
+            try:
+                session.respond(request.stream_id, [(b":status", b"204")], True)
+            except StreamGone:
+                pass
+        out += session.output()
+        if session.failed:
+            break
+    if session.failed:
+        assert any(isinstance(f, GoAwayFrame) and f.error_code for f in frames(out))
