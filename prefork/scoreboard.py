@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass
 
 EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
+# A state byte -> 1 if the worker serves (IDLE or BUSY), else 0 (bytes.translate).
+_SERVING = bytes(1 if state in (IDLE, BUSY) else 0 for state in range(256))
 STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 
 # pid, generation, booted, heartbeat | requests, last_status, last_duration |
@@ -166,13 +168,16 @@ class Scoreboard:
 
     def serving_connections(self) -> tuple:
         """(open connections, serving workers) over every slot: what a worker
-        needs to take its fair share of new connections."""
+        needs to take its fair share of new connections (at each accept: the
+        slots' states are read in one slice, and only serving ones visited)."""
         total = workers = 0
         mem = self._mem
-        for slot in range(self.slots):
-            if mem[slot * SLOT_SIZE + _STATE_AT] in (IDLE, BUSY):
-                workers += 1
-                total += _CONNECTIONS.unpack_from(mem, slot * SLOT_SIZE + _CONNECTIONS_AT)[0]
+        serving = mem[_STATE_AT:self.slots * SLOT_SIZE:SLOT_SIZE].translate(_SERVING)
+        slot = serving.find(1)
+        while slot >= 0:
+            workers += 1
+            total += _CONNECTIONS.unpack_from(mem, slot * SLOT_SIZE + _CONNECTIONS_AT)[0]
+            slot = serving.find(1, slot + 1)
         return total, workers
 
     # -- master side -------------------------------------------------------------

@@ -223,8 +223,17 @@ class Connection:
         except ClientGone:
             self.abort()
 
-    def handshake(self):
-        """One step of the TLS handshake, as far as the socket lets it go."""
+    def on_accepted(self):
+        """Just accepted: a TLS client's ClientHello has often come with its
+        connection, so the handshake's first step goes now rather than a
+        poll round later."""
+        if self.state == HANDSHAKE:
+            self.handshake(first=True)
+
+    def handshake(self, first=False):
+        """One step of the TLS handshake, as far as the socket lets it go.
+        first: in the accept loop, where no request is served: a handshake
+        that ends at once (a quick client) goes on at the next event."""
         host = self.host
         try:
             self.sock.do_handshake()
@@ -240,6 +249,8 @@ class Connection:
                 except OSError:
                     pass
             return self.close()
+        if first:
+            return self.want(EPOLLIN | EPOLLOUT)   # (writable at once: handshake() again, done)
         template = host.tls_ready(self.reader.template, self.sock)
         if self.sock.selected_alpn_protocol() == "h2":
             return host.speak_h2(self, template, b"")

@@ -335,6 +335,7 @@ class Worker:
             conn = Connection(self, sock, addr, listener.getsockname())
             self.conns[conn.fd] = conn
             self.poller.register(conn.fd, select.EPOLLIN)   # its request: next turn
+            conn.on_accepted()
             fresh += 1
         self.declined = not fresh
         if fresh:

@@ -166,6 +166,11 @@ def test_cleartext_prior_knowledge_only_from_trusted_peers(server):
     with httpx.Client(http2=True, http1=False, timeout=10) as client:
         answer = client.get(server.url + "/environ")
     assert answer.http_version == "HTTP/2" and "SERVER_PROTOCOL=HTTP/2" in answer.text
+    curl = shutil.which("curl")
+    if curl:
+        out = subprocess.run([curl, "-s", "--http2-prior-knowledge", "-w", "\n%{http_version}",
+                              server.url + "/"], capture_output=True, text=True, timeout=20).stdout
+        assert out == "hello\n2"
     # 127.0.0.2 is not in [proxy] trusted: its preface is HTTP/1.1 to us, answered 505.
     with socket.create_connection((server.host, server.port), timeout=10,
                                   source_address=("127.0.0.2", 0)) as sock:
