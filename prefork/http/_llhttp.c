@@ -501,11 +501,24 @@ Parser_get_url(Parser *self, void *closure)
     return PyBytes_FromStringAndSize(self->bufs[URL].data, self->bufs[URL].len);
 }
 
+static PyObject *
+Parser_set_template(Parser *self, PyObject *template)
+{
+    if (!PyDict_Check(template)) {
+        PyErr_SetString(PyExc_TypeError, "the template is a dict");
+        return NULL;
+    }
+    Py_XSETREF(self->template, Py_NewRef(template));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Parser_methods[] = {
     {"feed_data", (PyCFunction)Parser_feed_data, METH_O, "Parse bytes (see the module)."},
     {"set_lenient_version", (PyCFunction)Parser_set_lenient_version, METH_O,
      "Accept any HTTP/x.y version (llhttp's lenient_version)."},
     {"get_method", (PyCFunction)Parser_get_method, METH_NOARGS, "The method's name, bytes."},
+    {"set_template", (PyCFunction)Parser_set_template, METH_O,
+     "The dict the next heads' fields start from."},
     {NULL}
 };
 

@@ -180,6 +180,12 @@ class RequestReader:
         self._reset_counts()
         self._reset_body()
 
+    def retemplate(self, template: dict) -> None:
+        """The dict the next requests' fields start from (a TLS connection's,
+        once its handshake adds its facts), between requests only."""
+        self.template = template
+        self._max_fields = len(template) + self.limits.max_headers
+
     def _reset_counts(self):
         self._extra_fields = 0     # fields repeated or refused (not one entry each)
         self._extra_size = 0       # ... and their bytes
@@ -463,6 +469,10 @@ class LlhttpReader(RequestReader):
         # llhttp refuses HTTP/1.2; RFC 9110 2.5 says a higher minor version is
         # served as the highest we speak. The major version is checked in on_head.
         self._parser.set_lenient_version(True)
+
+    def retemplate(self, template: dict) -> None:
+        super().retemplate(template)
+        self._parser.set_template(template)
 
     def feed(self, data: bytes) -> None:
         ready_before = len(self.ready)

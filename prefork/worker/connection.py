@@ -255,7 +255,7 @@ class Connection:
         if self.sock.selected_alpn_protocol() == "h2":
             return host.speak_h2(self, template, b"")
         self.state = READING
-        self.reader = RequestReader(host.http, template, Exchange, host.open_spool)
+        self.reader.retemplate(template)
         self.want(EPOLLIN)
         self.on_readable()   # the request may have come with the handshake's last flight
 

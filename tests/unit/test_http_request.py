@@ -56,6 +56,18 @@ def test_chunked_body_with_extensions_and_trailers(how, pieces):
     assert request.fields["CONTENT_LENGTH"] == "9"
 
 
+def test_a_new_template_holds_from_the_next_request_on():
+    """A TLS connection's reader gets the handshake's facts after it was made."""
+    reader = RequestReader(HttpConfig(), {"wsgi.url_scheme": "http"})
+    reader.feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    reader.retemplate({"wsgi.url_scheme": "https", "HTTPS": "on"})
+    reader.feed(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    first, second = reader.ready
+    assert first.fields["wsgi.url_scheme"] == "http" and "HTTPS" not in first.fields
+    assert second.fields["wsgi.url_scheme"] == "https" and second.fields["HTTPS"] == "on"
+    assert second.fields["HTTP_HOST"] == "h"
+
+
 def test_http10_keep_alive_on_request():
     (request,) = feed_all([b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"]).ready
     assert request.keep_alive
