@@ -608,13 +608,6 @@ static PyObject *Engine_get_failed(Engine *self, void *closure) {
     return PyLong_FromLong(self->failed);
 }
 
-static PyObject *Engine_get_frame_size(Engine *self, void *closure) {
-    if (!ready(self))
-        return NULL;
-    return PyLong_FromUnsignedLong(nghttp2_session_get_remote_settings(
-        self->session, NGHTTP2_SETTINGS_MAX_FRAME_SIZE));
-}
-
 static PyMethodDef Engine_methods[] = {
     {"receive", (PyCFunction)Engine_receive, METH_O, "bytes in -> the events they made"},
     {"output", (PyCFunction)Engine_output, METH_NOARGS, "the bytes to send"},
@@ -632,7 +625,6 @@ static PyMethodDef Engine_methods[] = {
 
 static PyGetSetDef Engine_getset[] = {
     {"failed", (getter)Engine_get_failed, NULL, "the error code the connection ends with, or -1"},
-    {"frame_size", (getter)Engine_get_frame_size, NULL, "the client's SETTINGS_MAX_FRAME_SIZE"},
     {NULL}
 };
 

@@ -15,7 +15,6 @@ GOAWAY: int
 
 class Engine:
     failed: int
-    frame_size: int
     def __init__(self, max_concurrent_streams: int, initial_window: int, max_frame_size: int,
                  max_header_list_size: int, connection_window_increment: int) -> None: ...
     def receive(self, data: bytes) -> list[tuple[Any, ...]]: ...
