@@ -59,8 +59,12 @@ typedef struct {
     Out outs;                  /* sentinel of the list of Outs */
     int failed;                /* the error code the connection ends with, or -1 */
     PyObject *after;           /* bytes to send after the session's (our own GOAWAY) */
+    char *out;                 /* the session's frames gathered, not yet taken by output() */
+    size_t out_size, out_cap;
     int error;                 /* a Python exception is set inside a callback */
 } Engine;
+
+static int gather(Engine *self);
 
 static Out *out_of(Engine *self, int32_t stream_id) {
     return nghttp2_session_get_stream_user_data(self->session, stream_id);
@@ -322,6 +326,7 @@ static void Engine_dealloc(Engine *self) {
     Py_XDECREF(self->later);
     Py_XDECREF(self->head);
     Py_XDECREF(self->after);
+    PyMem_Free(self->out);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -364,16 +369,19 @@ static PyObject *Engine_receive(Engine *self, PyObject *arg) {
         self->failed = code;
         nghttp2_session_terminate_session(self->session, (uint32_t)code);
     }
+    /* What the input made the session queue is framed now (output() sends
+       it): a GOAWAY it queued for a protocol error of the client's is then
+       seen by on_frame_send, so that `failed` names its code at once. */
+    if (gather(self) < 0) {
+        Py_DECREF(events);
+        return NULL;
+    }
     return events;
 }
 
-static PyObject *Engine_output(Engine *self, PyObject *unused) {
-    if (!ready(self))
-        return NULL;
-    /* The session's frames come in pieces, each valid until the next call:
-       gathered into one buffer, then our own GOAWAY (if any) after them. */
-    char *buf = NULL;
-    size_t size = 0, cap = 0;
+/* The session's frames into self->out (they come in pieces, each valid
+   until the next call): -> 0, or -1 with an exception set. */
+static int gather(Engine *self) {
     self->error = 0;
     for (;;) {
         const uint8_t *data;
@@ -383,38 +391,48 @@ static PyObject *Engine_output(Engine *self, PyObject *unused) {
                 self->failed = NGHTTP2_INTERNAL_ERROR;
             break;
         }
-        if (size + (size_t)n > cap) {
-            size_t grown = cap ? cap : 16384;
-            while (grown < size + (size_t)n)
+        if (self->out_size + (size_t)n > self->out_cap) {
+            size_t grown = self->out_cap ? self->out_cap : 16384;
+            while (grown < self->out_size + (size_t)n)
                 grown *= 2;
-            char *more = PyMem_Realloc(buf, grown);
+            char *more = PyMem_Realloc(self->out, grown);
             if (more == NULL) {
-                PyMem_Free(buf);
-                return PyErr_NoMemory();
+                PyErr_NoMemory();
+                return -1;
             }
-            buf = more;
-            cap = grown;
+            self->out = more;
+            self->out_cap = grown;
         }
-        memcpy(buf + size, data, (size_t)n);
-        size += (size_t)n;
+        memcpy(self->out + self->out_size, data, (size_t)n);
+        self->out_size += (size_t)n;
     }
-    if (self->error) {
-        PyMem_Free(buf);
+    return self->error ? -1 : 0;
+}
+
+static PyObject *Engine_output(Engine *self, PyObject *unused) {
+    if (!ready(self) || gather(self) < 0)
         return NULL;
-    }
+    /* Then our own GOAWAY (if any) after the session's frames. */
     Py_ssize_t tail = PyBytes_GET_SIZE(self->after);
-    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size + tail);
-    if (result != NULL) {
-        if (size)
-            memcpy(PyBytes_AS_STRING(result), buf, size);
-        if (tail) {
-            memcpy(PyBytes_AS_STRING(result) + size, PyBytes_AS_STRING(self->after), tail);
-            Py_SETREF(self->after, PyBytes_FromStringAndSize(NULL, 0));
-            if (self->after == NULL)
-                Py_CLEAR(result);
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)self->out_size + tail);
+    if (result == NULL)
+        return NULL;
+    if (self->out_size)
+        memcpy(PyBytes_AS_STRING(result), self->out, self->out_size);
+    if (tail) {
+        memcpy(PyBytes_AS_STRING(result) + self->out_size, PyBytes_AS_STRING(self->after), tail);
+        Py_SETREF(self->after, PyBytes_FromStringAndSize(NULL, 0));
+        if (self->after == NULL) {
+            Py_DECREF(result);
+            return NULL;
         }
     }
-    PyMem_Free(buf);
+    self->out_size = 0;
+    if (self->out_cap > 262144) {   /* a large body went out: its buffer need not stay */
+        PyMem_Free(self->out);
+        self->out = NULL;
+        self->out_cap = 0;
+    }
     return result;
 }
 

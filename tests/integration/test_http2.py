@@ -294,6 +294,12 @@ def test_continuation_flood_is_cut(server):
     goaways_counted(server, "flood", attack(server, build))
 
 
+def test_a_protocol_error_gets_its_goaway_and_is_counted(server):
+    def build(conn):
+        conn.send(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")   # DATA on stream 0
+    goaways_counted(server, "protocol_error", attack(server, build, PROTOCOL_ERROR))
+
+
 def test_hpack_bomb_is_cut(server):
     def build(conn):
         # One 4 KiB field put in the dynamic table, then named 40 times by its

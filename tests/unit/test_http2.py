@@ -335,6 +335,21 @@ def test_a_continuation_flood_ends_in_enhance_your_calm():
     assert goaway.error_code == ENHANCE_YOUR_CALM
 
 
+@pytest.mark.parametrize("frame", [
+    b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x",                  # DATA on stream 0
+    b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00",  # WINDOW_UPDATE of 0
+])
+def test_a_protocol_error_fails_the_session_at_once_with_its_goaway(frame):
+    """The session's own verdict on a connection error is known as soon as
+    receive() returns (the worker counts and closes on it), its GOAWAY in
+    the output."""
+    session = raw_session()
+    session.receive(frame)
+    assert session.failed == "protocol_error"
+    (goaway,) = [f for f in frames(session.output()) if isinstance(f, GoAwayFrame)]
+    assert goaway.error_code == PROTOCOL_ERROR
+
+
 def test_a_stream_is_gone_once_the_client_resets_it():
     session = raw_session()
     session.receive(HeadersFrame(1, block(), flags=["END_HEADERS", "END_STREAM"]).serialize())
@@ -368,7 +383,7 @@ FRAME = st.one_of(
 def test_any_frames_in_any_cuts_make_requests_or_a_clean_end(sequence, cut):
     """Whatever a client sends, however the reads cut it, the session never
     raises: it makes requests (each answerable), refusals, or a failure whose
-    GOAWAY is in its output."""
+    GOAWAY is in its output (and no GOAWAY with an error without a failure)."""
     session = raw_session(HttpConfig(max_body=64))
     data = b"".join(f if isinstance(f, bytes) else f.serialize() for f in sequence)
     out = b""
@@ -383,5 +398,5 @@ def test_any_frames_in_any_cuts_make_requests_or_a_clean_end(sequence, cut):
         out += session.output()
         if session.failed:
             break
-    if session.failed:
-        assert any(isinstance(f, GoAwayFrame) and f.error_code for f in frames(out))
+    ended = any(isinstance(f, GoAwayFrame) and f.error_code for f in frames(out))
+    assert ended == bool(session.failed), (session.failed, frames(out))
