@@ -352,12 +352,7 @@ static PyObject *Engine_receive(Engine *self, PyObject *arg) {
     self->error = 0;
     nghttp2_ssize rv = nghttp2_session_mem_recv2(self->session, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
-    self->events = NULL;
-    if (self->error) {
-        Py_DECREF(events);
-        return NULL;
-    }
-    if (rv < 0 && self->failed < 0) {
+    if (!self->error && rv < 0 && self->failed < 0) {
         /* Fatal to the session (a bad preface, a CONTINUATION flood, a
            flood of frames it must answer): it queued no GOAWAY, so one is
            queued here; the connection ends once it is sent. */
@@ -371,8 +366,12 @@ static PyObject *Engine_receive(Engine *self, PyObject *arg) {
     }
     /* What the input made the session queue is framed now (output() sends
        it): a GOAWAY it queued for a protocol error of the client's is then
-       seen by on_frame_send, so that `failed` names its code at once. */
-    if (gather(self) < 0) {
+       seen by on_frame_send, so that `failed` names its code at once, and
+       streams the framing closes are events of this call. */
+    if (!self->error && gather(self) < 0)
+        self->error = 1;
+    self->events = NULL;
+    if (self->error) {
         Py_DECREF(events);
         return NULL;
     }
