@@ -483,11 +483,16 @@ class Config:
         return ", ".join(parts)
 
     @property
+    def wants_h2(self) -> bool:
+        """HTTP/2 is asked for: enabled, and app threads to run its streams."""
+        return self.http2.enabled and self.workers.threads > 1
+
+    @property
     def speaks_h2(self) -> bool:
-        """HTTP/2 is offered: enabled, app threads to run its streams, and
-        our binding of libnghttp2 built (http/http2.py)."""
+        """HTTP/2 is offered: asked for, and our binding of libnghttp2 built
+        (http/http2.py; imported here only, config needs no protocol module)."""
         from .http.http2 import AVAILABLE
-        return self.http2.enabled and self.workers.threads > 1 and AVAILABLE
+        return self.wants_h2 and AVAILABLE
 
     @property
     def control_socket(self) -> str:

@@ -51,7 +51,7 @@ class Generation:
         its workers fork: they share its session-ticket keys. TlsError when the
         files changed since config.load checked them."""
         context = None
-        if config.http2.enabled and config.workers.threads > 1 and not config.speaks_h2:
+        if config.wants_h2 and not config.speaks_h2:
             log.warning("http2: not offered: prefork.http._nghttp2 was not built "
                         "(it needs a C compiler: make install builds it)")
         if any(is_tls(bind) for bind in config.server.bind):

@@ -424,11 +424,7 @@ class Connection:
             if isinstance(result, FileWrapper) and self.prepare_sendfile(ex, result):
                 self.emit(b"")
             else:
-                try:
-                    ex.iterator = iter(result)
-                except TypeError:
-                    return self.fail(AppError(f"app returned {type(result).__name__}, "
-                                              "not an iterable of bytes"))
+                ex.take_iterable(result)
             self.pump()
         except ClientGone:
             self.abort()

@@ -128,6 +128,17 @@ class Exchange(Request, Response):
             raise AssertionError("write() called before start_response")
         outlet.push_data(self, data)
 
+    def take_iterable(self, result):
+        """The app's result as the body to iterate (PEP 3333: any iterable
+        of bytes; its close() is called as the exchange ends); AppError if
+        it is not iterable."""
+        self.result = result
+        try:
+            self.iterator = iter(result)
+        except TypeError:
+            raise AppError(f"app returned {type(result).__name__}, "
+                           "not an iterable of bytes") from None
+
     def file_extent(self, wrapper):
         """[fd, offset, length] of the body a wsgi.file_wrapper gives, when it
         wraps a regular file: from its position to its end, cut to the

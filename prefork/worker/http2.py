@@ -253,12 +253,7 @@ class Http2Connection:
             elif isinstance(result, FileWrapper) and sendable(result):
                 self.open_file(stream, result)
             else:
-                ex.result = result
-                try:
-                    ex.iterator = iter(result)
-                except TypeError:
-                    raise AppError(f"app returned {type(result).__name__}, "
-                                   "not an iterable of bytes") from None
+                ex.take_iterable(result)
         except AppError as exc:
             return self.fail(stream, exc)
         except StreamGone:

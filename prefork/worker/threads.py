@@ -389,11 +389,9 @@ class AppThreads:
         if isinstance(result, FileWrapper) and sendable(result):
             return self.last(ex, FILE, result)   # the loop sends it, then closes it
         try:
-            ex.iterator = iter(result)
-        except TypeError:
-            return self.last(ex, ERROR, AppError(f"app returned {type(result).__name__}, "
-                                                 "not an iterable of bytes"))
-        ex.result = result
+            ex.take_iterable(result)
+        except AppError as exc:
+            return self.last(ex, ERROR, exc)
         self.iterate(ex, None)
 
     def iterate(self, ex, first):
