@@ -55,6 +55,15 @@ LINGER_SECONDS = 2.0
 NEVER = float("inf")
 
 
+def queued(fd, request) -> int:
+    """Bytes in a socket's kernel queue (FIONREAD: to read, TIOCOUTQ: sent
+    but not yet taken by the peer); -1 when the socket cannot tell."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+    except OSError:
+        return -1
+
+
 class ConnectionHost(Protocol):
     """What a connection needs from its worker, and nothing more."""
     now: float                 # the loop's clock, read once per round
@@ -110,8 +119,9 @@ def server_options(environ, start_response):
 
 class Connection:
     __slots__ = ("host", "sock", "fd", "reader", "remote", "out", "out_size", "state", "deadline",
-                 "events", "exchange", "close_after", "received", "refused", "believed", "preamble",
-                 "began", "progress", "send_began", "flushed", "stall_deadline", "tls", "h2c")
+                 "events", "exchange", "close_after", "client_closes", "received", "refused",
+                 "believed", "preamble", "began", "progress", "send_began", "flushed",
+                 "stall_deadline", "tls", "h2c")
 
     def __init__(self, host: ConnectionHost, sock, addr, server_addr):
         self.host = host
@@ -136,6 +146,7 @@ class Connection:
         self.deadline = host.now + host.http.header_timeout
         self.exchange = None
         self.close_after = False
+        self.client_closes = False   # the last request said Connection: close (or was 1.0)
         self.received = 0       # bytes read since the last report to the host
         self.refused = None     # an HttpError to answer once the requests before it are
         # A trusted proxy's word about the client is believed (http/proxy.py);
@@ -329,10 +340,17 @@ class Connection:
 
     def unsent(self):
         """Bytes in the kernel's send buffer the client has not taken."""
-        try:
-            return struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            return 0
+        return max(0, queued(self.fd, termios.TIOCOUTQ))
+
+    def nothing_unread(self) -> bool:
+        """Nothing the client sent waits to be read: not in the reader, not
+        in OpenSSL's buffer, not in the kernel's."""
+        reader = self.reader
+        if reader.in_message or reader.ready or self.refused is not None:
+            return False
+        if self.tls and self.sock.pending():
+            return False
+        return queued(self.fd, termios.FIONREAD) == 0
 
     def evictable(self, now):
         """When the worker must make room: None if this connection is being
@@ -638,6 +656,7 @@ class Connection:
     def ended(self, ex):
         """The exchange is over: its response waits for the socket, or is out."""
         self.close_after = ex.ends_connection
+        self.client_closes = not ex.keep_alive
         if self.out:
             self.state = WRITING
             self.want(EPOLLOUT)
@@ -648,6 +667,11 @@ class Connection:
         """The response is on the wire: close, or wait for the next request
         (the caller's loop answers one already here)."""
         if self.close_after:
+            # A client that said it closes, and sent nothing after its request,
+            # has nothing that could meet our close and turn it into a reset:
+            # no linger (nginx's rule). Anything unread, and we linger.
+            if self.client_closes and self.nothing_unread():
+                return self.close()
             return self.linger()
         host = self.host
         self.state = READING

@@ -240,6 +240,32 @@ def test_a_body_shorter_than_its_content_length_closes_the_connection():
     assert pair.conn.state in ("lingering", "closed")
 
 
+def test_a_client_that_said_close_and_sent_nothing_more_is_closed_without_lingering():
+    pair = Pair()
+    pair.send(get(b"/a", b"Connection: close\r\n"))
+    assert pair.conn.state == "closed" and pair.host.forgotten
+    assert pair.read_all().endswith(b"/a")
+
+
+def test_a_close_with_anything_unread_lingers():
+    """Bytes after a Connection: close request (a client that pipelined
+    anyway), and a close the app decided (the client may be sending):
+    the socket is shut for writing and read until the client closes, so
+    that what it sends does not turn our response into a reset."""
+    pair = Pair()
+    pair.send(get(b"/a", b"Connection: close\r\n") + b"GET /b HTTP/1.1\r\nHost: x\r\n")
+    assert pair.conn.state == "lingering"
+    def closing(environ, start_response):
+        start_response("200 OK", [("Connection", "close")])
+        return [b"/a"]
+    pair = Pair(closing)
+    pair.send(get(b"/a"))
+    assert pair.conn.state == "lingering"
+    pair.client.shutdown(socket.SHUT_WR)
+    assert pair.read_all().endswith(b"/a")
+    assert pair.conn.state == "closed"
+
+
 def test_a_body_longer_than_its_content_length_is_truncated():
     def long(environ, start_response):
         start_response("200 OK", [("Content-Length", "3")])
