@@ -325,7 +325,7 @@ class Worker:
                 self.pause_accepting(exc)
                 break
             sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
+            if type(addr) is tuple:   # TCP (see Connection: not sock.family)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls:
                 context = self.tls.get(listener.fileno())

@@ -108,7 +108,8 @@ class Pair:
                 server, _ = listener.accept()
         server.setblocking(False)
         self.client.settimeout(5)
-        peer = ("10.0.0.1", 5555) if family == socket.AF_UNIX else server.getpeername()
+        # (a unix listener's accept() gives the peer's address as a str, "")
+        peer = "" if family == socket.AF_UNIX else server.getpeername()
         self.conn = Connection(self.host, server, peer, ("10.0.0.2", 80))
 
     def run(self, turns=10_000):

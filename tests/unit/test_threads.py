@@ -65,7 +65,7 @@ def connect(host):
     server, client = socket.socketpair()
     server.setblocking(False)
     client.settimeout(5)
-    return Connection(host, server, ("10.0.0.9", 9999), ("10.0.0.2", 80)), client
+    return Connection(host, server, "", ("10.0.0.2", 80)), client
 
 
 def on_readable(host, conn):
