@@ -24,9 +24,10 @@ Rules:
   silently dropped.
 - Log batches are (kind, text, pid, lines of that kind shipped before it): a
   Manager that dies with batches in its queue leaves a gap the master counts
-  (LineLedger), and a batch sent twice (its answer timed out, but it had
-  arrived; or it arrived and its worker died before clearing its shared
-  batch) is dropped.
+  (LineLedger), and what of a batch was written already is not written
+  again: a batch sent twice (its answer timed out, but it had arrived; or it
+  arrived and its worker died before clearing its shared batch), or sent
+  again with the lines added since (only those are written).
 - The Manager holds no listening socket and no log file (they are closed in it
   at start), ignores the signals meant for the master's process group, and
   dies with the master (PR_SET_PDEATHSIG).
@@ -242,17 +243,25 @@ class LineLedger:
         self.expected: dict[tuple, int] = {}   # (pid, kind) -> the next line's number
         self.lost = 0
 
-    def admit(self, pid: int, kind: str, before: int, lines: int) -> bool:
-        """True when the batch is new (write it); counts a gap before it."""
+    def fresh(self, pid: int, kind: str, before: int, text: str) -> str:
+        """What of a batch is to be written: all of it; nothing when it was
+        written already (a put whose answer timed out but which had arrived);
+        or its tail, when such a batch comes again with lines the worker
+        added since (it kept them all in its shared batch). Counts a gap
+        before it."""
+        lines = text.count("\n")
         expected = self.expected.get((pid, kind), 0)   # every worker's first batch starts at 0
         if before < expected:
-            return False              # already written
-        if before > expected:
+            seen = expected - before
+            if seen >= lines:
+                return ""
+            text = text.split("\n", seen)[seen]
+        elif before > expected:
             self.lost += before - expected
             log.error("%d log line(s) from worker pid %d were lost with a manager",
                       before - expected, pid)
         self.expected[pid, kind] = before + lines
-        return True
+        return text
 
     def dropped(self, pid: int, lines: int) -> None:
         """A worker's own count of lines it could not hold."""

@@ -289,10 +289,10 @@ class Master:
         written = 0
         for kind, batch in rec.batches.items() if rec.batches is not None else ():
             before, text = batch.leftover()
-            lines = text.count("\n")
-            if text and self.ledger.admit(rec.pid, kind, before, lines):
+            text = self.ledger.fresh(rec.pid, kind, before, text)
+            if text:
                 self.files.write(kind, text)
-                written += lines
+                written += text.count("\n")
             batch.close()
         rec.batches = None
         missing = rec.served - self.reported.pop(rec.pid, 0)
@@ -440,7 +440,8 @@ class Master:
                 self.http2_open[delta.pid] = delta.http2[4]
         batches = self.channels.drain_logs()
         for kind, text, pid, before in batches:
-            if self.ledger.admit(pid, kind, before, text.count("\n")):
+            text = self.ledger.fresh(pid, kind, before, text)
+            if text:
                 self.files.write(kind, text)
         self.rates.observe(self.now, self.totals.requests)
         return len(deltas) + len(batches)

@@ -15,13 +15,18 @@ from prefork.worker.logship import AccessLog
 from tests.conftest import wait_for
 
 
-def test_the_ledger_writes_each_batch_once_and_counts_every_gap():
+def test_the_ledger_writes_each_line_once_and_counts_every_gap():
     ledger = LineLedger()
-    assert ledger.admit(7, ACCESS, before=0, lines=3)        # lines 0-2
-    assert not ledger.admit(7, ACCESS, before=0, lines=3)    # sent twice: dropped
-    assert ledger.admit(7, ERROR, before=0, lines=2)         # each kind is numbered apart
-    assert ledger.admit(7, ACCESS, before=5, lines=1)        # 3 and 4 died with a manager
+    assert ledger.fresh(7, ACCESS, 0, "a\nb\nc\n") == "a\nb\nc\n"   # lines 0-2
+    assert ledger.fresh(7, ACCESS, 0, "a\nb\nc\n") == ""           # sent twice: dropped
+    assert ledger.fresh(7, ERROR, 0, "x\ny\n") == "x\ny\n"        # each kind is numbered apart
+    assert ledger.fresh(7, ACCESS, 5, "f\n") == "f\n"              # 3 and 4 died with a manager
     assert ledger.lost == 2 and ledger.expected[7, ACCESS] == 6
+    # A put whose answer timed out had arrived; the worker kept its lines,
+    # added two, and shipped (or left at its death) all of them: the two only.
+    assert ledger.fresh(7, ACCESS, 6, "g\n") == "g\n"
+    assert ledger.fresh(7, ACCESS, 6, "g\nh\ni\n") == "h\ni\n"
+    assert ledger.lost == 2 and ledger.expected[7, ACCESS] == 9
     ledger.dropped(pid=8, lines=4)                           # a worker's own count
     assert ledger.lost == 6
     ledger.expected.update({(pid, ACCESS): 0 for pid in range(100, 1200)})
@@ -85,10 +90,47 @@ def test_lines_wait_in_their_batch_while_the_manager_is_gone_and_the_overflow_is
 
     def delivered():
         log.flush()
-        return [b for b in channels.drain_logs()
-                if ledger.admit(b[2], b[0], b[3], b[1].count("\n"))]
+        return [b for b in channels.drain_logs() if ledger.fresh(b[2], b[0], b[3], b[1])]
     batches = wait_for(delivered, message="the lines that waited")
     assert batches[0][1] == "/held\n" and ledger.lost == 0 and log.batch.text() == ""
+
+
+def stopped(pid) -> bool:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_batch_whose_answer_timed_out_after_it_arrived_is_written_once_with_what_followed(
+        channels):
+    """The Manager stalls past the call's bound with the put in its socket:
+    the worker cannot know the lines arrived, keeps them, adds more and ships
+    them all again. Each line is written once, none lost, no gap counted."""
+    sink = channels.worker_sink()
+    assert sink.connect()
+    log = AccessLog(LoggingConfig(access_log="on", access_format="%(U)s"), sink,
+                    SharedBatch(4096, "latin-1"))
+    environ = {"PATH_INFO": "/a", "REQUEST_METHOD": "GET"}
+    log.record(environ, 200, 0, 0.0)
+    log.flush()   # shipped (and the connection to the Manager made)
+    log.record(dict(environ, PATH_INFO="/b"), 200, 0, 0.0)
+    os.kill(channels.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: stopped(channels.pid), message="the Manager stopped")
+        log.flush()   # the put waits in the Manager's socket; its answer comes too late
+    finally:
+        os.kill(channels.pid, signal.SIGCONT)
+    assert log.batch.text() == "/b\n"
+    log.record(dict(environ, PATH_INFO="/c"), 200, 0, 0.0)
+    ledger = LineLedger()
+    written = []
+
+    def delivered():
+        log.flush()   # reconnects (at most every RECONNECT_EVERY), then ships /b and /c
+        for kind, text, pid, before in channels.drain_logs():
+            written.append(ledger.fresh(pid, kind, before, text))
+        return log.batch.text() == "" and len(written) == 3
+    wait_for(delivered, message="the lines shipped again")
+    assert "".join(written) == "/a\n/b\n/c\n" and ledger.lost == 0
 
 
 class _SlowHub(BaseManager):
