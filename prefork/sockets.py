@@ -73,9 +73,8 @@ _TCP_INFO_HEAD = struct.Struct("=8B6I")   # ... tcpi_unacked, tcpi_sacked
 def queue_depth(sock) -> tuple:
     """(waiting, limit) of a listening TCP socket's accept queue: on Linux,
     TCP_INFO reports them as tcpi_unacked and tcpi_sacked. (0, 0) otherwise:
-    the kernel refuses TCP_INFO on a unix socket, and on a closed one. (No
-    test of sock.family: a worker asks at every accept, and that property's
-    enum conversion costs some 8,000 instructions.)"""
+    the kernel refuses TCP_INFO on a unix socket, and on a closed one (so no
+    test of sock.family, a costly property, at every accept)."""
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
     except OSError:

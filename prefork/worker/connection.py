@@ -441,7 +441,6 @@ class Connection:
         try:
             if type(result) is list or type(result) is tuple:
                 return self.respond_whole(ex, result)
-            ex.result = result
             if isinstance(result, FileWrapper) and self.prepare_sendfile(ex, result):
                 self.emit(b"")
             else:
