@@ -96,6 +96,9 @@ class Worker:
                  batches=None, tls=None):
         self.config = config
         self.listeners = {sock.fileno(): sock for sock in listeners}
+        # Each listener's own address, for its connections' environ: asked
+        # once here rather than by a getsockname() per connection.
+        self.local_addresses = {sock: sock.getsockname() for sock in self.listeners.values()}
         self.tls = tls or {}             # listener fd -> its generation's SSLContext
         self.scoreboard = scoreboard
         self.slot = slot
@@ -332,7 +335,7 @@ class Worker:
                 if context is not None:   # its handshake runs in the loop, as its reads will
                     sock = context.wrap_socket(sock, server_side=True,
                                                do_handshake_on_connect=False)
-            conn = Connection(self, sock, addr, listener.getsockname())
+            conn = Connection(self, sock, addr, self.local_addresses[listener])
             self.conns[conn.fd] = conn
             self.poller.register(conn.fd, select.EPOLLIN)   # its request: next turn
             conn.on_accepted()
@@ -381,7 +384,11 @@ class Worker:
 
     def listen(self, on):
         """Watch the listeners or not: a worker that cannot accept must not be
-        woken by them (level-triggered epoll would spin on a waiting queue)."""
+        woken by them (level-triggered epoll would spin on a waiting queue).
+        Every idle worker wakes for a new connection and all but one find
+        nothing to accept. EPOLLEXCLUSIVE would wake one, but always the
+        same one while it is idle, and a worker over its fair share (accept)
+        could no longer leave a connection to a peer that was never woken."""
         if on == self.listening:
             return
         self.listening = on
