@@ -3,6 +3,7 @@ replaced by a FakeHost with a fake clock. Bytes in, bytes out, no processes."""
 import os
 import select
 import socket
+import ssl
 import tempfile
 import time
 
@@ -88,6 +89,12 @@ class FakeHost:
         self.forgotten = True
         self.received += received
 
+    def tls_failed(self, exc):
+        raise AssertionError(f"the handshake failed: {exc}")
+
+    def tls_ready(self, template, sock):
+        return dict(template, HTTPS="on")
+
 
 def hello(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -98,7 +105,8 @@ class Pair:
     """A connection on one end of a socketpair, the client on the other; run()
     plays the worker loop: deliver readable/writable events until quiet."""
 
-    def __init__(self, app=hello, family=socket.AF_UNIX, host_type=None, **http):
+    def __init__(self, app=hello, family=socket.AF_UNIX, host_type=None, tls=None, **http):
+        """tls: an SSLContext: the server end speaks TLS (TlsClient drives the other)."""
         self.host = (host_type or FakeHost)(app, **http)
         if family == socket.AF_UNIX:
             server, self.client = socket.socketpair()
@@ -110,6 +118,8 @@ class Pair:
         self.client.settimeout(5)
         # (a unix listener's accept() gives the peer's address as a str, "")
         peer = "" if family == socket.AF_UNIX else server.getpeername()
+        if tls is not None:
+            server = tls.wrap_socket(server, server_side=True, do_handshake_on_connect=False)
         self.conn = Connection(self.host, server, peer, ("10.0.0.2", 80))
 
     def run(self, turns=10_000):
@@ -246,6 +256,69 @@ def test_a_client_that_said_close_and_sent_nothing_more_is_closed_without_linger
     pair.send(get(b"/a", b"Connection: close\r\n"))
     assert pair.conn.state == "closed" and pair.host.forgotten
     assert pair.read_all().endswith(b"/a")
+
+
+class TlsClient:
+    """A TLS client on the client end of a Pair whose server end speaks TLS:
+    an SSLObject over memory, so that what it sends, and when, is ours to
+    say (a close_notify right after a request, as wrk sends it)."""
+
+    def __init__(self, pair, ca):
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        self.pair, self.incoming, self.outgoing = pair, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.pair.client.setblocking(False)
+        for _ in range(20):
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+        self.flush()   # its Finished
+
+    def flush(self):
+        """Send what the client wrote; let the server act; take its answer."""
+        self.pair.send(self.outgoing.read())
+        self.pair.run()
+        try:
+            self.incoming.write(self.pair.client.recv(1 << 20))
+        except BlockingIOError:
+            pass
+
+    def read(self):
+        data = b""
+        while True:
+            try:
+                data += self.tls.read()
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return data
+
+
+@pytest.mark.parametrize("after,state", [("close_notify", "closed"), ("bytes", "lingering")])
+def test_a_tls_client_that_said_close_and_sent_its_close_notify_is_closed_at_once(
+        tmp_path, after, state):
+    """The close_notify waits in the kernel, unread, when the response is
+    out: it is read, and as the client's last word it is no reason to
+    linger. Application bytes after the request still are."""
+    trustme = pytest.importorskip("trustme")
+    from prefork.config import TlsConfig
+    from prefork.tls import server_context
+    ca = trustme.CA()
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "both.pem"))
+    pair = Pair(tls=server_context(TlsConfig(certfile=str(tmp_path / "both.pem"))))
+    tls = TlsClient(pair, ca)
+    assert pair.conn.state == "reading"
+    tls.tls.write(get(b"/a", b"Connection: close\r\n"))
+    if after == "close_notify":
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.tls.unwrap()   # sends close_notify, then would wait for ours
+    else:
+        tls.tls.write(b"GET /b HTTP/1.1\r\n")
+    tls.flush()
+    assert pair.conn.state == state
+    assert tls.read().endswith(b"/a")
 
 
 def test_a_close_with_anything_unread_lingers():
