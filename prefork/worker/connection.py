@@ -473,10 +473,14 @@ class Connection:
             data = ex.whole(host.fixed_headers, host.stopping, body)
         except AppError as exc:
             return self.fail(exc)
-        self.send(data)
+        # Counted and logged before it is sent: a worker killed (the OOM
+        # killer, the watchdog) just after its client got the whole answer
+        # would otherwise take the line and the count with it. A send that
+        # fails (ClientGone) finds the exchange over: the caller only closes.
         self.exchange = None
         received, self.received = self.received, 0
         host.end_request(ex, ex.status_code, received)
+        self.send(data)
         self.ended(ex)
 
     def prepare_sendfile(self, ex, wrapper):
@@ -656,13 +660,17 @@ class Connection:
         ex = self.exchange
         try:
             end = ex.ending(self.host.fixed_headers, self.host.stopping)
-            if end:
-                self.send(end)
         except AppError as exc:
             return self.fail(exc)
-        except ClientGone:
-            return self.abort()
+        # Over before its last bytes go, as in respond_whole. (A body of a
+        # declared length is complete with its last chunk, sent before the
+        # app's iterator says it is done: that window stays.)
         self.end_exchange(ex.status_code)
+        if end:
+            try:
+                self.send(end)
+            except ClientGone:
+                return self.close()
         self.ended(ex)
 
     def ended(self, ex):

@@ -321,6 +321,36 @@ def test_a_tls_client_that_said_close_and_sent_its_close_notify_is_closed_at_onc
     assert tls.read().endswith(b"/a")
 
 
+class PeekingHost(FakeHost):
+    """Records, at each request's end, what its client could read by then."""
+    client = None
+
+    def end_request(self, exchange, status, received):
+        readable = select.select([self.client], [], [], 0)[0]
+        self.seen.append(self.client.recv(65536, socket.MSG_PEEK) if readable else b"")
+        super().end_request(exchange, status, received)
+
+
+def chunked_abcd(environ, start_response):
+    start_response("200 OK", [])
+    return iter([b"ab", b"cd"])
+
+
+@pytest.mark.parametrize("app,last", [(hello, b"/a"), (chunked_abcd, b"0\r\n\r\n")])
+def test_a_response_is_counted_and_logged_before_the_bytes_that_complete_it(app, last):
+    """A worker killed (the OOM killer, the watchdog) just after its client
+    got the whole answer must not take that answer's log line and count
+    with it: the exchange ends before the bytes that complete the response
+    are sent (a whole body; a chunked one's last chunk)."""
+    pair = Pair(app, host_type=PeekingHost)
+    pair.host.client, pair.host.seen = pair.client, []
+    pair.send(get(b"/a"))
+    out = pair.read_all()
+    assert out.endswith(last)
+    [seen] = pair.host.seen
+    assert out.startswith(seen) and len(seen) < len(out)
+
+
 def test_a_close_with_anything_unread_lingers():
     """Bytes after a Connection: close request (a client that pipelined
     anyway), and a close the app decided (the client may be sending):
