@@ -354,12 +354,12 @@ class Connection:
         reader = self.reader
         if reader.in_message or reader.ready or self.refused is not None:
             return False
-        if not self.tls:
-            return queued(self.fd, termios.FIONREAD) == 0
-        if self.sock.pending():
+        if self.tls and self.sock.pending():
             return False
         if queued(self.fd, termios.FIONREAD) == 0:
             return True
+        if not self.tls:
+            return False
         try:
             return self.sock.recv(RECV_SIZE) == b""   # the close_notify (or the end)
         except OSError:   # half a record (SSLWantReadError), or not TLS
