@@ -268,9 +268,20 @@ def fmt_ms(seconds):
     return f"{seconds * 1000:.2f}ms"
 
 
+def round_ratio(ours, theirs) -> float:
+    """The median over rounds of ours / theirs (req/s): the servers of one
+    round run back to back, while this machine's speed drifts by a third
+    over minutes, so a ratio within a round is steadier than one of medians
+    taken over all of them. Runs that cannot be paired: the medians' ratio."""
+    if len(ours) != len(theirs) or not all(ours) or not all(theirs):
+        return statistics.median(ours) / statistics.median(theirs)
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
 def print_table(title, results, reference="prefork"):
-    """prefork x: prefork's req/s over the row's; CPU x: the row's CPU per
-    request over prefork's (above 1: prefork does the work for less CPU)."""
+    """prefork x: prefork's req/s over the row's (round_ratio); CPU x: the
+    row's CPU per request over prefork's (above 1: prefork does the work
+    for less CPU)."""
     print(f"\n{title}")
     print(f"{'server':<18}{'req/s':>9}{'p50':>9}{'p99':>9}{'CPU/req':>9}{'idle RSS':>10}"
           f"{'USS':>7}{'prefork x':>11}{'CPU x':>7}  runs")
@@ -279,7 +290,7 @@ def print_table(title, results, reference="prefork"):
         if not r["rps"]:
             print(f"{name:<18}{'none answered':>27}  {r['runs']}")
             continue
-        ratio = f"{ref['rps'] / r['rps']:.2f}x" if ref and r["rps"] else "-"
+        ratio = f"{round_ratio(ref['runs'], r['runs']):.2f}x" if ref and r["rps"] else "-"
         cpu_ratio = f"{r['cpu_us'] / ref['cpu_us']:.2f}x" if ref and ref["cpu_us"] else "-"
         note = f"  ({r['errors']} non-2xx)" if r["errors"] else ""
         print(f"{name:<18}{r['rps']:>9.0f}{fmt_ms(r['p50']):>9}{fmt_ms(r['p99']):>9}"
@@ -764,6 +775,11 @@ def compare_tls(args, stalled=2000):
             port = free_port()
             commands["granian"] = (SERVERS["granian"](APPS["hello"], port, "") + [
                 "--ssl-certificate", cert, "--ssl-keyfile", key], f"https://127.0.0.1:{port}")
+        port = free_port()   # the least Python on the ssl module does (a yardstick)
+        commands["tls_floor.py"] = ([sys.executable, os.path.join(ROOT, "tests", "bench",
+                                                                  "tls_floor.py"),
+                                     str(port), str(WORKERS), cert, key],
+                                    f"https://127.0.0.1:{port}")
         print_table(f"hello over TLS, keep-alive ({WORKERS} workers, wrk -t1 -c{CONNECTIONS}, "
                     f"TLS 1.3)", side_by_side(args, commands))
         port = free_port()
