@@ -1,5 +1,6 @@
 """User-space instructions a worker spends per TLS connection and per
-keep-alive TLS request: prefork beside nginx, the same certificate, the same
+keep-alive TLS request: prefork beside nginx and tls_floor.py (the least a
+Python server on the ssl module does), the same certificate, the same
 OpenSSL, one worker each, counted by callgrind. Unlike req/s on this noisy
 machine (runs spread 20-30%) the counts repeat, so they tell whose code a
 gap is in: inside SSL_do_handshake, SSL_read and SSL_write, or around them.
@@ -141,13 +142,19 @@ def main():
             fh.write(run.NGINX_TLS_CONF.format(workers=1, wd=workdir, port=port, cert=cert,
                                                key=key))
         results["nginx"] = measure(["nginx", "-c", conf, "-p", workdir], port, workdir, n, ctx)
+        port = run.free_port()
+        workdir = run.server_dir(parent, "tls_floor")
+        results["tls_floor.py"] = measure(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "tls_floor.py"), str(port), "1", cert, key],
+            port, workdir, n, ctx)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     print(f"\nworker instructions, TLS 1.3, one worker (callgrind; {n} connections, "
           f"{n * 5} keep-alive requests)")
-    print(f"{'server':10} {'per connection':>15} {'in the handshake':>17} {'per request':>12}")
+    print(f"{'server':13} {'per connection':>15} {'in the handshake':>17} {'per request':>12}")
     for name, (per_conn, handshake, per_request) in results.items():
-        print(f"{name:10} {per_conn:15,.0f} {handshake:17,.0f} {per_request:12,.0f}")
+        print(f"{name:13} {per_conn:15,.0f} {handshake:17,.0f} {per_request:12,.0f}")
     ours, theirs = results["prefork"], results["nginx"]
     print(f"prefork / nginx: {ours[0] / theirs[0]:.2f}x per connection, "
           f"{ours[2] / theirs[2]:.2f}x per keep-alive request")
