@@ -28,6 +28,7 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS = os.path.join(ROOT, ".bench-venv", "bin")
+TLS_FLOOR = os.path.join(ROOT, "tests", "bench", "tls_floor.py")   # PORT WORKERS CERT KEY
 WORKERS = 2
 CONNECTIONS = 50
 
@@ -776,10 +777,8 @@ def compare_tls(args, stalled=2000):
             commands["granian"] = (SERVERS["granian"](APPS["hello"], port, "") + [
                 "--ssl-certificate", cert, "--ssl-keyfile", key], f"https://127.0.0.1:{port}")
         port = free_port()   # the least Python on the ssl module does (a yardstick)
-        commands["tls_floor.py"] = ([sys.executable, os.path.join(ROOT, "tests", "bench",
-                                                                  "tls_floor.py"),
-                                     str(port), str(WORKERS), cert, key],
-                                    f"https://127.0.0.1:{port}")
+        commands["tls_floor.py"] = ([sys.executable, TLS_FLOOR, str(port), str(WORKERS), cert,
+                                     key], f"https://127.0.0.1:{port}")
         print_table(f"hello over TLS, keep-alive ({WORKERS} workers, wrk -t1 -c{CONNECTIONS}, "
                     f"TLS 1.3)", side_by_side(args, commands))
         port = free_port()

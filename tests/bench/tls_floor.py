@@ -1,11 +1,10 @@
 """A yardstick, not a server: the least a WSGI server written in Python does per
 hello-world request over Python's ssl module (OpenSSL), as prefork's TLS runs.
 
-The TLS counterpart of ../shared/bench/lean_floor.py: an epoll loop per forked
-worker, the handshake stepped without blocking, one SSLSocket.recv and one
-send per request, httptools callbacks, an environ per request, the app called
-through start_response, the head joined. No limits, no timeouts, no logs, no
-statistics, no error pages. What prefork's TLS figures spend beyond this is
+An epoll loop per forked worker, the handshake stepped without blocking, one
+SSLSocket.recv and one send per request, httptools callbacks, an environ per
+request, the app called through start_response, the head joined. No limits,
+no timeouts, no logs, no statistics, no error pages. What prefork's TLS figures spend beyond this is
 prefork's own; what this spends, any server on Python's ssl module spends.
 Usage: python tls_floor.py PORT WORKERS CERTFILE KEYFILE   (stop with TERM or INT)
 """

@@ -144,10 +144,8 @@ def main():
         results["nginx"] = measure(["nginx", "-c", conf, "-p", workdir], port, workdir, n, ctx)
         port = run.free_port()
         workdir = run.server_dir(parent, "tls_floor")
-        results["tls_floor.py"] = measure(
-            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          "tls_floor.py"), str(port), "1", cert, key],
-            port, workdir, n, ctx)
+        results["tls_floor.py"] = measure([sys.executable, run.TLS_FLOOR, str(port), "1", cert,
+                                           key], port, workdir, n, ctx)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     print(f"\nworker instructions, TLS 1.3, one worker (callgrind; {n} connections, "
