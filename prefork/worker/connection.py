@@ -362,7 +362,7 @@ class Connection:
             return False
         try:
             return self.sock.recv(RECV_SIZE) == b""   # the close_notify (or the end)
-        except OSError:   # half a record (SSLWantReadError), or not TLS
+        except OSError:   # half a record (SSLWantReadError), or a reset
             return False
 
     def evictable(self, now):
